@@ -1,0 +1,413 @@
+"""
+Load Stability AI's official SVD weights (and our own SF-V bundles) into model.SVD.
+
+Layouts:
+  single file   svd.safetensors / svd_xt.safetensors / svd_xt_1_1.safetensors (sgm key names; our module names
+                are the sgm names, so this is a prefix strip)
+  diffusers     a folder with unet/, vae/, image_encoder/ (renamed keys, split q/k/v in CLIP, Linear VAE attention)
+  bundle        one .safetensors of ours: state dict with our names + the SVDConfig as JSON in the metadata
+  legacy        .ckpt/.pt/.pth/.bin with the single-file names, read only with torch.load(weights_only=True)
+
+Strict: every parameter is filled exactly once; every checkpoint key is consumed or on a named list of known-unused
+keys; shape mismatches name the key and both shapes. Memory-frugal: the model is built on the meta device and each
+tensor is read lazily, converted to the target dtype/device and placed, so the fp32 file is never held twice.
+"""
+import json
+import os
+import re
+from dataclasses import replace
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import SVD, SVDConfig, CONFIGS
+
+BUNDLE_FORMAT = "sfv-bundle"
+
+# single-file prefixes of our four sub-networks
+SGM_PREFIX = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "cond_encoder": "conditioner.embedders.3.encoder.",
+    "clip": "conditioner.embedders.0.open_clip.model.visual.",
+}
+# keys present in the official files that SVD never uses
+KNOWN_UNUSED = {
+    "single": [
+        (r"conditioner\.embedders\.0\.open_clip\.model\.(token_embedding|positional_embedding|ln_final|text_projection"
+         r"|logit_scale|attn_mask|transformer)\b", "OpenCLIP text-tower leftovers"),
+        (r"conditioner\.embedders\.3\.encoder\.(decoder|post_quant_conv)\.", "the conditioning autoencoder's unused decoder"),
+    ],
+    "diffusers": [(r"image_encoder/vision_model\.embeddings\.position_ids$", "a transformers buffer")],
+}
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line naming the problem and the fix."""
+
+# -----------------------------------------------------------------------------
+# key maps: our parameter name -> (source keys, how to combine them)
+# kinds: "copy"; "view" (Linear (C, C) <-> 1x1 conv (C, C, 1, 1)); "cat" (q, k, v -> in_proj); "t" (transpose)
+
+
+def _diffusers_res(rest, temporal_prefix):
+    """sgm ResBlock names inside a UNet VideoResBlock -> diffusers SpatioTemporalResBlock names."""
+    sub = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
+           "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+    if rest.startswith("time_mixer."):
+        return rest
+    prefix = "spatial_res_block."
+    if rest.startswith("time_stack."):
+        prefix, rest = temporal_prefix, rest[len("time_stack."):]
+    layer, param = rest.rsplit(".", 1)
+    return prefix + sub[layer] + "." + param
+
+
+def _diffusers_attn(rest):
+    rest = re.sub(r"^time_stack\.", "temporal_transformer_blocks.", rest)
+    rest = re.sub(r"^time_pos_embed\.0\.", "time_pos_embed.linear_1.", rest)
+    return re.sub(r"^time_pos_embed\.2\.", "time_pos_embed.linear_2.", rest)
+
+
+def unet_to_diffusers(key, cfg):
+    """Our (= sgm) UNet key -> the diffusers UNetSpatioTemporalConditionModel key (a pure renaming)."""
+    fixed = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
+             "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2.",
+             "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out."}
+    for a, b in fixed.items():
+        if key.startswith(a):
+            return b + key[len(a):]
+    n = cfg.num_res_blocks + 1
+    m = re.match(r"middle_block\.(\d+)\.(.*)", key)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if i == 1:
+            return "mid_block.attentions.0." + _diffusers_attn(rest)
+        return f"mid_block.resnets.{i // 2}." + _diffusers_res(rest, "temporal_res_block.")
+    m = re.match(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.*)", key)
+    if m is None:
+        raise KeyError(key)
+    kind, i, sub, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+    sub = int(sub)
+    if kind == "input_blocks":
+        b, j = (i - 1) // n, (i - 1) % n
+        if j == cfg.num_res_blocks:
+            return f"down_blocks.{b}.downsamplers.0.conv." + rest[len("op."):]
+        blk = f"down_blocks.{b}."
+    else:
+        b, j = i // n, i % n
+        blk = f"up_blocks.{b}."
+    if sub == 0:
+        return blk + f"resnets.{j}." + _diffusers_res(rest, "temporal_res_block.")
+    if rest.startswith("conv."):                                      # Upsample at .1 or .2
+        return blk + "upsamplers.0." + rest
+    return blk + f"attentions.{j}." + _diffusers_attn(rest)
+
+
+def vae_to_diffusers(key, cfg):
+    """Our (= sgm) VAE key (encoder.*, quant_conv.*, decoder.*) -> (diffusers AutoencoderKLTemporalDecoder key, kind)."""
+    sub = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+    attn = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+    time = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2", "out_layers.3": "conv2"}
+    part, rest = key.split(".", 1)
+    if part == "quant_conv":
+        return key, "copy"
+    m = re.match(r"mid\.attn_1\.(\w+)\.(\w+)$", rest)
+    if m:
+        return f"{part}.mid_block.attentions.0.{attn[m.group(1)]}.{m.group(2)}", "view" if m.group(2) == "weight" else "copy"
+    rest = rest.replace("norm_out.", "conv_norm_out.").replace("conv_out.time_mix_conv.", "time_conv_out.")
+    rest = re.sub(r"^mid\.block_(\d)\.", lambda g: f"mid_block.resnets.{int(g.group(1)) - 1}.", rest)
+    if part == "encoder":
+        rest = re.sub(r"^down\.(\d+)\.block\.(\d+)\.", r"down_blocks.\1.resnets.\2.", rest)
+        rest = re.sub(r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", rest)
+        m = re.match(r"(.*resnets\.\d+\.)(\w+)\.(\w+)$", rest)
+        if m:
+            rest = m.group(1) + sub[m.group(2)] + "." + m.group(3)
+        return f"encoder.{rest}", "copy"
+    n = len(cfg.ch_mult)
+    rest = re.sub(r"^up\.(\d+)\.block\.(\d+)\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.resnets.{g.group(2)}.", rest)
+    rest = re.sub(r"^up\.(\d+)\.upsample\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.upsamplers.0.", rest)
+    rest = re.sub(r"(resnets\.\d+\.)mix_factor$", r"\1time_mixer.mix_factor", rest)
+    m = re.match(r"(.*resnets\.\d+\.)(.*)\.(\w+)$", rest)
+    if m and not rest.endswith("mix_factor"):
+        head, layer, param = m.groups()
+        if layer.startswith("time_stack."):
+            rest = head + "temporal_res_block." + time[layer[len("time_stack."):]] + "." + param
+        else:
+            rest = head + "spatial_res_block." + sub[layer] + "." + param
+    return f"decoder.{rest}", "copy"
+
+
+def clip_to_hf(key):
+    """Our (= open_clip visual) key -> ([transformers CLIPVisionModelWithProjection keys], kind)."""
+    fixed = {"conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+             "class_embedding": "vision_model.embeddings.class_embedding",
+             "positional_embedding": "vision_model.embeddings.position_embedding.weight",
+             "ln_pre.weight": "vision_model.pre_layrnorm.weight", "ln_pre.bias": "vision_model.pre_layrnorm.bias",
+             "ln_post.weight": "vision_model.post_layernorm.weight", "ln_post.bias": "vision_model.post_layernorm.bias"}
+    if key in fixed:
+        return [fixed[key]], "copy"
+    if key == "proj":
+        return ["visual_projection.weight"], "t"
+    m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)$", key)
+    if m is None:
+        raise KeyError(key)
+    layer, rest = f"vision_model.encoder.layers.{m.group(1)}.", m.group(2)
+    m = re.match(r"attn\.in_proj_(weight|bias)$", rest)
+    if m:
+        return [f"{layer}self_attn.{x}_proj.{m.group(1)}" for x in "qkv"], "cat"
+    sub = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_proj.": "self_attn.out_proj.",
+           "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+    for a, b in sub.items():
+        if rest.startswith(a):
+            return [layer + b + rest[len(a):]], "copy"
+    raise KeyError(key)
+
+
+def key_map(cfg: SVDConfig, layout):
+    """{our parameter name: ([source keys], kind)} for layout 'single' or 'diffusers' (source keys of the diffusers
+    layout are 'unet/...', 'vae/...', 'image_encoder/...'). Built from a meta-device model: no memory used."""
+    with torch.device("meta"):
+        names = list(SVD(cfg).state_dict().keys())
+    out = {}
+    for name in names:
+        part, rest = name.split(".", 1)
+        if layout == "single":
+            out[name] = ([SGM_PREFIX[part] + rest], "copy")
+        elif part == "unet":
+            out[name] = (["unet/" + unet_to_diffusers(rest, cfg.unet)], "copy")
+        elif part in ("vae", "cond_encoder"):   # diffusers has one encoder (+ quant_conv): it feeds both
+            k, kind = vae_to_diffusers(rest, cfg.vae)
+            out[name] = (["vae/" + k], kind)
+        else:
+            ks, kind = clip_to_hf(rest)
+            out[name] = (["image_encoder/" + k for k in ks], kind)
+    return out
+
+
+def _combined_shape(shapes, kind):
+    if kind == "cat":
+        return (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
+    if kind == "t":
+        return tuple(shapes[0][::-1])
+    return tuple(shapes[0])
+
+
+def _combine(tensors, kind, shape):
+    if kind == "cat":
+        return torch.cat(tensors, dim=0)
+    if kind == "t":
+        return tensors[0].t().contiguous()
+    return tensors[0].reshape(shape)          # "copy" is a no-op reshape; "view" adds/drops the 1x1 conv dims
+
+
+def _short(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def match(cfg: SVDConfig, layout, source_shapes):
+    """Check a checkpoint's {key: shape} against our model for `layout`; returns (plan, skipped) or raises LoadError.
+    plan: {our name: ([source keys], kind)}; skipped: {reason: count} of known-unused keys."""
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in SVD(cfg).state_dict().items()}
+    plan = key_map(cfg, layout)
+    missing, consumed = [], set()
+    for name, (srcs, kind) in plan.items():
+        if any(s not in source_shapes for s in srcs):
+            missing.append(srcs[0])
+            continue
+        consumed.update(srcs)
+        got = _combined_shape([tuple(source_shapes[s]) for s in srcs], kind)
+        want = ours[name]
+        if kind == "view" and got != want and (got + (1, 1) == want or got == want + (1, 1)):
+            got = want
+        if got != want:
+            raise LoadError(f"shape mismatch for '{srcs[0]}': checkpoint has {list(got)}, model expects {list(want)} "
+                            f"(wrong config? pass the matching config or use the official weights)")
+    skipped, unexpected = {}, []
+    for k in source_shapes:
+        if k in consumed:
+            continue
+        reason = next((why for pat, why in KNOWN_UNUSED.get(layout, []) if re.match(pat, k)), None)
+        if reason is None:
+            unexpected.append(k)
+        else:
+            skipped[reason] = skipped.get(reason, 0) + 1
+    if missing:
+        raise LoadError(f"checkpoint is missing {len(missing)} keys: {_short(missing)} (incomplete or not an SVD checkpoint)")
+    if unexpected:
+        raise LoadError(f"checkpoint has {len(unexpected)} unexpected keys: {_short(unexpected)} "
+                        f"(a different model or config; pass the matching config)")
+    return plan, skipped
+
+# -----------------------------------------------------------------------------
+# reading
+
+
+class _Source:
+    """Lazy, uniform access to tensors in safetensors files (safe_open) or a weights_only torch.load dict."""
+
+    def __init__(self):
+        self.files = {}     # tag -> handle (safe_open) or dict
+
+    def open(self, tag, path):
+        if path.endswith(".safetensors"):
+            try:
+                self.files[tag] = safe_open(path, framework="pt", device="cpu")
+            except Exception as e:
+                raise LoadError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                                f"it may be truncated: download it again") from None
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise LoadError(f"refusing to load {path}: not a plain tensor checkpoint (weights_only load failed: "
+                                f"{str(e).splitlines()[0][:120]}); convert it to .safetensors") from None
+            sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+            if not isinstance(sd, dict):
+                raise LoadError(f"{path} does not contain a state dict; convert it to .safetensors")
+            self.files[tag] = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+        return self.files[tag]
+
+    def shapes(self):
+        out = {}
+        for tag, f in self.files.items():
+            pre = "" if tag == "" else tag + "/"
+            if isinstance(f, dict):
+                out.update({pre + k: tuple(v.shape) for k, v in f.items()})
+            else:
+                out.update({pre + k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        return out
+
+    def get(self, key):
+        tag, k = key.split("/", 1) if "/" in key else ("", key)
+        f = self.files[tag]
+        if isinstance(f, dict):
+            return f[k]
+        try:
+            return f.get_tensor(k)
+        except Exception as e:
+            raise LoadError(f"could not read '{key}' ({str(e).splitlines()[0]}); the file may be truncated: "
+                            f"download it again") from None
+
+
+def _diffusers_file(folder, sub, stem, dtype):
+    """Pick unet/diffusion_pytorch_model[.fp16].safetensors (fp16 file when loading in half precision)."""
+    cands = [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
+    if dtype in (torch.float16, torch.bfloat16):
+        cands.reverse()
+    for c in cands:
+        p = os.path.join(folder, sub, c)
+        if os.path.isfile(p):
+            return p
+    raise LoadError(f"diffusers folder {folder} has no {sub}/{stem}.safetensors (or .fp16.safetensors); "
+                    f"download the complete folder")
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _official_config(name_hint, unet_in_shape):
+    cfg = CONFIGS["svd_xt" if "xt" in name_hint.lower() else "svd"]
+    if unet_in_shape is not None and tuple(unet_in_shape) != (cfg.unet.model_channels, cfg.unet.in_channels, 3, 3):
+        raise LoadError(f"unrecognised SVD shapes (UNet conv_in {list(unet_in_shape)}); pass the model config explicitly")
+    return cfg
+
+
+def _reject_non_svd(path, shapes):
+    unet = [k for k in shapes if k.startswith("model.diffusion_model.")]
+    if not unet:
+        raise LoadError(f"{path} is not an SVD checkpoint: none of its {len(shapes)} keys (e.g. "
+                        f"'{next(iter(shapes), '')}') is an SVD UNet key (model.diffusion_model.*); "
+                        f"use svd.safetensors / svd_xt.safetensors or a diffusers SVD folder")
+    if not any(".time_stack." in k for k in unet):
+        cin = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+        raise LoadError(f"{path} is not an SVD checkpoint: it looks like a Stable Diffusion image model (UNet without "
+                        f"temporal layers, conv_in {list(cin) if cin else '?'}); use the SVD image-to-video weights")
+
+
+def load(path, config=None, dtype=torch.float32, device="cpu", verbose=False):
+    """Load an official single file, a diffusers folder, a legacy .ckpt (weights_only) or our bundle -> SVD (eval mode).
+
+    config: an SVDConfig for non-official shapes (e.g. tiny models); otherwise the official shapes are recognised.
+    The returned model has .load_info = {"layout", "path", "skipped", "metadata"}."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise LoadError(f"checkpoint not found: {path}; pass a path to svd.safetensors, a diffusers folder or an SF-V bundle")
+    src, metadata = _Source(), {}
+    if os.path.isdir(path):
+        layout = "diffusers"
+        if not os.path.isdir(os.path.join(path, "unet")):
+            raise LoadError(f"{path} is a folder but not a diffusers SVD folder (no unet/ inside); pass the file or the "
+                            f"folder that holds unet/, vae/ and image_encoder/")
+        for tag, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("image_encoder", "model")):
+            src.open(tag, _diffusers_file(path, tag, stem, dtype))
+        shapes = src.shapes()
+        if config is None:
+            frames = _read_json(os.path.join(path, "unet", "config.json")).get("num_frames", 14)
+            config = _official_config("xt" if frames == 25 else "", shapes.get("unet/conv_in.weight"))
+        config = replace(config, vae=replace(config.vae, use_quant_conv=True))   # diffusers' vae/ has a quant_conv
+    else:
+        f = src.open("", path)
+        metadata = (f.metadata() or {}) if not isinstance(f, dict) else {}
+        shapes = src.shapes()
+        if metadata.get("format") == BUNDLE_FORMAT:
+            layout = "bundle"
+            config = SVDConfig.from_dict(json.loads(metadata["config"]))
+        else:
+            layout = "single"
+            _reject_non_svd(path, shapes)
+            if config is None:
+                config = _official_config(os.path.basename(path), shapes.get("model.diffusion_model.input_blocks.0.0.weight"))
+    if layout == "bundle":
+        with torch.device("meta"):
+            want = {k: ([k], "copy") for k in SVD(config).state_dict()}
+        extra = sorted(set(shapes) - set(want))
+        missing = sorted(set(want) - set(shapes))
+        if missing or extra:
+            raise LoadError(f"bundle {path} does not match its config: missing {_short(missing)}; unexpected {_short(extra)}")
+        plan, skipped = want, {}
+    else:
+        plan, skipped = match(config, layout, shapes)
+
+    with torch.device("meta"):
+        svd = SVD(config)
+    ours = {k: tuple(v.shape) for k, v in svd.state_dict().items()}
+    state, used = {}, set()
+    for name, (srcs, kind) in plan.items():
+        t = _combine([src.get(s) for s in srcs], kind, ours[name])
+        if used.intersection(srcs):   # diffusers' one VAE encoder fills both vae.encoder and cond_encoder: own copies
+            t = t.clone()
+        used.update(srcs)
+        if tuple(t.shape) != ours[name]:
+            raise LoadError(f"shape mismatch for '{srcs[0]}': checkpoint has {list(t.shape)}, model expects {list(ours[name])}")
+        state[name] = t.to(device=device, dtype=dtype)   # one source tensor alive at a time
+    svd.load_state_dict(state, strict=True, assign=True)
+    svd.eval()
+    svd.load_info = {"layout": layout, "path": path, "skipped": skipped, "metadata": metadata}
+    if verbose:
+        print(f"loaded {layout} checkpoint {path}" + "".join(f"; skipped {n} keys: {why}" for why, n in skipped.items()))
+    return svd
+
+
+def save(svd: SVD, path, extra_metadata=None):
+    """Write our bundle atomically: one safetensors file, our parameter names, config JSON in the metadata."""
+    path = os.fspath(path)
+    meta = {"format": BUNDLE_FORMAT, "config": json.dumps(svd.cfg.to_dict())}
+    meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in svd.state_dict().items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,792 @@
+"""
+Stable Video Diffusion in plain PyTorch: the spatiotemporal UNet, the temporal VAE, the OpenCLIP image
+encoder and the EDM v-prediction preconditioning (SVD: Blattmann et al. 2023; used as the generator
+and discriminator backbone of SF-V: Zhang et al., NeurIPS 2024, section 3).
+
+Module names mirror Stability AI's official (sgm) checkpoint tree, so loading the official single file
+is a prefix strip plus shape checks (see load_svd.py). Tensor layout at the API: videos are (B, T, C, H, W);
+inside the networks frames are folded into the batch, (B*T, C, H, W), as sgm does.
+"""
+import math
+from dataclasses import dataclass, field, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# configs
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 8                     # 4 noisy latent + 4 conditioning-image latent
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple = (0, 1, 2)      # levels that carry a SpatialVideoTransformer
+    head_dim: int = 64                       # heads per level = channels // head_dim
+    transformer_depth: int = 1
+    context_dim: int = 1024                  # CLIP image embedding size (one token)
+    addition_time_embed_dim: int = 256       # sinusoid size of each of fps_id, motion_bucket_id, cond_aug
+    num_groups: int = 32
+    res_norm_eps: float = 1e-5               # sgm: GroupNorm32 default eps in every res block
+    attn_norm_eps: float = 1e-6              # sgm: SpatialTransformer GroupNorm eps
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    scale_factor: float = 0.18215
+    num_groups: int = 32
+    norm_eps: float = 1e-6                   # spatial blocks (SD KL autoencoder)
+    time_norm_eps: float = 1e-5              # the decoder's temporal res blocks (sgm UNet ResBlock)
+    use_quant_conv: bool = False             # first_stage_model has none; the diffusers vae/ does
+
+
+@dataclass
+class CLIPConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1280
+    layers: int = 32
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    embed_dim: int = 1024
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class SVDConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    # sampling defaults of the checkpoint (paper / sgm scripts)
+    num_frames: int = 14
+    steps: int = 25
+    min_cfg: float = 1.0
+    max_cfg: float = 2.5
+    fps_id: int = 6
+    motion_bucket_id: int = 127
+    cond_aug: float = 0.02
+    height: int = 576
+    width: int = 1024
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        sub = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig}
+        kw = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            if f.name in sub:
+                names = {g.name for g in fields(sub[f.name])}
+                unknown = set(v) - names
+                if unknown:
+                    raise ValueError(f"unknown {f.name} config fields: {sorted(unknown)}")
+                v = sub[f.name](**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
+            kw[f.name] = v
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown SVD config fields: {sorted(unknown)}")
+        return cls(**kw)
+
+# -----------------------------------------------------------------------------
+# shared pieces
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """sgm/diffusers sinusoid: [cos | sin] with freqs exp(-ln(max_period) * i / half). t (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 and cast back (sgm's GroupNorm32), safe under fp16/bf16."""
+
+    def forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight.float() if self.weight is not None else None,
+                            self.bias.float() if self.bias is not None else None, self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def mix(alpha_param, x_a, x_b):
+    """AlphaBlender ('learned' at inference): sigmoid(mix_factor) * x_a + (1 - sigmoid) * x_b."""
+    a = torch.sigmoid(alpha_param.float()).to(x_a.dtype)
+    return a * x_a + (1 - a) * x_b
+
+# -----------------------------------------------------------------------------
+# UNet: res blocks (sgm openaimodel.ResBlock, video_model.VideoResBlock)
+
+
+class ResBlock(nn.Module):
+    """GN, SiLU, conv, + Linear(SiLU(emb)), GN, SiLU, conv, + skip. dims=2 (frames) or 3 (kernel (3,1,1) over time)."""
+
+    def __init__(self, channels, out_channels, emb_channels, dims=2, groups=32, eps=1e-5):
+        super().__init__()
+        Conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        k, p = (3, 1) if dims == 2 else ((3, 1, 1), (1, 0, 0))
+        self.in_layers = nn.Sequential(GroupNorm32(groups, channels, eps=eps), nn.SiLU(), Conv(channels, out_channels, k, padding=p))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels)) if emb_channels else None
+        self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels, eps=eps), nn.SiLU(), nn.Dropout(0.0),
+                                        Conv(out_channels, out_channels, k, padding=p))
+        self.skip_connection = nn.Identity() if channels == out_channels else Conv(channels, out_channels, 1)
+
+    def forward(self, x, emb=None):
+        # x (N, C, H, W) with emb (N, E), or x (B, C, T, H, W) with emb (B, T, E)
+        h = self.in_layers(x)
+        if self.emb_layers is not None:
+            e = self.emb_layers(emb).to(h.dtype)
+            if h.ndim == 5:
+                e = e.transpose(1, 2)                               # (B, C, T)
+            h = h + e.reshape(*e.shape, *([1] * (h.ndim - e.ndim)))
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class VideoResBlock(ResBlock):
+    """Spatial ResBlock, then a temporal ResBlock (time_stack) mixed back in: a*x_spatial + (1-a)*x_temporal."""
+
+    def __init__(self, channels, out_channels, emb_channels, groups=32, eps=1e-5):
+        super().__init__(channels, out_channels, emb_channels, 2, groups, eps)
+        self.time_stack = ResBlock(out_channels, out_channels, emb_channels, 3, groups, eps)
+        self.time_mixer = nn.Module()
+        self.time_mixer.mix_factor = nn.Parameter(torch.tensor([0.5]))
+
+    def forward(self, x, emb, T):
+        x = super().forward(x, emb)                                 # (B*T, C, H, W)
+        BT, C, H, W = x.shape
+        xs = x.view(BT // T, T, C, H, W).transpose(1, 2)            # (B, C, T, H, W)
+        xt = self.time_stack(xs, emb.view(BT // T, T, -1))
+        x = mix(self.time_mixer.mix_factor, xs, xt)
+        return x.transpose(1, 2).reshape(BT, C, H, W)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+# -----------------------------------------------------------------------------
+# UNet: attention (sgm attention.py, video_attention.py)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention through SDPA; self-attention when context is None. q/k/v have no bias."""
+
+    def __init__(self, query_dim, heads, dim_head, context_dim=None):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x, context=None):
+        # x (N, L, C), context (N, S, Cc)
+        ctx = x if context is None else context
+        N, L, _ = x.shape
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+        q, k, v = (t.view(N, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
+        if k.shape[2] == 1:   # one key (the CLIP token): softmax is exactly 1, output = v
+            out = v.expand(-1, -1, L, -1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)          # (N, heads, L, d)
+        return self.to_out(out.transpose(1, 2).reshape(N, L, -1))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, dim_out=None, mult=4):
+        super().__init__()
+        inner = int(dim * mult)
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Spatial block: self-attn over H*W tokens, cross-attn to the CLIP token, GEGLU FF (pre-LN, residual)."""
+
+    def __init__(self, dim, heads, dim_head, context_dim):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class VideoTransformerBlock(nn.Module):
+    """Temporal block on (B*H*W, T, C): ff_in, self-attn over frames, cross-attn to frame 0's CLIP token, FF."""
+
+    def __init__(self, dim, heads, dim_head, context_dim):
+        super().__init__()
+        self.norm_in = LayerNorm(dim)
+        self.ff_in = FeedForward(dim, dim)
+        self.attn1 = CrossAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim, dim)
+        self.norm2 = LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
+        self.norm1, self.norm3 = LayerNorm(dim), LayerNorm(dim)
+
+    def forward(self, x, context, T):
+        BT, S, C = x.shape
+        x = x.view(BT // T, T, S, C).transpose(1, 2).reshape(-1, T, C)      # (B*S, T, C)
+        x = self.ff_in(self.norm_in(x)) + x
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        x = self.ff(self.norm3(x)) + x
+        return x.view(BT // T, S, T, C).transpose(1, 2).reshape(BT, S, C)
+
+
+class SpatialVideoTransformer(nn.Module):
+    """GN, proj_in, [spatial block; + time_pos_embed, temporal block; mix], proj_out, + residual."""
+
+    def __init__(self, channels, heads, dim_head, depth, context_dim, groups=32, eps=1e-6):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = GroupNorm32(groups, channels, eps=eps)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
+        self.time_stack = nn.ModuleList([VideoTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
+        self.time_pos_embed = nn.Sequential(nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels))
+        self.time_mixer = nn.Module()
+        self.time_mixer.mix_factor = nn.Parameter(torch.tensor([0.5]))
+        self.proj_out = nn.Linear(inner, channels)
+        self.channels = channels
+
+    def forward(self, x, context, T):
+        # x (B*T, C, H, W), context (B*T, 1, D)
+        BT, C, H, W = x.shape
+        x_in = x
+        x = self.norm(x).flatten(2).transpose(1, 2)                 # (B*T, H*W, C)
+        x = self.proj_in(x)
+        # temporal context: frame 0's token of each video, one per spatial location
+        t_ctx = context[::T].repeat_interleave(H * W, dim=0)        # (B*H*W, 1, D)
+        frames = torch.arange(T, device=x.device).repeat(BT // T)
+        pos = self.time_pos_embed(timestep_embedding(frames, self.channels).to(x.dtype))[:, None, :]  # (B*T, 1, C)
+        for block, time_block in zip(self.transformer_blocks, self.time_stack):
+            x = block(x, context)
+            x_t = time_block(x + pos, t_ctx, T)
+            x = mix(self.time_mixer.mix_factor, x, x_t)
+        x = self.proj_out(x).transpose(1, 2).reshape(BT, C, H, W)
+        return x + x_in
+
+# -----------------------------------------------------------------------------
+# UNet
+
+
+class TimestepBlock(nn.ModuleList):
+    """One entry of input_blocks/middle_block/output_blocks: a sequence of layers (sgm TimestepEmbedSequential)."""
+
+    def forward(self, x, emb, context, T):
+        for layer in self:
+            if isinstance(layer, VideoResBlock):
+                x = layer(x, emb, T)
+            elif isinstance(layer, SpatialVideoTransformer):
+                x = layer(x, context, T)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """The SVD spatiotemporal UNet (sgm VideoUNet). forward: (B, T, 8, H, W) -> (B, T, 4, H, W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        mc, E, g = cfg.model_channels, 4 * cfg.model_channels, cfg.num_groups
+
+        def res(cin, cout):
+            return VideoResBlock(cin, cout, E, g, cfg.res_norm_eps)
+
+        def attn(c):
+            return SpatialVideoTransformer(c, c // cfg.head_dim, cfg.head_dim, cfg.transformer_depth, cfg.context_dim, g, cfg.attn_norm_eps)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, E), nn.SiLU(), nn.Linear(E, E))
+        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(3 * cfg.addition_time_embed_dim, E), nn.SiLU(), nn.Linear(E, E)))
+
+        self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        chans, ch = [mc], mc
+        self.level_ends = []                                        # input_blocks index ending each level
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mult * mc)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepBlock(layers))
+                chans.append(ch)
+            self.level_ends.append(len(self.input_blocks) - 1)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepBlock([Downsample(ch)]))
+                chans.append(ch)
+
+        self.middle_block = TimestepBlock([res(ch, ch), attn(ch), res(ch, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + chans.pop(), mult * mc)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers.append(attn(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepBlock(layers))
+
+        self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def _embed(self, x, c_noise, image_embeds, added_time_ids):
+        B, T = x.shape[:2]
+        cfg = self.cfg
+        dt = self.time_embed[0].weight.dtype
+        t_emb = timestep_embedding(c_noise.reshape(B), cfg.model_channels).to(dt)
+        ids = added_time_ids.reshape(B, 3)
+        v_emb = torch.cat([timestep_embedding(ids[:, i], cfg.addition_time_embed_dim) for i in range(3)], dim=1).to(dt)
+        emb = self.time_embed(t_emb) + self.label_emb(v_emb)                     # (B, E)
+        emb = emb.repeat_interleave(T, dim=0)                                    # (B*T, E), shared by frames
+        context = image_embeds.reshape(B, 1, -1).to(dt).repeat_interleave(T, dim=0)  # (B*T, 1, D)
+        return emb, context
+
+    def _run(self, block, h, emb, context, T):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, T, use_reentrant=False)
+        return block(h, emb, context, T)
+
+    def forward(self, x, c_noise, image_embeds, added_time_ids):
+        """x (B, T, Cin, H, W), c_noise (B,), image_embeds (B, D), added_time_ids (B, 3) -> (B, T, Cout, H, W)."""
+        B, T, C, H, W = x.shape
+        emb, context = self._embed(x, c_noise, image_embeds, added_time_ids)
+        h = x.reshape(B * T, C, H, W).to(emb.dtype)
+        hs = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context, T)
+            hs.append(h)
+        h = self._run(self.middle_block, h, emb, context, T)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb, context, T)
+        h = self.out(h)
+        return h.reshape(B, T, *h.shape[1:])
+
+    def encode_levels(self, x, c_noise, image_embeds, added_time_ids):
+        """The encoder half (conv_in + input_blocks). Returns per level the features at the end of that level
+        (before its downsample), each (B, T, C_l, H_l, W_l): the SF-V discriminator backbone (paper sec. 3.2)."""
+        B, T, C, H, W = x.shape
+        emb, context = self._embed(x, c_noise, image_embeds, added_time_ids)
+        h = x.reshape(B * T, C, H, W).to(emb.dtype)
+        feats = []
+        for i, block in enumerate(self.input_blocks[:self.level_ends[-1] + 1]):
+            h = self._run(block, h, emb, context, T)
+            if i in self.level_ends:
+                feats.append(h.reshape(B, T, *h.shape[1:]))
+        return feats
+
+# -----------------------------------------------------------------------------
+# temporal VAE (sgm diffusionmodules/model.py Encoder, autoencoding/temporal_ae.py VideoDecoder)
+
+
+class ResnetBlock(nn.Module):
+    """SD-VAE res block: GN, SiLU, conv, GN, SiLU, conv, + (1x1 nin_shortcut) x."""
+
+    def __init__(self, cin, cout, groups=32, eps=1e-6):
+        super().__init__()
+        self.norm1 = GroupNorm32(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = GroupNorm32(groups, cout, eps=eps)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class VAEVideoResBlock(ResnetBlock):
+    """Spatial ResnetBlock then a temporal ResBlock; mixed s*x_temporal + (1-s)*x_spatial (note: opposite of the UNet)."""
+
+    def __init__(self, cin, cout, groups=32, eps=1e-6, time_eps=1e-5):
+        super().__init__(cin, cout, groups, eps)
+        self.time_stack = ResBlock(cout, cout, 0, 3, groups, time_eps)
+        self.mix_factor = nn.Parameter(torch.tensor([0.0]))
+
+    def forward(self, x, T):
+        x = super().forward(x)                                       # (B*T, C, H, W)
+        BT, C, H, W = x.shape
+        xs = x.view(BT // T, T, C, H, W).transpose(1, 2)             # (B, C, T, H, W)
+        x = mix(self.mix_factor, self.time_stack(xs), xs)
+        return x.transpose(1, 2).reshape(BT, C, H, W)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over H*W with 1x1 conv projections (sgm 'vanilla')."""
+
+    def __init__(self, c, groups=32, eps=1e-6):
+        super().__init__()
+        self.norm = GroupNorm32(groups, c, eps=eps)
+        self.q, self.k, self.v = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (N, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(N, C, H, W)
+        return x + self.proj_out(h)
+
+
+class VAEDownsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Encoder(nn.Module):
+    """SD KL-f8 encoder: (N, 3, H, W) in [-1, 1] -> (N, 2*z, H/8, W/8) (mean | logvar)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, eps = cfg.num_groups, cfg.norm_eps
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        cin = cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(cin, cfg.ch * mult, g, eps))
+                cin = cfg.ch * mult
+            level.attn = nn.ModuleList()
+            if i != len(cfg.ch_mult) - 1:
+                level.downsample = VAEDownsample(cin)
+            self.down.append(level)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(cin, cin, g, eps)
+        self.mid.attn_1 = AttnBlock(cin, g, eps)
+        self.mid.block_2 = ResnetBlock(cin, cin, g, eps)
+        self.norm_out = GroupNorm32(g, cin, eps=eps)
+        self.conv_out = nn.Conv2d(cin, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class TimeMixConv(nn.Conv2d):
+    """conv_out of the video decoder: a 2D conv then time_mix_conv, a Conv3d (3,1,1) over frames."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 3, padding=1)
+        self.time_mix_conv = nn.Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x, T):
+        x = super().forward(x)
+        BT, C, H, W = x.shape
+        x = self.time_mix_conv(x.view(BT // T, T, C, H, W).transpose(1, 2))
+        return x.transpose(1, 2).reshape(BT, C, H, W)
+
+
+class VideoDecoder(nn.Module):
+    """SVD's temporal decoder ('conv-only' time mode): (B*T, z, h, w) latents -> (B*T, 3, 8h, 8w)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, eps, teps = cfg.num_groups, cfg.norm_eps, cfg.time_norm_eps
+        cin = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = VAEVideoResBlock(cin, cin, g, eps, teps)
+        self.mid.attn_1 = AttnBlock(cin, g, eps)
+        self.mid.block_2 = VAEVideoResBlock(cin, cin, g, eps, teps)
+        up = []
+        for i, mult in reversed(list(enumerate(cfg.ch_mult))):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(VAEVideoResBlock(cin, cfg.ch * mult, g, eps, teps))
+                cin = cfg.ch * mult
+            level.attn = nn.ModuleList()
+            if i != 0:
+                level.upsample = Upsample(cin)
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)
+        self.norm_out = GroupNorm32(g, cin, eps=eps)
+        self.conv_out = TimeMixConv(cin, cfg.in_channels)
+
+    def forward(self, z, T):
+        h = self.conv_in(z)
+        h = self.mid.block_1(h, T)
+        h = self.mid.attn_1(h)
+        h = self.mid.block_2(h, T)
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h, T)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)), T)
+
+
+class VAEEncoder(nn.Module):
+    """Encoder (+ optional quant_conv): image -> posterior (mean, logvar). sgm embedders.3.encoder has the quant_conv."""
+
+    def __init__(self, cfg: VAEConfig, quant_conv=True):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1) if quant_conv else None
+
+    def encode(self, x):
+        """x (N, 3, H, W) in [-1, 1] -> mean, logvar each (N, z, H/8, W/8) (logvar clamped to [-30, 20])."""
+        h = self.encoder(x)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+
+class TemporalVAE(VAEEncoder):
+    """sgm first_stage_model: image encoder + video decoder. Latents in the diffusion space are z * scale_factor."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__(cfg, quant_conv=cfg.use_quant_conv)
+        self.cfg = cfg
+        self.decoder = VideoDecoder(cfg)
+
+    def decode(self, z, chunk=14):
+        """z (B, T, z, h, w) diffusion latents -> (B, T, 3, 8h, 8w) in [-1, 1] (unclamped).
+        Each chunk of `chunk` frames is decoded as its own video (sgm decoding_t), so chunking changes the result."""
+        B, T = z.shape[:2]
+        z = z / self.cfg.scale_factor
+        out = []
+        for b in range(B):
+            for s in range(0, T, chunk):
+                zc = z[b, s:s + chunk]
+                out.append(self.decoder(zc, zc.shape[0]))
+        return torch.cat(out).reshape(B, T, *out[0].shape[1:])
+
+# -----------------------------------------------------------------------------
+# OpenCLIP ViT image encoder (open_clip VisionTransformer; SVD's FrozenOpenCLIPImageEmbedder preprocessing)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def gaussian_blur(x, sigma, ksize):
+    """Separable Gaussian blur with reflect padding (kornia gaussian_blur2d). x (N, C, H, W); sigma, ksize per axis."""
+    for dim, (s, k) in enumerate(zip(sigma, ksize)):
+        t = torch.arange(k, dtype=torch.float32, device=x.device) - k // 2
+        if k % 2 == 0:
+            t = t + 0.5
+        kern = torch.exp(-t.pow(2) / (2.0 * s ** 2))
+        kern = (kern / kern.sum()).to(x.dtype)
+        C = x.shape[1]
+        if dim == 0:   # along H
+            x = F.conv2d(F.pad(x, (0, 0, k // 2, (k - 1) // 2), mode="reflect"), kern.view(1, 1, k, 1).repeat(C, 1, 1, 1), groups=C)
+        else:          # along W
+            x = F.conv2d(F.pad(x, (k // 2, (k - 1) // 2, 0, 0), mode="reflect"), kern.view(1, 1, 1, k).repeat(C, 1, 1, 1), groups=C)
+    return x
+
+
+def clip_preprocess(img, size):
+    """SVD's CLIP preprocessing: img (N, 3, H, W) in [-1, 1] -> normalised (N, 3, size, size).
+    Resize ignoring aspect: Gaussian antialias (sigma = max((scale-1)/2, 0.001), kernel int(max(4 sigma, 3)) made odd),
+    then bicubic with align_corners=True; then (x+1)/2 and the CLIP mean/std."""
+    H, W = img.shape[-2:]
+    sig = [max((H / size - 1.0) / 2.0, 0.001), max((W / size - 1.0) / 2.0, 0.001)]
+    ks = [int(max(2.0 * 2 * s, 3)) for s in sig]
+    ks = [k + 1 if k % 2 == 0 else k for k in ks]
+    x = gaussian_blur(img.float(), sig, ks)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=True)
+    x = (x + 1.0) / 2.0
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class ResidualAttentionBlock(nn.Module):
+    """open_clip block: x + attn(ln_1(x)); x + mlp(ln_2(x)); attn is nn.MultiheadAttention-shaped (in_proj q,k,v)."""
+
+    def __init__(self, width, heads, mlp_ratio, eps):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = LayerNorm(width, eps=eps)
+        self.attn = nn.Module()
+        self.attn.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.attn.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.attn.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.attn.in_proj_weight)
+        self.ln_2 = LayerNorm(width, eps=eps)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
+        self.mlp.add_module("gelu", nn.GELU())                   # exact GELU (ViT-H-14 is not quick_gelu)
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+
+    def forward(self, x):
+        N, L, C = x.shape
+        h = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
+        q, k, v = (t.view(N, L, self.heads, -1).transpose(1, 2) for t in h.chunk(3, dim=-1))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, C)
+        x = x + self.attn.out_proj(h)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CLIPImageEncoder(nn.Module):
+    """OpenCLIP ViT visual tower. forward(img in [-1, 1], any size) -> ln_post(CLS) @ proj, (N, embed_dim)."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        w, n = cfg.width, (cfg.image_size // cfg.patch_size) ** 2
+        self.conv1 = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(w) * w ** -0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(n + 1, w) * w ** -0.5)
+        self.ln_pre = LayerNorm(w, eps=cfg.norm_eps)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList([ResidualAttentionBlock(w, cfg.heads, cfg.mlp_ratio, cfg.norm_eps) for _ in range(cfg.layers)])
+        self.ln_post = LayerNorm(w, eps=cfg.norm_eps)
+        self.proj = nn.Parameter(torch.randn(w, cfg.embed_dim) * w ** -0.5)
+
+    def forward(self, img):
+        x = clip_preprocess(img, self.cfg.image_size).to(self.conv1.weight.dtype)
+        x = self.conv1(x).flatten(2).transpose(1, 2)               # (N, L, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x)
+        for block in self.transformer.resblocks:
+            x = block(x)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+# -----------------------------------------------------------------------------
+# EDM v-prediction preconditioning (sgm VScalingWithEDMcNoise) and the denoiser D(x, sigma)
+
+
+def edm_precondition(sigma):
+    """c_skip, c_out, c_in, c_noise for sigma (any shape): D(x, s) = c_skip x + c_out F(c_in x, c_noise)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    c_skip = 1.0 / (sigma ** 2 + 1.0)
+    c_out = -sigma / (sigma ** 2 + 1.0).sqrt()
+    c_in = 1.0 / (sigma ** 2 + 1.0).sqrt()
+    c_noise = 0.25 * sigma.log()
+    return c_skip, c_out, c_in, c_noise
+
+
+def denoise(unet, x, sigma, cond_latent, image_embeds, added_time_ids):
+    """The SVD denoiser D(x, sigma) -> x0_hat. x (B, T, 4, h, w); sigma (B,); cond_latent (B, 4, h, w) or
+    (B, T, 4, h, w), concatenated after the c_in scaling; image_embeds (B, D); added_time_ids (B, 3)."""
+    B, T = x.shape[:2]
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
+    c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1, 1, 1) for c in edm_precondition(sigma))
+    if cond_latent.ndim == 4:
+        cond_latent = cond_latent[:, None].expand(-1, T, -1, -1, -1)
+    inp = torch.cat([(c_in * x.float()).to(x.dtype), cond_latent.to(x.dtype)], dim=2)
+    out = unet(inp, c_noise.reshape(B), image_embeds, added_time_ids)
+    return (c_skip * x.float() + c_out * out.float()).to(x.dtype)
+
+# -----------------------------------------------------------------------------
+# the bundle of the three networks
+
+
+class SVD(nn.Module):
+    """All of SVD: unet (model.diffusion_model), vae (first_stage_model), cond_encoder
+    (conditioner.embedders.3.encoder, makes the conditioning latent), clip (embedders.0 ... visual)."""
+
+    def __init__(self, cfg: SVDConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = UNet(cfg.unet)
+        self.vae = TemporalVAE(cfg.vae)
+        self.cond_encoder = VAEEncoder(cfg.vae, quant_conv=True)
+        self.clip = CLIPImageEncoder(cfg.clip)
+
+    @torch.no_grad()
+    def encode_image(self, img):
+        """img (B, 3, H, W) in [-1, 1] (clean) -> CLIP image embedding (B, D)."""
+        return self.clip(img.to(self.clip.conv1.weight.dtype))
+
+    @torch.no_grad()
+    def encode_cond(self, img):
+        """img (B, 3, H, W) in [-1, 1], already noise-augmented -> conditioning latent (B, 4, H/8, W/8), the
+        posterior mode, NOT scaled by scale_factor (sgm VideoPredictionEmbedderWithEncoder)."""
+        return self.cond_encoder.encode(img.to(self.cond_encoder.encoder.conv_in.weight.dtype))[0]
+
+    def denoise(self, x, sigma, cond_latent, image_embeds, added_time_ids):
+        return denoise(self.unet, x, sigma, cond_latent, image_embeds, added_time_ids)
+
+# -----------------------------------------------------------------------------
+# config table
+
+CONFIGS = {
+    # same networks; sampling defaults from the sgm scripts (svd: 14 frames/25 steps, svd_xt: 25 frames/30 steps)
+    "svd": SVDConfig(),
+    "svd_xt": SVDConfig(num_frames=25, steps=30, min_cfg=1.5, max_cfg=3.0),
+    # a tiny net with the full structure (4 levels, video blocks everywhere): a CPU forward in milliseconds
+    "tiny": SVDConfig(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, attention_levels=(0, 1, 2),
+                        head_dim=16, context_dim=32, addition_time_embed_dim=32),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2)),
+        clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
+        num_frames=4, steps=4, height=64, width=64),
+}
