@@ -162,7 +162,8 @@ class ResBlock(nn.Module):
             if h.ndim == 5:
                 e = e.transpose(1, 2)                               # (B, C, T)
             h = h + e.reshape(*e.shape, *([1] * (h.ndim - e.ndim)))
-        return self.skip_connection(x) + self.out_layers(h)
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h        # skip after out_layers: one fewer live activation at the peak
 
 
 class VideoResBlock(ResBlock):
@@ -326,17 +327,7 @@ class SpatialVideoTransformer(nn.Module):
 
 
 class TimestepBlock(nn.ModuleList):
-    """One entry of input_blocks/middle_block/output_blocks: a sequence of layers (sgm TimestepEmbedSequential)."""
-
-    def forward(self, x, emb, context, T):
-        for layer in self:
-            if isinstance(layer, VideoResBlock):
-                x = layer(x, emb, T)
-            elif isinstance(layer, SpatialVideoTransformer):
-                x = layer(x, context, T)
-            else:
-                x = layer(x)
-        return x
+    """One entry of input_blocks/middle_block/output_blocks (sgm TimestepEmbedSequential); UNet._layer runs its layers."""
 
 
 class UNet(nn.Module):
@@ -400,10 +391,22 @@ class UNet(nn.Module):
         context = image_embeds.reshape(B, 1, -1).to(dt).repeat_interleave(T, dim=0)  # (B*T, 1, D)
         return emb, context
 
-    def _run(self, block, h, emb, context, T):
+    def _layer(self, layer, h, emb, context, T):
+        """Run one layer; layer by layer (not block by block) so each input is freed as soon as it is consumed."""
+        if isinstance(layer, VideoResBlock):
+            args = (h, emb, T)
+        elif isinstance(layer, SpatialVideoTransformer):
+            args = (h, context, T)
+        else:
+            return layer(h)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, T, use_reentrant=False)
-        return block(h, emb, context, T)
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def _block(self, block, h, emb, context, T):
+        for layer in block:
+            h = self._layer(layer, h, emb, context, T)
+        return h
 
     def forward(self, x, c_noise, image_embeds, added_time_ids):
         """x (B, T, Cin, H, W), c_noise (B,), image_embeds (B, D), added_time_ids (B, 3) -> (B, T, Cout, H, W)."""
@@ -412,11 +415,12 @@ class UNet(nn.Module):
         h = x.reshape(B * T, C, H, W).to(emb.dtype)
         hs = []
         for block in self.input_blocks:
-            h = self._run(block, h, emb, context, T)
+            h = self._block(block, h, emb, context, T)
             hs.append(h)
-        h = self._run(self.middle_block, h, emb, context, T)
+        h = self._block(self.middle_block, h, emb, context, T)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb, context, T)
+            h = torch.cat([h, hs.pop()], dim=1)                     # (B*T, C + C_skip, H, W)
+            h = self._block(block, h, emb, context, T)
         h = self.out(h)
         return h.reshape(B, T, *h.shape[1:])
 
@@ -428,7 +432,7 @@ class UNet(nn.Module):
         h = x.reshape(B * T, C, H, W).to(emb.dtype)
         feats = []
         for i, block in enumerate(self.input_blocks[:self.level_ends[-1] + 1]):
-            h = self._run(block, h, emb, context, T)
+            h = self._block(block, h, emb, context, T)
             if i in self.level_ends:
                 feats.append(h.reshape(B, T, *h.shape[1:]))
         return feats
