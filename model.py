@@ -48,6 +48,8 @@ class VAEConfig:
     norm_eps: float = 1e-6                   # spatial blocks (SD KL autoencoder)
     time_norm_eps: float = 1e-5              # the decoder's temporal res blocks (sgm UNet ResBlock)
     use_quant_conv: bool = False             # first_stage_model has none; the diffusers vae/ does
+    space_to_depth: int = 0                  # toy latent: 0 = the KL VAE above; f > 0 = fixed, exactly invertible
+                                             # pixel_unshuffle by f (z_channels must be 3 f^2; no weights)
 
 
 @dataclass
@@ -598,11 +600,18 @@ class VAEEncoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig, quant_conv=True):
         super().__init__()
+        self.s2d = cfg.space_to_depth
+        if self.s2d:
+            assert cfg.z_channels == 3 * self.s2d ** 2, "space_to_depth needs z_channels = 3 f^2"
+            return
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1) if quant_conv else None
 
     def encode(self, x):
         """x (N, 3, H, W) in [-1, 1] -> mean, logvar each (N, z, H/8, W/8) (logvar clamped to [-30, 20])."""
+        if self.s2d:   # toy latent: exact, deterministic (logvar -30, the clamp floor)
+            mean = F.pixel_unshuffle(x, self.s2d)
+            return mean, torch.full_like(mean, -30.0)
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
@@ -616,13 +625,16 @@ class TemporalVAE(VAEEncoder):
     def __init__(self, cfg: VAEConfig):
         super().__init__(cfg, quant_conv=cfg.use_quant_conv)
         self.cfg = cfg
-        self.decoder = VideoDecoder(cfg)
+        if not cfg.space_to_depth:
+            self.decoder = VideoDecoder(cfg)
 
     def decode(self, z, chunk=14):
         """z (B, T, z, h, w) diffusion latents -> (B, T, 3, 8h, 8w) in [-1, 1] (unclamped).
         Each chunk of `chunk` frames is decoded as its own video (sgm decoding_t), so chunking changes the result."""
         B, T = z.shape[:2]
         z = z / self.cfg.scale_factor
+        if self.s2d:
+            return F.pixel_shuffle(z.flatten(0, 1), self.s2d).reshape(B, T, 3, *(s * self.s2d for s in z.shape[-2:]))
         out = []
         for b in range(B):
             for s in range(0, T, chunk):
@@ -774,7 +786,7 @@ class SVD(nn.Module):
     def encode_cond(self, img):
         """img (B, 3, H, W) in [-1, 1], already noise-augmented -> conditioning latent (B, 4, H/8, W/8), the
         posterior mode, NOT scaled by scale_factor (sgm VideoPredictionEmbedderWithEncoder)."""
-        return self.cond_encoder.encode(img.to(self.cond_encoder.encoder.conv_in.weight.dtype))[0]
+        return self.cond_encoder.encode(img.to(self.clip.conv1.weight.dtype))[0]
 
     def denoise(self, x, sigma, cond_latent, image_embeds, added_time_ids):
         return denoise(self.unet, x, sigma, cond_latent, image_embeds, added_time_ids)
@@ -793,4 +805,11 @@ CONFIGS = {
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2)),
         clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
         num_frames=4, steps=4, height=64, width=64),
+    # the toy reproduction (toy.py): tiny UNet on a fixed space-to-depth latent of 64x64 synthetic videos
+    "toy": SVDConfig(
+        unet=UNetConfig(in_channels=96, out_channels=48, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                        attention_levels=(1, 2), head_dim=16, context_dim=32, addition_time_embed_dim=32),
+        vae=VAEConfig(z_channels=48, space_to_depth=4, scale_factor=1.0),
+        clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
+        num_frames=8, steps=25, min_cfg=1.0, max_cfg=2.5, fps_id=6, height=64, width=64),
 }
