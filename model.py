@@ -777,16 +777,24 @@ class SVD(nn.Module):
         self.cond_encoder = VAEEncoder(cfg.vae, quant_conv=True)
         self.clip = CLIPImageEncoder(cfg.clip)
 
+    def latent_shape(self, T, H, W):
+        """Latent video shape (T, z, H/f, W/f) for a T x H x W pixel video (f = 8, or the toy space-to-depth factor)."""
+        v = self.cfg.vae
+        f = v.space_to_depth or 2 ** (len(v.ch_mult) - 1)
+        return (T, v.z_channels, H // f, W // f)
+
     @torch.no_grad()
     def encode_image(self, img):
-        """img (B, 3, H, W) in [-1, 1] (clean) -> CLIP image embedding (B, D)."""
-        return self.clip(img.to(self.clip.conv1.weight.dtype))
+        """img (B, 3, H, W) in [-1, 1] (clean), on any device -> CLIP image embedding (B, D) on the encoder's device."""
+        p = self.clip.conv1.weight
+        return self.clip(img.to(p.device, p.dtype))
 
     @torch.no_grad()
     def encode_cond(self, img):
         """img (B, 3, H, W) in [-1, 1], already noise-augmented -> conditioning latent (B, 4, H/8, W/8), the
         posterior mode, NOT scaled by scale_factor (sgm VideoPredictionEmbedderWithEncoder)."""
-        return self.cond_encoder.encode(img.to(self.clip.conv1.weight.dtype))[0]
+        p = next(self.cond_encoder.parameters(), self.clip.conv1.weight)   # the toy encoder has no weights
+        return self.cond_encoder.encode(img.to(p.device, p.dtype))[0]
 
     def denoise(self, x, sigma, cond_latent, image_embeds, added_time_ids):
         return denoise(self.unet, x, sigma, cond_latent, image_embeds, added_time_ids)

@@ -1,0 +1,169 @@
+"""
+The SF-V discriminator (Zhang et al., NeurIPS 2024, sec. 3.2 and Fig. 2): a FROZEN copy of the pretrained SVD
+UNet encoder (conv_in + the four down levels with their temporal layers) as the feature backbone, and after each
+level one trainable spatial head (judges frames) and one trainable temporal head (judges motion).
+
+Inputs follow the notes (sec. 6): real and fake latents are noised with the SAME sigma' and eps,
+x' = x0 + sigma' * eps, and fed to the backbone exactly like a UNet input: cat[c_in(sigma') x', cond latent] with
+c_noise(sigma') and the generator's image embedding / vector conditioning. Gradients flow through the frozen
+backbone (its weights have requires_grad=False) to the generator's output.
+
+Head design (the paper only draws the heads; this is our StyleGAN-T / ADD-style choice):
+  feat --1x1 conv--> GroupNorm --LeakyReLU(0.2)--> + residual [conv k=3, GroupNorm, LeakyReLU(0.2)]
+       --1x1 conv--> [1 unconditional logit | cmap_dim vector] per location
+  logit = uncond + <cmap, proj(cond)> / sqrt(cmap_dim)               (projection discriminator, Miyato & Koyama 2018)
+  cond  = cat[Linear(CLIP image embedding), MLP(sinusoid(c_noise(sigma'))), MLP(sinusoid(frame index))]
+- GroupNorm (not the BatchNorm of StyleGAN-T/ADD): no coupling between samples, so the loss of a batch is the mean
+  of per-sample losses, which keeps data-parallel training identical to one process with the same global batch.
+- Spatial head: conv2d on (B*T, C, H, W); its condition is per frame (the frame index of that frame).
+- Temporal head: conv1d over time on (B*H*W, C, T); the frame index enters per time position.
+- The condition embedder is shared by all heads; each head has its own final projection to its cmap space.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import UNet, edm_precondition, timestep_embedding
+
+# -----------------------------------------------------------------------------
+# frozen backbone
+
+
+def frozen_encoder(unet: UNet) -> UNet:
+    """A frozen deep copy of `unet` without its middle/output blocks (only encode_levels is used on it).
+    The dropped modules are never copied (deepcopy memo), so the copy costs only the encoder's memory."""
+    memo = {id(m): None for m in (unet.middle_block, unet.output_blocks, unet.out)}
+    enc = copy.deepcopy(unet, memo)
+    del enc.middle_block, enc.output_blocks, enc.out
+    enc.requires_grad_(False)
+    return enc.eval()
+
+# -----------------------------------------------------------------------------
+# heads
+
+
+def _norm(ch):
+    return nn.GroupNorm(max(1, ch // 16), ch)       # 16 channels per group: well defined even at 1x1 resolution
+
+
+class DiscHead(nn.Module):
+    """Projection head on (N, C, *S) features, dims=2 (spatial: S = H, W) or dims=1 (temporal: S = T).
+    forward(h, c): c is the head's condition broadcastable to (N, cond_dim, *S); returns logits (N, *S)."""
+
+    def __init__(self, channels, cond_dim, dims, hidden=256, cmap_dim=64):
+        super().__init__()
+        Conv = nn.Conv2d if dims == 2 else nn.Conv1d
+        self.cmap_dim = cmap_dim
+        self.proj_in = nn.Sequential(Conv(channels, hidden, 1), _norm(hidden), nn.LeakyReLU(0.2))
+        self.res = nn.Sequential(Conv(hidden, hidden, 3, padding=1), _norm(hidden), nn.LeakyReLU(0.2))
+        self.out = Conv(hidden, 1 + cmap_dim, 1)
+        self.cond_proj = nn.Linear(cond_dim, cmap_dim)
+
+    def forward(self, h, c):
+        # h (N, C, *S); c (N, cond_dim) or (N, cond_dim, *S)
+        h = self.proj_in(h)
+        h = h + self.res(h)
+        o = self.out(h)                                              # (N, 1 + cmap, *S)
+        uncond, cmap = o[:, 0], o[:, 1:]
+        p = self.cond_proj(c.movedim(1, -1)).movedim(-1, 1)         # (N, cmap) or (N, cmap, *S)
+        p = p.reshape(*p.shape, *([1] * (cmap.ndim - p.ndim)))
+        return uncond + (cmap * p).sum(1) / math.sqrt(self.cmap_dim)
+
+
+class CondEmbed(nn.Module):
+    """cat[Linear(image_embeds), MLP(sin(c_noise)), MLP(sin(frame))] -> (B, T, 3*dim)."""
+
+    def __init__(self, image_dim, dim=128):
+        super().__init__()
+        self.dim = dim
+        self.image = nn.Linear(image_dim, dim)
+        self.noise = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.frame = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, image_embeds, c_noise, T):
+        B = image_embeds.shape[0]
+        dt = self.image.weight.dtype
+        e_img = self.image(image_embeds.to(dt))                                                 # (B, dim)
+        e_noise = self.noise(timestep_embedding(c_noise.reshape(B), self.dim).to(dt))           # (B, dim)
+        e_frame = self.frame(timestep_embedding(torch.arange(T, device=c_noise.device), self.dim).to(dt))  # (T, dim)
+        return torch.cat([e_img[:, None].expand(-1, T, -1), e_noise[:, None].expand(-1, T, -1),
+                          e_frame[None].expand(B, -1, -1)], dim=-1)                    # (B, T, 3*dim)
+
+# -----------------------------------------------------------------------------
+# discriminator
+
+
+class Discriminator(nn.Module):
+    """Frozen UNet encoder + per-level spatial/temporal heads. heads: "both" | "spatial" | "temporal" (Table 2 ablation).
+    forward(x, sigma, cond_latent, image_embeds, added_time_ids) -> list of per-location logits, each (B, L_i)."""
+
+    def __init__(self, unet: UNet, heads="both", hidden=256, cmap_dim=64, embed_dim=128):
+        super().__init__()
+        assert heads in ("both", "spatial", "temporal"), heads
+        self.backbone = frozen_encoder(unet)
+        cfg = unet.cfg
+        chans = [m * cfg.model_channels for m in cfg.channel_mult]
+        self.cond = CondEmbed(cfg.context_dim, embed_dim)
+        cd = 3 * embed_dim
+        use_s, use_t = heads in ("both", "spatial"), heads in ("both", "temporal")
+        self.spatial = nn.ModuleList([DiscHead(c, cd, 2, hidden, cmap_dim) for c in chans]) if use_s else None
+        self.temporal = nn.ModuleList([DiscHead(c, cd, 1, hidden, cmap_dim) for c in chans]) if use_t else None
+
+    def train(self, mode=True):
+        """The backbone has no dropout/normalisation statistics; its `training` flag only switches gradient
+        checkpointing, so it follows backbone.gradient_checkpointing rather than `mode`."""
+        super().train(mode)
+        self.backbone.train(mode and self.backbone.gradient_checkpointing)
+        return self
+
+    def head_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def head_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def forward(self, x, sigma, cond_latent, image_embeds, added_time_ids):
+        # x (B, T, 4, h, w) noisy latents x0 + sigma' eps; sigma (B,); cond_latent (B, 4, h, w)
+        B, T = x.shape[:2]
+        _, _, c_in, c_noise = edm_precondition(sigma.float())
+        cond = cond_latent[:, None].expand(-1, T, -1, -1, -1) if cond_latent.ndim == 4 else cond_latent
+        inp = torch.cat([c_in.view(B, 1, 1, 1, 1).to(x.device) * x.float(), cond.float()], dim=2)
+        feats = self.backbone.encode_levels(inp, c_noise.to(x.device), image_embeds, added_time_ids)
+        c = self.cond(image_embeds, c_noise.to(x.device), T)                           # (B, T, cd)
+        logits = []
+        for lvl, f in enumerate(feats):                                                # f (B, T, C, H, W)
+            _, _, C, H, W = f.shape
+            f = f.to(c.dtype)                                                         # heads run in fp32
+            if self.spatial is not None:
+                out = self.spatial[lvl](f.reshape(B * T, C, H, W), c.reshape(B * T, -1))  # (B*T, H, W)
+                logits.append(out.reshape(B, -1))
+            if self.temporal is not None:
+                ft = f.permute(0, 3, 4, 2, 1).reshape(B * H * W, C, T)                 # (B*H*W, C, T)
+                ct = c.transpose(1, 2).repeat_interleave(H * W, dim=0)                 # (B*H*W, cd, T)
+                out = self.temporal[lvl](ft, ct)                                       # (B*H*W, T)
+                logits.append(out.reshape(B, -1))
+        return logits
+
+# -----------------------------------------------------------------------------
+# losses on the list of per-location logits
+
+
+def score(logits):
+    """Per-sample scalar D(x): mean over locations, then over heads. -> (B,)"""
+    return torch.stack([l.mean(1) for l in logits]).mean(0)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Standard hinge (D wants real high, fake low), per location, averaged over locations and heads.
+    The notes (sec. 6) write D(real) and D(fake) swapped; only the naming differs."""
+    real = torch.stack([F.relu(1 - l).mean() for l in logits_real]).mean()
+    fake = torch.stack([F.relu(1 + l).mean() for l in logits_fake]).mean()
+    return real + fake
+
+
+def hinge_g_loss(logits_fake):
+    """-mean D(fake), averaged over locations and heads."""
+    return -torch.stack([l.mean() for l in logits_fake]).mean()

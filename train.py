@@ -1,0 +1,934 @@
+"""
+SF-V training (Zhang et al., NeurIPS 2024, sec. 3): fine-tune the SVD UNet into a single-step image-to-video
+generator by adversarial training against a discriminator made of the frozen SVD UNet encoder plus trainable
+spatial and temporal heads (discriminator.py). Also a plain SVD-style diffusion mode (stage 1 of the toy run).
+
+    python train.py --init tiny --data synthetic --max-steps 200                     # toy run on CPU
+    python train.py --init svd_xt.safetensors --data /videos --cache /cache/latents   # one GPU
+    torchrun --nproc_per_node=8 train.py --init svd_xt.safetensors --data /videos ... # data parallel
+    python train.py --bench-memory                                                    # peak GPU memory of one step
+
+The objective follows sec. 6 of the notes (all numbers are flags below):
+  generator:     s ~ uniform over the 3 largest levels of a 4-level Karras grid; x_t = x0 + s eps;
+                 x0_hat = D_G(x_t, s) (SVD preconditioning, image/CLIP/vector conditioning, no CFG)
+  discriminator: s' ~ discretised lognormal (P_mean -1, P_std 1) snapped to a 1000-level Karras grid;
+                 SAME s' and eps' for real and fake: x' = x0 + s' eps', x0_hat' = x0_hat + s' eps'
+  L_D = mean relu(1 - D(real)) + mean relu(1 + D(fake)) + gamma * R1(real)       (standard hinge; the notes
+  L_G = -mean D(fake) + 0.1 * pseudo-Huber(x0_hat, x0)                            write real/fake swapped)
+One iteration: G step first (one G forward, its fakes are reused detached for the D step, as in ADD), then D step.
+
+Reproducibility and scale-out: every random number of a training sample (clip choice, sigmas, noises, cond-aug)
+comes from a generator seeded by (seed, step, global slot in the batch), and the dataset order is a per-epoch
+permutation of (seed, epoch). So the data position is the step counter, resume is exact, and N processes with
+batch b give the same result as one process with batch N*b. Data parallelism all-reduces gradients once per
+optimiser step (DDP semantics with no_sync during accumulation); we do not wrap in nn.parallel.DDP because the
+exact R1 penalty needs torch.autograd.grad(create_graph=True), which DDP does not support, and because G and D
+alternate.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import load_svd
+from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, score
+from model import CONFIGS, SVD, UNet, denoise
+
+# -----------------------------------------------------------------------------
+# default config values, each overridable by a flag (--name-with-dashes); `--help` lists them all
+
+DEFAULTS = [
+    # run
+    ("mode", "sfv", "sfv: adversarial single-step fine-tuning; diffusion: plain SVD-style EDM training (stage 1)"),
+    ("init", "tiny", "generator init: a model.CONFIGS preset name (tiny, toy: random weights) or a checkpoint for "
+                     "load_svd.load (official single file, diffusers folder, our bundle)"),
+    ("data", "synthetic", "'synthetic' (SyntheticVideos) or a folder of videos (mp4/webm/mov, searched recursively)"),
+    ("out", "out/sfv", "output dir: model.safetensors (EMA bundle), train_state.pt, log.jsonl, samples/"),
+    ("resume", False, "continue from <out>/train_state.pt (optimisers, EMA, step, RNG, data position)"),
+    ("seed", 0, "seed of the init and of every sample's randomness"),
+    ("device", "auto", "auto | cpu | cuda"),
+    ("max_steps", 50000, "optimiser steps (the paper: 50K)"),
+    # data
+    ("frames", 0, "frames per clip T (0: the config's num_frames, 14 for svd)"),
+    ("height", 0, "training height in pixels (0: the config's; SF-V trained at 448)"),
+    ("width", 0, "training width in pixels (0: the config's; SF-V trained at 768)"),
+    ("fps", 7, "clip frame rate: frame stride = round(source fps / fps); fps_id = fps - 1"),
+    ("motion_bucket_id", 127, "vector conditioning (constant; SVD's default)"),
+    ("cond_aug", 0.02, "noise std added to the conditioning frame (also the vector conditioning value)"),
+    ("synthetic_size", 100000, "number of distinct synthetic videos"),
+    ("cache", "", "dir of pre-encoded latents/CLIP embeddings (built on first use; VAE/CLIP then stay off the GPU). "
+                  "The cache fixes one clip and one cond-aug noise draw per video"),
+    ("workers", 2, "DataLoader worker processes (0: load in the main process)"),
+    # batch and optimisation
+    ("batch_size", 1, "micro-batch per process"),
+    ("grad_accum", 1, "micro-batches per optimiser step (global batch = batch_size * grad_accum * world size)"),
+    ("optimizer", "sm3", "sm3 (the paper's choice, memory-light) | adamw"),
+    ("lr_g", 1e-5, "generator learning rate"),
+    ("lr_d", 1e-4, "discriminator-head learning rate"),
+    ("beta1", 0.5, "momentum (SM3) / Adam beta1"),
+    ("beta2", 0.999, "second-moment EMA (SM3: EMA of the accumulators, bias-corrected; 0 = plain SM3 sums)"),
+    ("weight_decay", 0.0, "decoupled weight decay"),
+    ("warmup", 0, "linear learning-rate warm-up steps"),
+    ("grad_clip", 1.0, "clip the global gradient norm (0: off)"),
+    ("ema", 0.95, "EMA decay of the generator; the EMA is saved and used for sampling"),
+    # SF-V objective
+    ("gen_levels", 4, "Karras grid size for the generator noise level (s uniform over all but the smallest)"),
+    ("sigma_min", 0.002, "Karras grid sigma_min"),
+    ("sigma_max", 700.0, "Karras grid sigma_max"),
+    ("rho", 7.0, "Karras grid rho"),
+    ("p_mean", -1.0, "discriminator sigma' lognormal mean of log sigma'"),
+    ("p_std", 1.0, "discriminator sigma' lognormal std of log sigma'"),
+    ("disc_levels", 1000, "Karras grid the discriminator sigma' is snapped to"),
+    ("r1", "fd", "R1 on real samples: exact (double backward) | fd (finite differences, no double backward) | off"),
+    ("r1_gamma", 1e-5, "R1 weight gamma (unstated in the paper)"),
+    ("r1_fd_eps", 0.05, "fd: std of the input perturbation delta; R1 ~ E[(D(x+delta)-D(x))^2] / eps^2"),
+    ("recon_weight", 0.1, "weight of the pseudo-Huber reconstruction term in L_G"),
+    ("huber_c", 0.001, "pseudo-Huber c (OSV's value; unstated in SF-V)"),
+    ("disc_heads", "both", "both | spatial | temporal (paper Table 2 ablation)"),
+    ("head_channels", 256, "hidden channels of each discriminator head"),
+    ("cmap_dim", 64, "projection-conditioning dim of the heads"),
+    ("cond_embed_dim", 128, "dim of each of the image/noise/frame condition embeddings of the heads"),
+    # diffusion mode
+    ("train_p_mean", 0.7, "diffusion mode: lognormal mean of log sigma (SVD's video fine-tuning shift, inferred)"),
+    ("train_p_std", 1.6, "diffusion mode: lognormal std of log sigma"),
+    ("cond_drop", 0.1, "diffusion mode: probability of zeroing the image embedding and cond latent (for CFG)"),
+    # memory
+    ("bf16", True, "bf16 autocast on CUDA (ignored on CPU); the frozen D backbone and VAE/CLIP are stored in bf16"),
+    ("grad_ckpt", True, "gradient checkpointing of every UNet block (generator and D backbone)"),
+    # visibility
+    ("log_every", 10, "log to log.jsonl and tqdm every N steps"),
+    ("save_every", 1000, "checkpoint every N steps (and at the end)"),
+    ("sample_every", 1000, "write sample videos every N steps (0: never)"),
+    ("num_samples", 2, "sample videos per round (fixed seeds and conditioning images)"),
+    ("sample_steps", 25, "diffusion mode: Euler steps for the sample videos (sfv mode always samples in 1 step)"),
+    # benchmark
+    ("bench_memory", False, "measure one SF-V step's peak GPU memory at --bench-shape with the svd config and exit"),
+    ("bench_shape", "14x448x768", "TxHxW of the memory benchmark"),
+    ("bench_config", "svd", "model config of the memory benchmark (tiny: a CPU smoke test)"),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, default, help_ in DEFAULTS:
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            p.add_argument(flag, default=default, type=type(default), help=help_)
+    return p.parse_args(argv)
+
+# -----------------------------------------------------------------------------
+# noise levels and losses (notes sec. 6)
+
+
+def karras_grid(n, sigma_min=0.002, sigma_max=700.0, rho=7.0):
+    """n Karras levels, decreasing from sigma_max to sigma_min (no trailing 0). -> (n,) float32"""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return ((hi + ramp * (lo - hi)) ** rho).float()
+
+
+def sample_generator_sigma(n, generator=None, levels=4, sigma_min=0.002, sigma_max=700.0, rho=7.0):
+    """Generator noise level: uniform over the `levels`-level Karras grid without its smallest level.
+    With the SVD defaults: {700.0, 70.54, 2.269}. -> (n,)"""
+    grid = karras_grid(levels, sigma_min, sigma_max, rho)[:-1]
+    return grid[torch.randint(0, len(grid), (n,), generator=generator)]
+
+
+def sample_disc_sigma(n, generator=None, p_mean=-1.0, p_std=1.0, levels=1000, sigma_min=0.002, sigma_max=700.0, rho=7.0):
+    """Discriminator noise level sigma': log sigma' ~ N(p_mean, p_std^2), snapped to the nearest level (in log
+    space) of a `levels`-level Karras grid: a discretised lognormal. -> (n,)"""
+    grid = karras_grid(levels, sigma_min, sigma_max, rho)
+    log_s = p_mean + p_std * torch.randn(n, generator=generator)
+    return grid[(log_s[:, None] - grid.log()[None]).abs().argmin(1)]
+
+
+def pseudo_huber(x, y, c):
+    """Per sample sqrt(mean (x-y)^2 + c^2) - c, averaged over the batch. The mean (not the sum) over elements keeps
+    the 0.1 weight resolution-independent; it equals iCT's sqrt(||d||^2 + c'^2) - c' with c' = c sqrt(dim), divided
+    by sqrt(dim)."""
+    d = (x.float() - y.float()).flatten(1).square().mean(1)
+    return ((d + c * c).sqrt() - c).mean()
+
+
+def r1_penalty(disc, x_real, sigma, cond, emb, ids, mode, fd_noise=None, fd_eps=0.05, logits_real=None):
+    """R1 = E_b ||grad_{x'} D(x')||^2 on real inputs, D(x') = the per-sample score (mean logit over locations/heads).
+    exact: double backward through the frozen backbone (SDPA forced to the math kernel, which supports it; no
+           gradient checkpointing for this forward, so it costs the most memory).
+    fd:    delta ~ N(0, eps^2 I): E[(D(x'+delta) - D(x'))^2] / eps^2 -> ||grad||^2 as eps -> 0 (first-order Taylor),
+           an unbiased one-sample estimate of the same quantity without double backward (cf. ADD's cheap R1).
+    Returns (r1, logits_real); x_real must be a leaf with requires_grad for exact."""
+    if mode == "exact":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        bb, ckpt = disc.backbone, disc.backbone.gradient_checkpointing
+        bb.gradient_checkpointing = False                                  # recomputation would leave the math kernel
+        try:
+            with sdpa_kernel([SDPBackend.MATH]):
+                logits_real = disc(x_real, sigma, cond, emb, ids)
+        finally:
+            bb.gradient_checkpointing = ckpt
+        g, = torch.autograd.grad(score(logits_real).sum(), x_real, create_graph=True)
+        return g.float().flatten(1).square().sum(1).mean(), logits_real
+    if logits_real is None:
+        logits_real = disc(x_real, sigma, cond, emb, ids)
+    if mode == "fd":
+        s2 = score(disc(x_real + fd_eps * fd_noise, sigma, cond, emb, ids))
+        return (s2 - score(logits_real)).float().square().mean() / fd_eps ** 2, logits_real
+    return torch.zeros((), device=x_real.device), logits_real
+
+# -----------------------------------------------------------------------------
+# SM3 optimiser (Anil et al. 2019, SM3-II)
+
+
+class SM3(torch.optim.Optimizer):
+    """SM3-II: per tensor of shape (n_1..n_k) one accumulator per dimension (O(sum n_i) memory; 0/1-D tensors:
+    one per element). nu = min_r mu_r[i_r] + g^2 (beta2 = 0) or beta2 * min_r mu_r[i_r] + (1-beta2) g^2 (EMA variant,
+    here bias-corrected like Adam); mu_r = max of nu over the other dims; update u = g / sqrt(nu + eps);
+    momentum m = beta1 m + (1-beta1) u (a full-size buffer); p -= lr (m + weight_decay p).
+    eps = 1e-16 under the square root (Adam's 1e-8 outside it) keeps gradients that are pure rounding noise (e.g. a
+    bias whose hinge terms cancel) from taking full-size sign steps; the reference code uses 1e-30."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.5, 0.999), eps=1e-16, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    shapes = [g.shape] if g.ndim <= 1 else \
+                        [tuple(n if d == r else 1 for d, n in enumerate(g.shape)) for r in range(g.ndim)]
+                    for r, s in enumerate(shapes):
+                        st[f"acc{r}"] = torch.zeros(s, dtype=torch.float32, device=p.device)
+                    if beta1 > 0:
+                        st["momentum"] = torch.zeros_like(g)
+                st["step"] += 1
+                accs = [st[f"acc{r}"] for r in range(max(1, g.ndim))]
+                nu = accs[0]
+                for a in accs[1:]:
+                    nu = torch.minimum(nu, a)                               # broadcast: min over the cover
+                if beta2 > 0:
+                    nu = beta2 * nu + (1 - beta2) * g.square()
+                else:
+                    nu = nu + g.square()
+                if g.ndim <= 1:
+                    accs[0].copy_(nu)
+                else:
+                    for r, a in enumerate(accs):
+                        a.copy_(nu.amax(dim=[d for d in range(g.ndim) if d != r], keepdim=True))
+                denom = nu / (1 - beta2 ** st["step"].item()) if beta2 > 0 else nu
+                u = g / (denom + group["eps"]).sqrt()
+                if beta1 > 0:
+                    u = st["momentum"].mul_(beta1).add_(u, alpha=1 - beta1)
+                if group["weight_decay"]:
+                    u = u + group["weight_decay"] * p.float()
+                p.add_(u.to(p.dtype), alpha=-group["lr"])
+
+
+def make_optimizer(args, params, lr):
+    if args.optimizer == "sm3":
+        return SM3(params, lr=lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    raise ValueError(f"unknown --optimizer {args.optimizer!r} (sm3 | adamw)")
+
+# -----------------------------------------------------------------------------
+# data: every item is get(index, seed) -> dict; randomness only from `seed`
+
+
+def sample_seed(*keys):
+    """A 63-bit seed from a tuple of ints (stable across processes and runs)."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = ((h ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+class SyntheticVideos:
+    """Toy videos: 1-3 coloured discs/squares moving with random velocities and bouncing off the borders over a
+    smooth random textured background. Video i is a pure function of (seed, i). The first frame does not determine
+    the motion (velocities are random), so image-to-video is ambiguous, like real data.
+    video(i) -> (T, 3, size, size) float in [-1, 1]."""
+
+    def __init__(self, n=100000, frames=8, size=64, seed=0, max_shapes=3):
+        self.n, self.frames, self.size, self.seed, self.max_shapes = n, frames, size, seed, max_shapes
+
+    def __len__(self):
+        return self.n
+
+    def video(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        S, T = self.size, self.frames
+        tex = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 5, 5))).float()
+        bg = torch.from_numpy(rng.uniform(-0.6, 0.6, (3, 1, 1))).float() + 0.35 * F.interpolate(tex, (S, S), mode="bicubic", align_corners=True)[0]
+        yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+        shapes = []
+        for _ in range(rng.integers(1, self.max_shapes + 1)):
+            r = rng.uniform(0.08, 0.18) * S
+            pos = rng.uniform(r, S - r, 2)
+            vel = rng.uniform(-0.06, 0.06, 2) * S                         # pixels per frame
+            col = torch.from_numpy(rng.uniform(-1, 1, (3, 1, 1))).float()
+            shapes.append((rng.integers(2), r, pos, vel, col))
+        frames = []
+        for _ in range(T):
+            img = bg.clone()
+            for kind, r, pos, vel, col in shapes:
+                dx, dy = xx - pos[0], yy - pos[1]
+                d = (dx.square() + dy.square()).sqrt() if kind == 0 else torch.maximum(dx.abs(), dy.abs())
+                a = (r - d + 0.5).clamp(0, 1)                               # 1-pixel anti-aliased edge
+                img = img * (1 - a) + col * a
+            frames.append(img)
+            for kind, r, pos, vel, col in shapes:                          # move, bounce off the borders
+                pos += vel
+                for ax in range(2):
+                    if pos[ax] < r or pos[ax] > S - r:
+                        vel[ax] = -vel[ax]
+                        pos[ax] = np.clip(2 * np.clip(pos[ax], r, S - r) - pos[ax], r, S - r)
+        return torch.stack(frames).clamp(-1, 1)
+
+    def __getitem__(self, i):
+        return self.video(i)
+
+    def get(self, i, seed):
+        return {"video": self.video(i), "skipped": []}
+
+
+def resize_center_crop(frames, height, width):
+    """frames (T, 3, h, w) -> (T, 3, height, width): resize (antialiased bilinear) to cover, then centre-crop."""
+    h, w = frames.shape[-2:]
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    if (nh, nw) != (h, w):
+        frames = F.interpolate(frames, (nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return frames[..., top:top + height, left:left + width]
+
+
+VIDEO_EXTS = (".mp4", ".webm", ".mov")
+
+
+class VideoFolder:
+    """Videos under `root` read with PyAV: random clips of `frames` frames at `fps` (stride = round(src_fps / fps)),
+    resized/centre-cropped. Corrupt or too-short files are skipped with a warning and recorded in self.skipped, at
+    scan time (cannot open / too few frames) and at read time (decoding fails: the next video is used instead and
+    the failure is reported in the item's "skipped" list)."""
+
+    def __init__(self, root, frames, fps, height, width, index=None):
+        self.root, self.frames, self.fps, self.height, self.width = root, frames, fps, height, width
+        self.items, self.skipped = [], []
+        for path in sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(VIDEO_EXTS)):
+            info = (index or {}).get(path) or self.probe(path)
+            reason = info.get("error") or (None if info["n"] >= self.span(info["fps"]) else
+                                           f"too short ({info['n']} frames < {self.span(info['fps'])})")
+            if reason:
+                warnings.warn(f"skipping video {path}: {reason}")
+                self.skipped.append((path, reason))
+            else:
+                self.items.append((path, info["n"], info["fps"]))
+        self.index = {**(index or {}), **{p: {"n": n, "fps": f} for p, n, f in self.items},
+                      **{p: {"error": r} for p, r in self.skipped}}
+        if not self.items:
+            raise ValueError(f"no usable videos in {root} ({len(self.skipped)} skipped)")
+
+    def __len__(self):
+        return len(self.items)
+
+    def stride(self, src_fps):
+        return max(1, round(src_fps / self.fps))
+
+    def span(self, src_fps):
+        return (self.frames - 1) * self.stride(src_fps) + 1
+
+    @staticmethod
+    def probe(path):
+        try:
+            import av
+            with av.open(path) as c:
+                s = c.streams.video[0]
+                fps = float(s.average_rate or s.guessed_rate or 0)
+                n = s.frames or int(float(c.duration or 0) / 1e6 * fps)
+                if fps <= 0:
+                    return {"error": "unknown frame rate"}
+                return {"n": n, "fps": fps}
+        except Exception as e:                                             # any open/parse failure = corrupt
+            return {"error": f"cannot open ({type(e).__name__}: {str(e)[:80]})"}
+
+    def read(self, path, start, stride, src_fps):
+        """Decode frames start, start+stride, ... (frame index from the pts) -> (T, 3, H, W) in [-1, 1]."""
+        import av
+        want = [start + j * stride for j in range(self.frames)]
+        out = []
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            t0 = s.start_time or 0
+            if start / src_fps > 1.0:                                      # seek to the keyframe before the clip
+                c.seek(t0 + int((start / src_fps - 0.5) / s.time_base), stream=s, backward=True)
+            count = None
+            for frame in c.decode(s):
+                if frame.pts is None:
+                    count = 0 if count is None else count + 1
+                    idx = count
+                else:
+                    idx = round(float((frame.pts - t0) * s.time_base) * src_fps)
+                if idx >= want[len(out)]:
+                    out.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+                    if len(out) == len(want):
+                        break
+        if len(out) < len(want):
+            raise ValueError(f"only {len(out)} of {len(want)} frames decoded")
+        x = torch.stack(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return resize_center_crop(x, self.height, self.width)
+
+    def get(self, i, seed):
+        skipped = []
+        g = np.random.default_rng(seed)
+        for j in range(len(self.items)):
+            path, n, src_fps = self.items[(i + j) % len(self.items)]
+            stride = self.stride(src_fps)
+            start = int(g.integers(0, max(1, n - self.span(src_fps) + 1)))
+            for s0 in dict.fromkeys([start, 0]):                           # frame counts can be estimates
+                try:
+                    return {"video": self.read(path, s0, stride, src_fps), "skipped": skipped}
+                except Exception as e:
+                    err = e
+            warnings.warn(f"skipping video {path}: {type(err).__name__}: {err}")
+            skipped.append(path)
+        raise RuntimeError("no readable video left")
+
+
+class LatentCache:
+    """Pre-encoded items in `root`: <i>.safetensors with latents (T,4,h,w), cond (4,h,w), image_embeds (D,)."""
+
+    def __init__(self, root):
+        self.root = root
+        with open(os.path.join(root, "index.json")) as f:
+            meta = json.load(f)
+        self.n, self.skipped = meta["n"], [tuple(s) for s in meta["skipped"]]
+
+    def __len__(self):
+        return self.n
+
+    def path(self, i):
+        return os.path.join(self.root, f"{i:08d}.safetensors")
+
+    def get(self, i, seed):
+        return {**load_file(self.path(i)), "skipped": []}
+
+
+class ItemDataset(torch.utils.data.Dataset):
+    """Map-style wrapper: item = (index, clip seed, global slot k) -> source.get(index, seed) plus k."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, item):
+        i, seed, k = item
+        return {**self.source.get(i, seed), "key": k}
+
+
+def collate(items):
+    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("skipped", "key")}
+    out["keys"] = [it["key"] for it in items]
+    out["skipped"] = [p for it in items for p in it["skipped"]]
+    return out
+
+
+class StepBatches:
+    """Batch sampler: for steps start..max_steps-1, the micro-batches of this rank. Global slot k of step s maps
+    to dataset position g = s * global_batch + k of a per-epoch permutation seeded by (seed, epoch). Rank r's
+    micro-batch m holds slots (m * world + r) * b ... + b - 1. The clip seed is a function of (seed, s, k)."""
+
+    def __init__(self, n, seed, batch, accum, world, rank, start, max_steps):
+        self.n, self.seed, self.b, self.accum, self.world, self.rank = n, seed, batch, accum, world, rank
+        self.start, self.max_steps, self._perm = start, max_steps, {}
+
+    def index(self, g):
+        e = g // self.n
+        if e not in self._perm:
+            self._perm = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(sample_seed(self.seed, e, 1)))}
+        return int(self._perm[e][g % self.n])
+
+    def __len__(self):
+        return (self.max_steps - self.start) * self.accum
+
+    def __iter__(self):
+        G = self.b * self.accum * self.world
+        for s in range(self.start, self.max_steps):
+            for m in range(self.accum):
+                ks = [(m * self.world + self.rank) * self.b + j for j in range(self.b)]
+                yield [(self.index(s * G + k), sample_seed(self.seed, s, k, 2), k) for k in ks]
+
+# -----------------------------------------------------------------------------
+# distributed helpers (torchrun env:// init; NCCL on GPU, gloo on CPU)
+
+
+def dist_setup(device_arg):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def all_reduce_mean(tensors, world, bucket=1 << 26):
+    """Average tensors across ranks in place, in flat buckets of up to `bucket` elements."""
+    if world == 1:
+        return
+    group = []
+    for t in list(tensors) + [None]:
+        if t is not None:
+            group.append(t)
+        if group and (t is None or sum(x.numel() for x in group) >= bucket):
+            flat = torch.cat([x.reshape(-1) for x in group])
+            dist.all_reduce(flat)
+            flat /= world
+            o = 0
+            for x in group:
+                x.copy_(flat[o:o + x.numel()].view_as(x))
+                o += x.numel()
+            group = []
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+# -----------------------------------------------------------------------------
+# the trainer
+
+
+def atomic_torch_save(obj, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Holds G (svd.unet), its EMA, D (sfv mode) and the optimisers; step() runs one optimiser step on a list of
+    micro-batches (dicts with latents (B,T,4,h,w), cond (B,4,h,w), image_embeds (B,D), keys)."""
+
+    def __init__(self, args, svd, device, rank=0, world=1):
+        self.args, self.svd, self.device, self.rank, self.world = args, svd, device, rank, world
+        self.amp = args.bf16 and device.type == "cuda"
+        self.G = svd.unet.to(device).train()
+        self.G.gradient_checkpointing = args.grad_ckpt
+        self.D = None
+        if args.mode == "sfv":
+            self.D = Discriminator(self.G, args.disc_heads, args.head_channels, args.cmap_dim, args.cond_embed_dim).to(device)
+            if self.amp:
+                self.D.backbone.to(torch.bfloat16)
+            self.D.backbone.gradient_checkpointing = args.grad_ckpt
+            self.D.train()
+            self.opt_d = make_optimizer(args, self.D.head_parameters(), args.lr_d)
+        self.ema = copy.deepcopy(self.G).requires_grad_(False).eval()
+        self.opt_g = make_optimizer(args, self.G.parameters(), args.lr_g)
+        self.step_num, self.skipped_run = 0, 0
+        fps_id = args.fps - 1
+        self.ids = torch.tensor([[float(fps_id), float(args.motion_bucket_id), args.cond_aug]], device=device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    # ---- per-sample randomness: a generator per (seed, step, global slot)
+    def noise(self, step, keys, shape):
+        a = self.args
+        out = {n: [] for n in ("s_g", "s_d", "eps", "eps_d", "fd", "drop")}
+        for k in keys:
+            g = torch.Generator().manual_seed(sample_seed(a.seed, step, k, 3))
+            if a.mode == "sfv":
+                out["s_g"].append(sample_generator_sigma(1, g, a.gen_levels, a.sigma_min, a.sigma_max, a.rho))
+                out["s_d"].append(sample_disc_sigma(1, g, a.p_mean, a.p_std, a.disc_levels, a.sigma_min, a.sigma_max, a.rho))
+            else:
+                out["s_g"].append((a.train_p_mean + a.train_p_std * torch.randn(1, generator=g)).exp())
+                out["drop"].append((torch.rand(1, generator=g) < a.cond_drop).float())
+            out["eps"].append(torch.randn(shape, generator=g))
+            if a.mode == "sfv":
+                out["eps_d"].append(torch.randn(shape, generator=g))
+                out["fd"].append(torch.randn(shape, generator=g))
+        return {n: torch.stack(v).to(self.device).squeeze(-1) if n in ("s_g", "s_d", "drop") else torch.stack(v).to(self.device)
+                for n, v in out.items() if v}
+
+    def _finish(self, opt, params, lr):
+        """All-reduce gradients, clip, step. Returns the global grad norm (before clipping)."""
+        params = [p for p in params if p.grad is not None]
+        all_reduce_mean([p.grad for p in params], self.world)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip if self.args.grad_clip > 0 else float("inf"))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm.item()
+
+    def lr(self, base):
+        w = self.args.warmup
+        return base * min(1.0, (self.step_num + 1) / w) if w > 0 else base
+
+    def step(self, micros):
+        a, n_micro = self.args, len(micros)
+        m = {}
+        add = lambda k, v: m.__setitem__(k, m.get(k, 0.0) + float(v) / n_micro)
+        fakes = []
+        # ---- generator step (D heads frozen; gradients still flow through D to x0_hat)
+        if self.D is not None:
+            self.D.requires_grad_(False)
+        for mb in micros:
+            x0, cond, emb = mb["latents"].to(self.device).float(), mb["cond"].to(self.device), mb["image_embeds"].to(self.device)
+            B = x0.shape[0]
+            nz = self.noise(self.step_num, mb["keys"], x0.shape[1:])
+            ids = self.ids.expand(B, -1)
+            s = nz["s_g"]
+            if a.mode == "diffusion":
+                keep = (1 - nz["drop"]).view(B, 1)
+                emb, cond = emb * keep, cond * keep.view(B, 1, 1, 1)
+            with self.autocast():
+                x0_hat = denoise(self.G, x0 + s.view(B, 1, 1, 1, 1) * nz["eps"], s, cond, emb, ids).float()
+                if a.mode == "diffusion":
+                    w = (s ** 2 + 1) / s ** 2                              # EDM weighting, sigma_data = 1
+                    loss = (w * (x0_hat - x0).square().flatten(1).mean(1)).mean()
+                    add("loss", loss.item())
+                else:
+                    sd = nz["s_d"].view(B, 1, 1, 1, 1)
+                    logits_f = self.D(x0_hat + sd * nz["eps_d"], nz["s_d"], cond, emb, ids)
+                    adv = hinge_g_loss(logits_f)
+                    rec = pseudo_huber(x0_hat, x0, a.huber_c)
+                    loss = adv + a.recon_weight * rec
+                    add("loss_g", loss.item()), add("adv_g", adv.item()), add("recon", rec.item())
+                    fakes.append(x0_hat.detach())
+            (loss / n_micro).backward()
+        m["grad_norm_g"] = self._finish(self.opt_g, self.G.parameters(), self.lr(a.lr_g))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.G.parameters()):
+                e.lerp_(p.detach().to(e.dtype), 1 - a.ema)
+        m["lr_g"] = self.lr(a.lr_g)
+        # ---- discriminator step
+        if self.D is not None:
+            for p in self.D.head_parameters():
+                p.requires_grad_(True)
+            for mb, fake in zip(micros, fakes):
+                x0, cond, emb = mb["latents"].to(self.device).float(), mb["cond"].to(self.device), mb["image_embeds"].to(self.device)
+                B = x0.shape[0]
+                nz = self.noise(self.step_num, mb["keys"], x0.shape[1:])
+                ids = self.ids.expand(B, -1)
+                sd = nz["s_d"].view(B, 1, 1, 1, 1)
+                x_real = (x0 + sd * nz["eps_d"]).requires_grad_(a.r1 == "exact")
+                with self.autocast():
+                    r1, logits_r = r1_penalty(self.D, x_real, nz["s_d"], cond, emb, ids, a.r1, nz["fd"], a.r1_fd_eps)
+                    logits_f = self.D(fake + sd * nz["eps_d"], nz["s_d"], cond, emb, ids)
+                    ld = hinge_d_loss(logits_r, logits_f)
+                    loss = ld + a.r1_gamma * r1
+                (loss / n_micro).backward()
+                add("loss_d", ld.item()), add("r1", r1.item())
+                add("d_real", score(logits_r).mean().item()), add("d_fake", score(logits_f).mean().item())
+            m["grad_norm_d"] = self._finish(self.opt_d, self.D.head_parameters(), self.lr(a.lr_d))
+            m["lr_d"] = self.lr(a.lr_d)
+        self.step_num += 1
+        # global metrics: average over ranks
+        keys = sorted(k for k in m if not k.startswith(("lr_", "grad_norm")))
+        t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
+        all_reduce_mean([t], self.world)
+        m.update(zip(keys, t.tolist()))
+        return m
+
+    # ---- checkpoints
+    def state_dict(self):
+        st = {"step": self.step_num, "unet": self.G.state_dict(), "ema": self.ema.state_dict(),
+              "opt_g": self.opt_g.state_dict(), "rng_torch": torch.get_rng_state(), "skipped_run": self.skipped_run,
+              "args": json.dumps(vars(self.args))}
+        if self.D is not None:
+            st["disc"], st["opt_d"] = self.D.head_state_dict(), self.opt_d.state_dict()
+        return st
+
+    def load_state_dict(self, st):
+        self.step_num, self.skipped_run = int(st["step"]), int(st["skipped_run"])
+        self.G.load_state_dict(st["unet"])
+        self.ema.load_state_dict(st["ema"])
+        self.opt_g.load_state_dict(st["opt_g"])
+        if self.D is not None:
+            missing, unexpected = self.D.load_state_dict(st["disc"], strict=False)
+            assert not unexpected and all(k.startswith("backbone.") for k in missing), (missing, unexpected)
+            self.opt_d.load_state_dict(st["opt_d"])
+        torch.set_rng_state(st["rng_torch"])
+
+    def save(self, out, frames, height, width):
+        """Atomic: train_state.pt (everything to resume) and model.safetensors (EMA generator in our bundle format,
+        config set to the training size; sfv: steps=1 and no CFG, so `sample.py --ckpt` samples in one step)."""
+        atomic_torch_save(self.state_dict(), os.path.join(out, "train_state.pt"))
+        svd, unet, cfg = self.svd, self.svd.unet, self.svd.cfg
+        sfv = self.args.mode == "sfv"
+        svd.unet = self.ema
+        a = self.args
+        svd.cfg = replace(cfg, num_frames=frames, height=height, width=width, fps_id=a.fps - 1,
+                          motion_bucket_id=a.motion_bucket_id, cond_aug=a.cond_aug,
+                          **(dict(steps=1, min_cfg=1.0, max_cfg=1.0) if sfv else {}))
+        try:
+            meta = {"train_step": self.step_num, "mode": self.args.mode}
+            if sfv:
+                meta.update(steps=1, sigma=self.args.sigma_max)
+            load_svd.save(svd, os.path.join(out, "model.safetensors"), meta)
+        finally:
+            svd.unet, svd.cfg = unet, cfg
+
+# -----------------------------------------------------------------------------
+# encoding, latent cache, sample videos
+
+
+def move_frozen(svd, device, dtype):
+    for m in (svd.vae, svd.cond_encoder, svd.clip):
+        m.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def encode_videos(svd, video, args, keys, seed_keys, device):
+    """video (B, T, 3, H, W) in [-1, 1] -> latents (B,T,4,h,w) (posterior mean * scale), cond (B,4,h,w) of the
+    noise-augmented first frame, image_embeds (B, D) of the clean first frame (notes sec. 5)."""
+    B, T = video.shape[:2]
+    dt = svd.clip.conv1.weight.dtype
+    video = video.to(device)
+    first = video[:, 0]
+    noise = torch.stack([torch.randn(first.shape[1:], generator=torch.Generator().manual_seed(sample_seed(*seed_keys, k, 4)))
+                         for k in keys]).to(device)
+    lat = torch.cat([svd.vae.encode(c.to(dt))[0] for c in video.flatten(0, 1).split(16)])
+    return {"latents": (lat.float() * svd.cfg.vae.scale_factor).reshape(B, T, *lat.shape[1:]),
+            "cond": svd.encode_cond(first + args.cond_aug * noise).float(),
+            "image_embeds": svd.encode_image(first).float()}
+
+
+def build_cache(source, svd, args, root, rank, world, device):
+    """Encode every item of `source` once (clip seed and cond-aug noise fixed per item) into root/<i>.safetensors.
+    Resumable: existing files are kept. Items are sharded over ranks; rank 0 writes index.json last."""
+    os.makedirs(root, exist_ok=True)
+    todo = [i for i in range(rank, len(source), world) if not os.path.exists(os.path.join(root, f"{i:08d}.safetensors"))]
+    for i in tqdm(todo, desc="caching latents", disable=rank != 0):
+        item = source.get(i, sample_seed(args.seed, i, 5))
+        enc = encode_videos(svd, item["video"][None], args, [i], (args.seed, -1), device)
+        path = os.path.join(root, f"{i:08d}.safetensors")
+        save_file({k: v[0].cpu().contiguous() for k, v in enc.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    barrier(world)
+    if rank == 0:
+        with open(os.path.join(root, "index.json.tmp"), "w") as f:
+            json.dump({"n": len(source), "skipped": getattr(source, "skipped", [])}, f)
+        os.replace(os.path.join(root, "index.json.tmp"), os.path.join(root, "index.json"))
+    barrier(world)
+
+
+@torch.no_grad()
+def sample_latents(unet, cond, emb, ids, shape, seeds, steps, args):
+    """sfv: one evaluation at sigma_max from pure noise; diffusion: `steps` Euler steps on a Karras grid (no CFG)."""
+    sig = karras_grid(steps, args.sigma_min, args.sigma_max, args.rho).tolist() + [0.0]
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(cond.device)
+    x = x * math.sqrt(1 + sig[0] ** 2)
+    for s, s_next in zip(sig[:-1], sig[1:]):
+        d = denoise(unet, x, torch.full((x.shape[0],), s, device=x.device), cond, emb, ids)
+        x = d if s_next == 0 else x + (x - d) / s * (s_next - s)
+    return x
+
+
+def write_video(frames, path, fps):
+    """frames (T, 3, H, W) in [-1, 1] -> H.264 mp4, atomically (sample.py's writer)."""
+    from sample import write_video as write_mp4
+    return write_mp4((frames.detach().float().cpu() + 1) / 2, path, fps)
+
+# -----------------------------------------------------------------------------
+# memory benchmark (needs a GPU)
+
+
+def bench_memory(args):
+    """One SF-V step of a randomly initialised UNet (--bench-config) at --bench-shape from cached latents (VAE/CLIP
+    never touch the GPU), with the memory flags as given (default: bf16 autocast, gradient checkpointing, SM3)."""
+    T, H, W = (int(v) for v in args.bench_shape.split("x"))
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    cfg = CONFIGS[args.bench_config]
+    with torch.device("meta"):
+        svd = SVD(cfg)                                                     # VAE/CLIP stay on meta: never used
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        svd.unet = UNet(cfg.unet)
+    args.mode = "sfv"
+    tr = Trainer(args, svd, device)
+    B, h, w = args.batch_size, H // 8, W // 8
+    batch = {"latents": torch.randn(B, T, 4, h, w), "cond": torch.randn(B, 4, h, w),
+             "image_embeds": torch.randn(B, cfg.unet.context_dim), "keys": list(range(B))}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(2):                                                     # step 2: optimiser state exists
+        t = time.time()
+        m = tr.step([batch] * args.grad_accum)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"step {i}: {time.time() - t:.2f} s, peak {peak_memory_gb(device):.2f} GiB, "
+              f"loss_g {m['loss_g']:.4g}, loss_d {m['loss_d']:.4g}")
+    what = "GPU memory (torch.cuda.max_memory_allocated)" if device.type == "cuda" else "process RSS (CPU run)"
+    print(f"peak {what} of one SF-V step, {args.bench_config} UNet, {T}x{H}x{W}, batch {B}: "
+          f"{peak_memory_gb(device):.2f} GiB (target on one GPU: < 40 GB)")
+    return peak_memory_gb(device)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20          # Linux: KiB -> GiB (process RSS)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.bench_memory:
+        return bench_memory(args)
+    rank, world, device = dist_setup(args.device)
+    master = rank == 0
+    os.makedirs(args.out, exist_ok=True)
+
+    # ---- models (same seed on every rank: identical init; the resume state overrides it)
+    torch.manual_seed(args.seed)
+    svd = SVD(CONFIGS[args.init]) if args.init in CONFIGS else load_svd.load(args.init)
+    cfg = svd.cfg
+    T, H, W = args.frames or cfg.num_frames, args.height or cfg.height, args.width or cfg.width
+    dtype_frozen = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
+
+    # ---- data
+    if args.data == "synthetic":
+        assert H == W, "synthetic videos are square"
+        source = SyntheticVideos(args.synthetic_size, T, H, args.seed)
+    else:
+        index_path = os.path.join(args.out, "video_index.json")   # probe results, so other ranks/resumes skip the scan
+        if not master:
+            barrier(world)
+        index = json.load(open(index_path)) if os.path.exists(index_path) else None
+        source = VideoFolder(args.data, T, args.fps, H, W, index)
+        if master:
+            with open(index_path + ".tmp", "w") as f:
+                json.dump(source.index, f)
+            os.replace(index_path + ".tmp", index_path)
+            barrier(world)
+    if args.cache:
+        if not os.path.exists(os.path.join(args.cache, "index.json")):
+            move_frozen(svd, device, dtype_frozen)
+            build_cache(source, svd, args, args.cache, rank, world, device)
+        skipped_scan = getattr(source, "skipped", [])
+        source = LatentCache(args.cache)
+        skipped_scan = source.skipped or skipped_scan
+        move_frozen(svd, "cpu", torch.float32)                             # VAE/CLIP off the GPU during training
+    else:
+        skipped_scan = getattr(source, "skipped", [])
+        move_frozen(svd, device, dtype_frozen)
+
+    # ---- trainer, resume
+    tr = Trainer(args, svd, device, rank, world)
+    state_path, log_path = os.path.join(args.out, "train_state.pt"), os.path.join(args.out, "log.jsonl")
+    skipped_run = 0
+    if args.resume and os.path.exists(state_path):
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        tr.load_state_dict(st)
+        skipped_run = tr.skipped_run
+        if master and os.path.exists(log_path):                          # drop log lines after the checkpoint
+            lines = [l for l in open(log_path) if l.strip() and json.loads(l)["step"] <= tr.step_num]
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(log_path + ".tmp", log_path)
+        if master:
+            print(f"resumed from {state_path} at step {tr.step_num}")
+    elif master and os.path.exists(log_path):
+        os.remove(log_path)
+
+    # ---- fixed sample conditioning: the first num_samples items, fixed seeds
+    sample_cond = None
+    if args.sample_every > 0 and master:
+        items = [source.get(i % len(source), sample_seed(args.seed, i, 6)) for i in range(args.num_samples)]
+        if "video" in items[0]:
+            enc = encode_videos(svd, torch.stack([it["video"] for it in items]), args, list(range(len(items))), (args.seed, -2),
+                                svd.clip.conv1.weight.device)
+        else:
+            enc = {k: torch.stack([it[k] for it in items]) for k in ("latents", "cond", "image_embeds")}
+        sample_cond = {k: v.to(device) for k, v in enc.items()}
+
+    def save_samples(step):
+        tr.ema.eval()
+        c = sample_cond
+        B = c["cond"].shape[0]
+        with tr.autocast():
+            z = sample_latents(tr.ema, c["cond"], c["image_embeds"], tr.ids.expand(B, -1), c["latents"].shape[1:],
+                               [1000 + i for i in range(B)], 1 if args.mode == "sfv" else args.sample_steps, args)
+        vdev = svd.clip.conv1.weight.device                           # cached run: the VAE visits the GPU briefly
+        svd.vae.to(device, dtype_frozen)
+        video = svd.vae.decode(z.to(dtype_frozen))
+        svd.vae.to(vdev, torch.float32 if vdev.type == "cpu" else dtype_frozen)
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        for i, v in enumerate(video):
+            write_video(v, os.path.join(args.out, "samples", f"step{step:07d}_{i}.mp4"), args.fps)
+
+    # ---- loop
+    sampler = StepBatches(len(source), args.seed, args.batch_size, args.grad_accum, world, rank, tr.step_num, args.max_steps)
+    loader = torch.utils.data.DataLoader(ItemDataset(source), batch_sampler=sampler, num_workers=args.workers, collate_fn=collate)
+    it = iter(loader)
+    pbar = tqdm(total=args.max_steps, initial=tr.step_num, disable=not master, dynamic_ncols=True)
+    log = open(log_path, "a") if master else None
+    t_last, steps_since = time.time(), 0
+    while tr.step_num < args.max_steps:
+        micros = []
+        for _ in range(args.grad_accum):
+            mb = next(it)
+            skipped_run += len(mb["skipped"])
+            if "video" in mb:
+                mb.update(encode_videos(svd, mb["video"], args, mb["keys"], (args.seed, tr.step_num), device))
+            micros.append(mb)
+        tr.skipped_run = skipped_run
+        m = tr.step(micros)
+        step, steps_since = tr.step_num, steps_since + 1
+        if step % args.log_every == 0 or step == args.max_steps:
+            n_skip = torch.tensor([float(skipped_run)], device=device)
+            all_reduce_mean([n_skip], world)
+            if master:
+                dt = time.time() - t_last
+                rec = {"step": step, **m, "it_s": steps_since / dt, "peak_mem_gb": peak_memory_gb(device),
+                       "skipped_videos": len(skipped_scan) + int(round(n_skip.item() * world))}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                pbar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss_g", "loss_d", "recon", "loss") if k in m})
+            t_last, steps_since = time.time(), 0
+        pbar.update(1)
+        if master and (step % args.save_every == 0 or step == args.max_steps):
+            tr.save(args.out, T, H, W)
+        if master and sample_cond is not None and step % args.sample_every == 0:
+            save_samples(step)
+        barrier(world)
+    pbar.close()
+    if log:
+        log.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return tr
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
