@@ -15,7 +15,11 @@ import subprocess
 import sys
 import time
 
+import weakref
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def child(impl, preset, T, H, W, device, dtype, iters):
@@ -66,7 +70,37 @@ def child(impl, preset, T, H, W, device, dtype, iters):
             sync()
             times.append(time.perf_counter() - t0)
         peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss("VmHWM")) - base
-    print(json.dumps({"time": statistics.median(times), "peak": peak}))  # peak: bytes above the weights+inputs
+        live = 0
+        if device == "cpu":
+            with LiveTensorPeak() as tracker:
+                run()
+            live = tracker.peak
+    # peak: bytes above the weights+inputs (CUDA allocator, or process RSS on CPU); live: tensor bytes only
+    print(json.dumps({"time": statistics.median(times), "peak": peak, "live": live}))
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """Peak bytes of live tensors created by the forward (exact, allocator-independent; CPU only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in self.seen:
+                key, n = o.untyped_storage().data_ptr(), o.untyped_storage().nbytes()
+                self.seen.add(key)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(o, self._free, key, n)
+        return out
+
+    def _free(self, key, n):
+        self.live -= n
+        self.seen.discard(key)
 
 
 def _rss(field):
@@ -88,7 +122,8 @@ def measure(impl, args, preset, T, H, W, dtype, what):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
     if out.returncode:
         sys.exit(f"child failed: {out.stderr.strip().splitlines()[-1]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["time" if what == "time" else "peak"]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["time"] if what == "time" else (r["peak"], r["live"])
 
 
 def main():
@@ -107,18 +142,23 @@ def main():
     cases = ([("tiny", 14, 32, 32, "float32"), ("svd", 14, 16, 16, "float32")] if args.device == "cpu"
              else [("svd", 14, 72, 128, "bfloat16"), ("svd", 14, 16, 16, "bfloat16")])
     print(f"UNet forward, batch 1, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'config':<8}{'T x h x w':<14}{'dtype':<10}{'ours s':>9}{'diffusers s':>13}{'ratio':>7}{'ours MB':>10}{'diff MB':>10}{'ratio':>7}")
+    mem = "RSS" if args.device == "cpu" else "CUDA"
+    print(f"{'config':<8}{'T x h x w':<12}{'dtype':<10}{'ours s':>8}{'diff s':>8}{'ratio':>7}"
+          f"{mem + ' ours MB':>14}{'diff MB':>9}{'ratio':>7}{'tensors ours MB':>17}{'diff MB':>9}{'ratio':>7}")
     for preset, T, H, W, dtype in cases:
         t = {"ours": [], "diffusers": []}
         m = {"ours": [], "diffusers": []}
         for _ in range(args.rounds):
             for impl in t:
                 t[impl].append(measure(impl, args, preset, T, H, W, dtype, "time"))
-                m[impl].append(measure(impl, args, preset, T, H, W, dtype, "mem") / 2 ** 20)
+                m[impl].append(measure(impl, args, preset, T, H, W, dtype, "mem"))
         t = {k: statistics.median(v) for k, v in t.items()}
-        m = {k: statistics.median(v) for k, v in m.items()}
-        print(f"{preset:<8}{f'{T}x{H}x{W}':<14}{dtype:<10}{t['ours']:>9.3f}{t['diffusers']:>13.3f}{t['ours'] / t['diffusers']:>7.2f}"
-              f"{m['ours']:>10.0f}{m['diffusers']:>10.0f}{m['ours'] / max(m['diffusers'], 1e-9):>7.2f}", flush=True)
+        peak = {k: statistics.median(x[0] for x in v) / 2 ** 20 for k, v in m.items()}
+        live = {k: statistics.median(x[1] for x in v) / 2 ** 20 for k, v in m.items()}
+        lr = f"{live['ours'] / live['diffusers']:>7.2f}" if live["diffusers"] else f"{'-':>7}"
+        print(f"{preset:<8}{f'{T}x{H}x{W}':<12}{dtype:<10}{t['ours']:>8.3f}{t['diffusers']:>8.3f}{t['ours'] / t['diffusers']:>7.2f}"
+              f"{peak['ours']:>14.0f}{peak['diffusers']:>9.0f}{peak['ours'] / peak['diffusers']:>7.2f}"
+              f"{live['ours']:>17.0f}{live['diffusers']:>9.0f}{lr}", flush=True)
 
 
 if __name__ == "__main__":

@@ -522,7 +522,7 @@ def parse_args(argv=None):
     p.add_argument("--motion-bucket-id", type=int, help="motion conditioning, higher = more motion (default 127)")
     p.add_argument("--cond-aug", type=float, help="noise added to the conditioning image (default 0.02)")
     p.add_argument("--fps", type=float, help="output frame rate (default fps_id + 1)")
-    p.add_argument("--seed", type=int, default=23)
+    p.add_argument("--seed", type=int, default=23, help="seed of all noise; same seed -> same video (default 23)")
     p.add_argument("--decode-chunk", type=int, default=14, help="frames per VAE decode chunk (lower = less memory)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -1,42 +1,44 @@
 """
-Tests for the SVD/SF-V reimplementation. No weights are downloaded: tiny random configs are built with the
-reference implementations (diffusers, transformers), saved in BOTH official layouts (an sgm-keyed single file and a
-diffusers folder) and loaded through load_svd.py; our outputs must match the references numerically.
+Tests for the SVD/SF-V reimplementation; no test downloads anything.
+- model.py / load_svd.py: tiny random configs are built with the reference implementations (diffusers,
+  transformers), saved in BOTH official layouts (an sgm-keyed single file and a diffusers folder) and loaded through
+  load_svd.py; our outputs must match the references numerically. Loader errors.
+- sample.py: end to end on tiny checkpoints in every layout, the sampler maths, image formats, outputs, errors.
+- discriminator.py / train.py: frozen backbone, samplers, losses, resume after a kill, 2-process DDP == 1 process.
+- evaluate.py / toy.py: Frechet distance vs closed forms, metrics, the FVD command, the toy pipeline smoke run.
 Run: python -m pytest -q test_sfv.py
 """
+import hashlib
+import http.server
+import json
+import math
 import os
 import pickle
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
 from dataclasses import replace
 
+import av
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import load_svd
-from load_svd import LoadError
-from model import CONFIGS, SVD, edm_precondition
-import hashlib
-import http.server
-import subprocess
-import sys
-import threading
-import av
-import numpy as np
 import sample
-import json
-import math
-import signal
-import time
-import warnings
 import train
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, score
-from model import CONFIGS, SVD
+from load_svd import LoadError
+from model import CONFIGS, SVD, edm_precondition
+import evaluate as E
 
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 TINY = CONFIGS["tiny"]
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 # -----------------------------------------------------------------------------
 # reference models (diffusers / transformers) with tiny configs and random non-zero weights
@@ -59,6 +61,7 @@ def _randomize(module, seed):
 
 
 def ref_unet(cfg=TINY.unet):
+    pytest.importorskip("diffusers")
     from diffusers import UNetSpatioTemporalConditionModel
     chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
     n = len(chans)
@@ -86,6 +89,7 @@ def ref_vae(cfg=TINY.vae):
 
 
 def ref_clip(cfg=TINY.clip):
+    pytest.importorskip("transformers")
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     c = CLIPVisionConfig(hidden_size=cfg.width, intermediate_size=int(cfg.width * cfg.mlp_ratio), num_hidden_layers=cfg.layers,
                          num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
@@ -1342,3 +1346,260 @@ def test_diffusion_mode_end_to_end(tmp_path):
     svd = load_svd.load(str(out / "model.safetensors"))
     assert svd.cfg.steps == CONFIGS["tiny"].steps                        # a diffusion model keeps multi-step sampling
     assert os.listdir(out / "samples") == ["step0000002_0.mp4"]
+
+
+# =============================================================================
+# evaluate.py and toy.py
+
+# -----------------------------------------------------------------------------
+# Frechet distance maths
+
+
+def _random_spd(d, rng, cond=10.0):
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (Q * np.geomspace(1.0, 1.0 / cond, d)) @ Q.T
+
+
+def _reference_fd(mu1, S1, mu2, S2):
+    """Independent of frechet_distance: scipy.linalg.sqrtm(S1 S2) if scipy is there, else the eigenvalues of the
+    non-symmetric S1 S2 (real, >= 0, diagonalisable for SPD S1, S2): tr sqrt(S1 S2) = sum sqrt(lambda)."""
+    try:
+        from scipy.linalg import sqrtm
+        tr = np.trace(sqrtm(S1 @ S2)).real
+    except ImportError:
+        tr = np.sqrt(np.linalg.eigvals(S1 @ S2).real.clip(0)).sum()
+    return np.square(mu1 - mu2).sum() + np.trace(S1) + np.trace(S2) - 2 * tr
+
+
+def test_frechet_distance_diagonal_gaussians_closed_form():
+    rng = np.random.default_rng(0)
+    for d in (1, 3, 17):
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        s1, s2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+        want = np.square(mu1 - mu2).sum() + np.square(np.sqrt(s1) - np.sqrt(s2)).sum()
+        got = E.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+        assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
+    # identical Gaussians: 0; symmetric in its arguments
+    S = _random_spd(8, rng)
+    assert abs(E.frechet_distance(np.ones(8), S, np.ones(8), S)) < 1e-10
+
+
+def test_frechet_distance_full_covariance():
+    rng = np.random.default_rng(1)
+    d = 12
+    S1, S2 = _random_spd(d, rng), _random_spd(d, rng, cond=100.0)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    got = E.frechet_distance(mu1, S1, mu2, S2)
+    assert got == pytest.approx(_reference_fd(mu1, S1, mu2, S2), rel=1e-8)
+    assert got == pytest.approx(E.frechet_distance(mu2, S2, mu1, S1), rel=1e-9)
+    # closed form for proportional covariances S2 = c^2 S1: ||dmu||^2 + (1 - c)^2 tr S1
+    c = 1.7
+    assert E.frechet_distance(mu1, S1, mu2, c * c * S1) == pytest.approx(
+        np.square(mu1 - mu2).sum() + (1 - c) ** 2 * np.trace(S1), rel=1e-9)
+    # rank-deficient covariance (fewer samples than dims): finite, >= 0, matches the reference
+    A = rng.standard_normal((5, d))
+    S3 = A.T @ A
+    assert E.frechet_distance(mu1, S3, mu2, S2) == pytest.approx(_reference_fd(mu1, S3, mu2, S2), rel=1e-6)
+
+
+def test_frechet_distance_from_samples_converges():
+    rng = np.random.default_rng(2)
+    d = 4
+    S1, S2 = _random_spd(d, rng), _random_spd(d, rng)
+    mu1, mu2 = np.zeros(d), np.full(d, 0.5)
+    want = _reference_fd(mu1, S1, mu2, S2)
+    errs = []
+    for n in (200, 20000):
+        x = rng.multivariate_normal(mu1, S1, n)
+        y = rng.multivariate_normal(mu2, S2, n)
+        errs.append(abs(E.fd_from_features(torch.from_numpy(x), y) - want))
+    assert errs[1] < 0.05 * want and errs[1] < errs[0]
+    mu, S = E.stats(np.arange(6.0).reshape(3, 2))
+    assert np.allclose(mu, [2, 3]) and np.allclose(S, [[4, 4], [4, 4]])      # unbiased (N - 1) covariance
+    with pytest.raises(ValueError):
+        E.stats(np.zeros((1, 3)))
+
+# -----------------------------------------------------------------------------
+# toy features and metrics
+
+
+def _moving_square(T=8, shift=(2, 0), size=64, colour=(0.8, -0.5, 0.2), bg=-0.3):
+    """A square translating by `shift` px per frame over a flat background with a smooth ramp (T, 3, S, S)."""
+    ramp = torch.linspace(-0.2, 0.2, size)
+    frames = []
+    for t in range(T):
+        x = torch.full((3, size, size), bg) + ramp[None, :, None]
+        y0, x0 = 20 + shift[1] * t, 16 + shift[0] * t
+        x[:, y0:y0 + 14, x0:x0 + 14] = torch.tensor(colour).view(3, 1, 1)
+        frames.append(x)
+    return torch.stack(frames)
+
+
+def test_block_flow_recovers_a_known_shift():
+    v = _moving_square(shift=(2, 0))                                  # 2 px/frame at 64 = 1 px at 32
+    flow, res = E._flows(v[None])
+    moving = flow.abs().sum(2) > 0
+    assert moving.any()
+    assert torch.all(flow[:, :, 0][moving] == 1) and torch.all(flow[:, :, 1][moving] == 0)
+    assert res.max() < 1e-5                                           # a pure translation is fully explained
+    frozen = v[:1].expand(8, -1, -1, -1)[None]
+    f0, r0 = E._flows(frozen)
+    assert f0.abs().sum() == 0 and r0.abs().sum() == 0
+
+
+def test_metrics_sanity():
+    v = _moving_square()[None]
+    frozen = v[:, :1].expand_as(v)
+    assert E.motion_amount(frozen).item() == 0 and E.motion_amount(v).item() > 0
+    assert E.warp_error(frozen).item() == 0 and E.warp_error(v).item() < 1e-5
+    noisy = (v + 0.2 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    assert E.warp_error(noisy).item() > 0.05                          # flicker/noise is not explained by motion
+    assert E.histogram_drift(frozen).item() == 0
+    assert E.histogram_drift(v).item() < 0.05                         # the object moves but stays the same object
+    fading = v.clone()
+    fading[0, 1:] = fading[0, 1:] * torch.linspace(1, 0.2, 7).view(7, 1, 1, 1)
+    assert E.histogram_drift(fading).item() > 5 * E.histogram_drift(v).item()
+    assert E.first_frame_psnr(v, v[:, 0]).item() == pytest.approx(100.0)  # mse floor 1e-10
+    assert E.first_frame_psnr(v, v[:, 0] + 0.2).item() == pytest.approx(10 * math.log10(1 / 0.01), rel=1e-4)
+    h = E.soft_histogram(v[0], bins=4)
+    assert h.shape == (8, 64) and torch.allclose(h.sum(1), torch.ones(8))
+
+
+def test_toy_features_see_appearance_and_motion():
+    """Two independent real sets are close; first-frame copies (SF-V without temporal heads' failure), shuffled
+    frames and blurred frames are far."""
+    from train import SyntheticVideos
+    ds = SyntheticVideos(10 ** 6, 8, 64, seed=0)
+    n = 128
+    A = torch.stack([ds.video(i) for i in range(n)])
+    B = torch.stack([ds.video(i) for i in range(n, 2 * n)])
+    fa = E.video_features(A)
+    assert fa.shape == (n, 64) and fa.dtype == torch.float64 and torch.isfinite(fa).all()
+    rr = E.evaluate_videos(B, A, real_features=fa)
+    frozen = E.evaluate_videos(B[:, :1].expand_as(B), A, real_features=fa)
+    shuffled = E.evaluate_videos(B[:, torch.tensor([0, 5, 2, 7, 1, 4, 6, 3])], A, real_features=fa)
+    blur = torch.nn.functional.avg_pool2d(B.flatten(0, 1), 5, 1, 2).reshape(B.shape)
+    blurred = E.evaluate_videos(blur, A, real_features=fa)
+    assert frozen["fd"] > 10 * rr["fd"] and frozen["fd_motion"] > 10 * rr["fd_motion"]
+    assert shuffled["fd_motion"] > 10 * rr["fd_motion"]
+    assert blurred["fd_app"] > 3 * rr["fd_app"]
+    assert frozen["motion"] == 0 and 0.8 < rr["motion"] < 1.25
+    # real vs real stays near the floor in both halves
+    assert rr["fd_app"] < 0.5 * blurred["fd_app"] and rr["fd"] < 0.2 * frozen["fd"]
+
+# -----------------------------------------------------------------------------
+# FVD command with a fake TorchScript I3D (same call convention as StyleGAN-V's i3d_torchscript.pt)
+
+
+class _FakeI3D(torch.nn.Module):
+    """Checks the StyleGAN-V convention (N, 3, T, 224, 224) in [-1, 1], rescale=False, resize=False,
+    return_features=True, and returns 6 simple features."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
+        if rescale or resize or not return_features:
+            raise RuntimeError("wrong I3D flags")
+        if x.dim() != 5 or x.shape[1] != 3 or x.shape[2] != 16 or x.shape[3] != 224 or x.shape[4] != 224:
+            raise RuntimeError("wrong I3D input shape")
+        if x.min() < -1.0001 or x.max() > 1.0001:
+            raise RuntimeError("I3D input not in [-1, 1]")
+        m = x.mean((2, 3, 4))                                         # (N, 3) colour
+        dt = (x[:, :, 1:] - x[:, :, :-1]).abs().mean((2, 3, 4))       # (N, 3) motion
+        return torch.cat([m, dt], 1)
+
+
+def _write_mp4(path, frames):
+    """frames (T, H, W, 3) uint8 -> mpeg4 mp4 via av."""
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=8)
+        s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+        c.mux(s.encode())
+
+
+def _video_dir(root, n, seed, moving=True, T=16):
+    root.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        col = rng.integers(30, 220, 3)
+        frames = np.full((T, 48, 64, 3), 40, np.uint8)
+        for t in range(T):
+            x = 8 + (2 * t if moving else 0)
+            frames[t, 16:32, x:x + 16] = col
+        _write_mp4(root / f"v{i}.mp4", frames)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def fake_i3d(tmp_path_factory):
+    path = tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(_FakeI3D()).save(str(path))
+    return str(path)
+
+
+def test_fvd_command_with_fake_i3d(tmp_path, fake_i3d, capsys):
+    real = _video_dir(tmp_path / "real", 5, 0)
+    same = _video_dir(tmp_path / "same", 5, 0)
+    static = _video_dir(tmp_path / "static", 5, 1, moving=False)
+    short = _video_dir(tmp_path / "short", 2, 2, T=8)
+    assert E.main(["fvd", "--i3d", fake_i3d, real, same]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("FVD ") and "5 real, 5 generated" in out
+    assert float(out.split()[1]) == pytest.approx(0.0, abs=1e-6)
+    d, nr, nf = E.fvd(fake_i3d, real, static)
+    assert d > 1e-3 and (nr, nf) == (5, 5)
+    # the same number from the features directly
+    i3d = E.load_i3d(fake_i3d)
+    prep = lambda v: E.i3d_preprocess(v, 224)
+    want = E.fd_from_features(E.i3d_features(i3d, E.load_folder(real, 16, prep)),
+                              E.i3d_features(i3d, E.load_folder(static, 16, prep)))
+    assert d == pytest.approx(want)
+    # a non-square frame is resized on its short side and centre-cropped
+    assert E.i3d_preprocess(torch.zeros(3, 3, 48, 64)).shape == (3, 3, 224, 224)
+    # clear one-line errors, exit code 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    notts = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(1)}, notts)
+    cases = [(["--i3d", str(tmp_path / "missing.pt"), real, same], "I3D file not found"),
+             (["--i3d", str(notts), real, same], "not a TorchScript file"),
+             (["--i3d", fake_i3d, str(tmp_path / "nope"), same], "video folder not found"),
+             (["--i3d", fake_i3d, real, str(empty)], "no videos in"),
+             (["--i3d", fake_i3d, real, short], "0 usable video(s)")]
+    for args, msg in cases:
+        assert E.main(["fvd"] + args) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+
+
+def test_toy_fd_command(tmp_path, capsys):
+    real = _video_dir(tmp_path / "real", 4, 0, T=8)
+    static = _video_dir(tmp_path / "static", 4, 1, moving=False, T=8)
+    assert E.main(["toy-fd", real, static]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("toy FD ") and math.isfinite(float(out.split()[2]))
+
+# -----------------------------------------------------------------------------
+# toy pipeline smoke run (CI): every stage for a few steps, then the table
+
+
+def test_toy_smoke(tmp_path):
+    import toy
+    rows = toy.main(["--smoke", "--out", str(tmp_path / "toy")])
+    names = [r["name"] for r in rows]
+    assert names[1:] == [name for name, *_ in toy.ROWS] and len(names) == 6
+    for r in rows[1:]:
+        for k in ("fd", "fd_app", "fd_motion", "psnr0", "motion", "warp", "drift", "s_clip"):
+            assert math.isfinite(r[k]), (r["name"], k)
+    table = (tmp_path / "toy" / "table.md").read_text()
+    for name in names:
+        assert f"| {name} |" in table
+    assert "python toy.py --smoke" in table
+    png = (tmp_path / "toy" / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("teacher", "sfv_both", "sfv_spatial", "sfv_temporal"):
+        assert (tmp_path / "toy" / stage / "model.safetensors").exists()
+    assert not (tmp_path / "toy" / "assets").exists()                # --smoke never touches the assets

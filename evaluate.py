@@ -1,0 +1,369 @@
+"""
+Evaluation: the Frechet distance (once, float64), FVD with a user-supplied I3D, and the toy metrics that toy.py
+reports for the synthetic videos (train.SyntheticVideos).
+
+    python evaluate.py fvd --i3d i3d_torchscript.pt REAL_DIR FAKE_DIR [--frames 16 --size 224]
+    python evaluate.py toy-fd REAL_DIR FAKE_DIR          # the toy feature extractor below, on any two video folders
+
+Frechet distance between Gaussians N(mu1, S1), N(mu2, S2) (FID / FVD; notes sec. 7):
+    d^2 = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)),
+with tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i) over the eigenvalues of sqrt(S1) S2 sqrt(S1), a symmetric PSD matrix
+with the same spectrum as S1 S2 (no sqrtm of a non-symmetric matrix, no complex round-off).
+
+FVD (the SF-V paper's metric) is that distance between the I3D (Kinetics-400) features of real and generated clips.
+We use StyleGAN-V's TorchScript I3D (i3d_torchscript.pt; not on PyPI, pass its path) with its FVD convention:
+clips of the first --frames frames, each frame resized (bilinear) so its short side is --size, centre-cropped to
+--size x --size, scaled to [-1, 1], fed as (N, 3, T, 224, 224) and called as
+i3d(x, rescale=False, resize=False, return_features=True) -> (N, 400) features before the softmax.
+
+Toy features (video_features): 64 hand-made, deterministic spatiotemporal statistics of a 64x64 clip, half on
+appearance, half on motion, so the distance sees both blur/colour errors and frozen or jittery motion. No weights,
+no training: a fixed, documented extractor that behaves the same on every machine. Runtime deps: torch, numpy, av.
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Frechet distance
+
+
+def stats(features):
+    """features (N, d) -> (mu (d,), S (d, d)) in float64; S is the unbiased sample covariance (np.cov, as FID/FVD)."""
+    f = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, d) features, got shape {f.shape}")
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def frechet_distance(mu1, S1, mu2, S2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) in float64 (the squared Frechet / 2-Wasserstein distance of
+    the two Gaussians). tr sqrt(S1 S2) from the eigenvalues of sqrt(S1) S2 sqrt(S1), tiny negatives clipped to 0."""
+    mu1, mu2 = (np.asarray(m, dtype=np.float64) for m in (mu1, mu2))
+    S1, S2 = (np.asarray(s, dtype=np.float64) for s in (S1, S2))
+    w, V = np.linalg.eigh((S1 + S1.T) / 2)
+    r1 = (V * np.sqrt(w.clip(0))) @ V.T                              # sqrt(S1), symmetric PSD
+    M = r1 @ S2 @ r1
+    tr_sqrt = np.sqrt(np.linalg.eigvalsh((M + M.T) / 2).clip(0)).sum()
+    return float(np.square(mu1 - mu2).sum() + np.trace(S1) + np.trace(S2) - 2 * tr_sqrt)
+
+
+def fd_from_features(f1, f2):
+    """Frechet distance between the Gaussian fits of two feature sets (N1, d), (N2, d)."""
+    return frechet_distance(*stats(f1), *stats(f2))
+
+# -----------------------------------------------------------------------------
+# toy feature extractor and metrics (videos (N, T, 3, H, W) in [-1, 1]; every clip resized to 64x64)
+
+
+def _prep(videos):
+    """(N, T, 3, H, W) -> float32 (N, T, 3, 64, 64) clamped to [-1, 1] (area resize if another size)."""
+    v = videos.float().clamp(-1, 1)
+    if v.shape[-2:] != (64, 64):
+        N, T = v.shape[:2]
+        v = F.interpolate(v.flatten(0, 1), size=(64, 64), mode="area").reshape(N, T, 3, 64, 64)
+    return v
+
+
+def _grad_energy(x):
+    """RMS finite-difference gradient per channel: (M, C, H, W) -> (M, C). Sharpness / texture: unlike the mean
+    |gradient| (total variation, unchanged when a monotone edge is blurred) it drops under blur."""
+    gx, gy = x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+    return (gx.square().mean((-2, -1)) + gy.square().mean((-2, -1))).sqrt()
+
+
+def soft_histogram(x, bins=4):
+    """Joint RGB histogram with linear (triangular) binning, a differentiable-smooth count: (M, 3, H, W) in [-1, 1]
+    -> (M, bins^3), each row sums to 1."""
+    u = (x.clamp(-1, 1) + 1) / 2 * (bins - 1)                       # (M, 3, H, W) in [0, bins-1]
+    w = (1 - (u.flatten(2)[:, :, None] - torch.arange(bins, dtype=x.dtype)[:, None]).abs()).clamp(min=0)  # (M, 3, bins, P)
+    return torch.einsum("mip,mjp,mkp->mijk", w[:, 0], w[:, 1], w[:, 2]).flatten(1) / w.shape[-1]
+
+
+def block_flow(a, b, radius=2, block=8, zero_bias=1e-3):
+    """Block matching from frame a to frame b, both (M, C, H, W): for each block x block tile of b the integer shift
+    d in [-radius, radius]^2 minimising mean_p |b(p) - a(p - d)| (+ zero_bias |d|^2 so flat, static tiles pick d=0).
+    -> flow (M, 2, H/block, W/block) as (dx, dy) pixels, residual (M, H/block, W/block) (the matched error)."""
+    H, W = a.shape[-2:]
+    ap = F.pad(a, (radius,) * 4, mode="replicate")
+    errs, shifts = [], []
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            a_shift = ap[..., radius - dy:radius - dy + H, radius - dx:radius - dx + W]  # a(p - d)
+            errs.append(F.avg_pool2d((b - a_shift).abs().mean(1, keepdim=True), block))
+            shifts.append((dx, dy))
+    err = torch.cat(errs, 1)                                          # (M, K, h, w)
+    d = torch.tensor(shifts, dtype=a.dtype)                           # (K, 2)
+    idx = (err + zero_bias * d.square().sum(1).view(1, -1, 1, 1)).argmin(1)   # (M, h, w)
+    return d[idx].permute(0, 3, 1, 2), err.gather(1, idx[:, None])[:, 0]
+
+
+def _flows(v):
+    """Block flow between consecutive frames at 32x32 (radius 2 = +-4 px at 64x64, 4x4 tiles of 16 px).
+    v (N, T, 3, 64, 64) -> flow (N, T-1, 2, 4, 4), residual (N, T-1, 4, 4)."""
+    N, T = v.shape[:2]
+    x = F.avg_pool2d(v.flatten(0, 1), 2).reshape(N, T, 3, 32, 32)
+    flow, res = block_flow(x[:, :-1].flatten(0, 1), x[:, 1:].flatten(0, 1))
+    return flow.reshape(N, T - 1, 2, 4, 4), res.reshape(N, T - 1, 4, 4)
+
+
+def _resample(x, n):
+    """(N, L) -> (N, n) by linear interpolation over the normalised time axis (so clips of any length compare)."""
+    if x.shape[1] == 1:
+        return x.expand(-1, n)
+    return F.interpolate(x[:, None], size=n, mode="linear", align_corners=True)[:, 0]
+
+
+APPEARANCE_DIMS, MOTION_DIMS = 32, 32
+
+
+@torch.no_grad()
+def video_features(videos, batch=64):
+    """Toy video features: (N, T >= 3, 3, H, W) in [-1, 1] -> (N, 64) float64. Deterministic, no weights.
+    appearance (32, per frame then averaged over frames):
+        2x2-grid mean colour (12), per-channel std (3), RMS gradient per channel at 64, 32 and 16 px (9),
+        soft RGB octant histogram (8)
+    motion (32):
+        |frame difference| on a 4x4 grid, averaged over time (16); |frame difference| per step, resampled to
+        4 time points (4); drift |x_t - x_0| at 4 time points (4); block flow: mean |dx|, mean |dy|, mean speed,
+        jitter mean |flow_t+1 - flow_t|, matched residual, fraction of moving tiles (6); |second difference| (1);
+        flicker = std over time of the frame-mean colour (1)"""
+    out = []
+    for v in _prep(videos).split(batch):
+        N, T = v.shape[:2]
+        assert T >= 3, "toy features need at least 3 frames"
+        x = v.flatten(0, 1)                                           # (N*T, 3, 64, 64)
+        app = [F.adaptive_avg_pool2d(x, 2).flatten(1), x.flatten(2).std(2)]
+        for s in (1, 2, 4):
+            app.append(_grad_energy(F.avg_pool2d(x, s) if s > 1 else x))
+        app.append(soft_histogram(x, bins=2))
+        app = torch.cat(app, 1).reshape(N, T, -1).mean(1)             # (N, 32)
+
+        d = (v[:, 1:] - v[:, :-1]).abs().mean(2)                      # (N, T-1, 64, 64)
+        flow, res = _flows(v)
+        speed = flow.square().sum(2).sqrt()                           # (N, T-1, 4, 4)
+        mot = [F.adaptive_avg_pool2d(d.mean(1, keepdim=True), 4).flatten(1),
+               _resample(d.mean((2, 3)), 4),
+               _resample((v[:, 1:] - v[:, :1]).abs().mean((2, 3, 4)), 4),
+               flow[:, :, 0].abs().mean((1, 2, 3))[:, None], flow[:, :, 1].abs().mean((1, 2, 3))[:, None],
+               speed.mean((1, 2, 3))[:, None],
+               (flow[:, 1:] - flow[:, :-1]).abs().sum(2).mean((1, 2, 3))[:, None],
+               res.mean((1, 2, 3))[:, None], (speed > 0).float().mean((1, 2, 3))[:, None],
+               (v[:, 2:] - 2 * v[:, 1:-1] + v[:, :-2]).abs().mean((1, 2, 3, 4))[:, None],
+               v.mean((3, 4)).std(1).mean(1)[:, None]]
+        out.append(torch.cat([app] + mot, 1).double())
+    f = torch.cat(out)
+    assert f.shape[1] == APPEARANCE_DIMS + MOTION_DIMS
+    return f
+
+
+def toy_fd(real_features, fake_features, dims=slice(None)):
+    """Frechet distance of toy features, each feature standardised by the REAL set's mean and std (so all 64
+    features weigh the same, in units of the real spread; std floored at 1e-6). dims: a slice of features
+    (e.g. slice(0, 32) appearance only, slice(32, 64) motion only)."""
+    r, f = real_features[:, dims], fake_features[:, dims]
+    mu, sd = r.mean(0), r.std(0).clamp(min=1e-6)
+    return fd_from_features((r - mu) / sd, (f - mu) / sd)
+
+# ---- interpretable per-clip metrics: videos (N, T, 3, H, W) in [-1, 1] -> (N,)
+
+
+@torch.no_grad()
+def first_frame_psnr(videos, images):
+    """First-frame fidelity: PSNR (dB, pixel range [0, 1]) of generated frame 0 vs the conditioning image (N, 3, H, W)."""
+    mse = ((videos[:, 0].float().clamp(-1, 1) - images.float().clamp(-1, 1)) / 2).square().flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+@torch.no_grad()
+def motion_amount(videos):
+    """Mean |x_t+1 - x_t| over pixels, channels and steps (in [-1, 1] units): 0 for a frozen clip."""
+    v = _prep(videos)
+    return (v[:, 1:] - v[:, :-1]).abs().mean((1, 2, 3, 4))
+
+
+@torch.no_grad()
+def warp_error(videos):
+    """Temporal consistency: the block-matched residual mean_p |x_t+1(p) - x_t(p - d)| (d the best local shift of
+    each 16 px tile), averaged over tiles and steps. Small when each frame is the previous one moved; large for
+    flicker, noise, or content that appears/disappears. Compare with the real clips' value."""
+    return _flows(_prep(videos))[1].mean((1, 2, 3))
+
+
+@torch.no_grad()
+def histogram_drift(videos, bins=4):
+    """Object persistence: mean over t >= 1 of the L1 distance (0..2) between the soft RGB histograms (bins^3) of
+    frame t and frame 0. Objects that move keep the histogram; objects that dissolve, blur, merge into the
+    background or change colour do not. Compare with the real clips' value."""
+    v = _prep(videos)
+    N, T = v.shape[:2]
+    h = soft_histogram(v.flatten(0, 1), bins).reshape(N, T, -1)
+    return (h[:, 1:] - h[:, :1]).abs().sum(2).mean(1)
+
+
+@torch.no_grad()
+def evaluate_videos(fake, real, images=None, real_features=None):
+    """All toy metrics of a generated set vs the real clips (same conditioning, same order) -> dict of floats:
+    fd (all 64 features), fd_app / fd_motion (each half), psnr0 (needs images), motion (fake/real mean ratio),
+    warp (consistency residual), drift (histogram drift)."""
+    rf = video_features(real) if real_features is None else real_features
+    ff = video_features(fake)
+    out = {"fd": toy_fd(rf, ff), "fd_app": toy_fd(rf, ff, slice(0, APPEARANCE_DIMS)),
+           "fd_motion": toy_fd(rf, ff, slice(APPEARANCE_DIMS, None))}
+    if images is not None:
+        out["psnr0"] = first_frame_psnr(fake, images).mean().item()
+    out["motion"] = (motion_amount(fake).mean() / motion_amount(real).mean().clamp(min=1e-12)).item()
+    out["warp"] = warp_error(fake).mean().item()
+    out["drift"] = histogram_drift(fake).mean().item()
+    return out
+
+# -----------------------------------------------------------------------------
+# video folders and FVD
+
+
+class EvalError(Exception):
+    """A user-facing failure; the message is one line naming the problem and the fix."""
+
+
+VIDEO_EXTS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif")
+
+
+def list_videos(folder):
+    """Video files under `folder` (recursive, sorted). Raises EvalError if the folder is missing or has none."""
+    if not os.path.isdir(folder):
+        raise EvalError(f"video folder not found: {folder}; pass a folder of {'/'.join(e[1:] for e in VIDEO_EXTS)} files")
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(VIDEO_EXTS))
+    if not paths:
+        raise EvalError(f"no videos in {folder} (looked for {', '.join(VIDEO_EXTS)}); point it at a folder of clips")
+    return paths
+
+
+def read_video(path, frames):
+    """The first `frames` frames of a video with av -> (frames, 3, H, W) float32 in [-1, 1], or None if shorter
+    or undecodable."""
+    import av
+    out = []
+    try:
+        with av.open(path) as c:
+            for f in c.decode(video=0):
+                out.append(torch.from_numpy(f.to_ndarray(format="rgb24")))
+                if len(out) == frames:
+                    break
+    except (av.FFmpegError, ValueError, IndexError):
+        return None
+    if len(out) < frames:
+        return None
+    return torch.stack(out).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def load_folder(folder, frames, transform=None):
+    """All readable clips of `folder` as a list of transform(clip); warns once about skipped files."""
+    paths, clips, skipped = list_videos(folder), [], []
+    for p in paths:
+        v = read_video(p, frames)
+        if v is None:
+            skipped.append(p)
+        else:
+            clips.append(v if transform is None else transform(v))
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(paths)} videos in {folder} (unreadable or < {frames} frames), "
+              f"e.g. {skipped[0]}", file=sys.stderr)
+    if len(clips) < 2:
+        raise EvalError(f"{folder}: {len(clips)} usable video(s) with >= {frames} frames; the Frechet distance needs "
+                        f"at least 2 (hundreds for a stable number)")
+    return clips
+
+
+def i3d_preprocess(clip, size=224):
+    """StyleGAN-V FVD preprocessing: (T, 3, H, W) in [-1, 1] -> (3, T, size, size): bilinear resize of the short
+    side to `size` (aspect kept), centre crop."""
+    T, _, H, W = clip.shape
+    s = size / min(H, W)
+    nh, nw = max(size, round(H * s)), max(size, round(W * s))
+    x = F.interpolate(clip, size=(nh, nw), mode="bilinear", align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top:top + size, left:left + size].transpose(0, 1).contiguous()
+
+
+def load_i3d(path, device="cpu"):
+    """StyleGAN-V's TorchScript I3D (a TorchScript archive, loaded with torch.jit.load, never unpickled)."""
+    if not os.path.isfile(path):
+        raise EvalError(f"I3D file not found: {path}; pass StyleGAN-V's i3d_torchscript.pt with --i3d PATH")
+    try:
+        with warnings.catch_warnings():                 # torch >= 2.9 deprecates TorchScript; the I3D file is one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(path, map_location=device).eval()
+    except Exception as e:
+        raise EvalError(f"{path} is not a TorchScript file ({type(e).__name__}); pass StyleGAN-V's "
+                        f"i3d_torchscript.pt") from None
+
+
+@torch.no_grad()
+def i3d_features(i3d, clips, batch=8, device="cpu"):
+    """clips: list of (3, T, 224, 224) in [-1, 1] -> (N, F) float64 features of i3d(x, rescale=False, resize=False,
+    return_features=True)."""
+    feats = []
+    for i in range(0, len(clips), batch):
+        x = torch.stack(clips[i:i + batch]).to(device)
+        feats.append(i3d(x, rescale=False, resize=False, return_features=True).double().cpu().flatten(1))
+    return torch.cat(feats)
+
+
+def fvd(i3d_path, real_dir, fake_dir, frames=16, size=224, batch=8, device="cpu"):
+    """FVD between two folders of videos -> (fvd, n_real, n_fake)."""
+    i3d = load_i3d(i3d_path, device)
+    prep = lambda v: i3d_preprocess(v, size)
+    fr = i3d_features(i3d, load_folder(real_dir, frames, prep), batch, device)
+    ff = i3d_features(i3d, load_folder(fake_dir, frames, prep), batch, device)
+    return fd_from_features(fr, ff), len(fr), len(ff)
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="FVD (user-supplied StyleGAN-V I3D) and the toy Frechet distance.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fvd", help="FVD with StyleGAN-V's i3d_torchscript.pt between two folders of videos")
+    f.add_argument("--i3d", required=True, help="path to StyleGAN-V's i3d_torchscript.pt (TorchScript)")
+    f.add_argument("--frames", type=int, default=16, help="first N frames of each video (shorter ones are skipped)")
+    f.add_argument("--size", type=int, default=224, help="I3D input size (short side resize + centre crop)")
+    f.add_argument("--batch", type=int, default=8)
+    f.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t = sub.add_parser("toy-fd", help="the toy feature Frechet distance (64x64 clips, standardised by REAL_DIR)")
+    t.add_argument("--frames", type=int, default=8, help="first N frames of each video (>= 3)")
+    for s in (f, t):
+        s.add_argument("real_dir")
+        s.add_argument("fake_dir")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """CLI entry: prints the distance; a one-line 'error: ...' on stderr and exit code 2 on bad input."""
+    a = parse_args(argv)
+    try:
+        if a.frames < (3 if a.cmd == "toy-fd" else 1):
+            raise EvalError(f"bad --frames {a.frames}: must be at least {3 if a.cmd == 'toy-fd' else 1}")
+        if a.cmd == "fvd":
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+            d, nr, nf = fvd(a.i3d, a.real_dir, a.fake_dir, a.frames, a.size, a.batch, device)
+            print(f"FVD {d:.2f} ({nr} real, {nf} generated videos, {a.frames} frames at {a.size}x{a.size})")
+        else:
+            to64 = lambda v: _prep(v[None])[0]
+            r = torch.stack(load_folder(a.real_dir, a.frames, to64))
+            g = torch.stack(load_folder(a.fake_dir, a.frames, to64))
+            d = toy_fd(video_features(r), video_features(g))
+            print(f"toy FD {d:.3f} ({len(r)} real, {len(g)} generated videos, {a.frames} frames at 64x64)")
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
