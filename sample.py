@@ -85,15 +85,17 @@ def read_image(path):
     return x.contiguous()
 
 
-def resize_center_crop(img, height, width):
-    """(3, h, w) in [0, 1] -> (3, height, width): scale to cover (bicubic, antialiased), centre-crop, clamp."""
-    _, h, w = img.shape
+def resize_center_crop(x, height, width, mode="bicubic"):
+    """(..., C, h, w) -> (..., C, height, width): scale to cover (antialiased `mode` interpolation), centre-crop.
+    Used for the input image here (bicubic) and for training clips in train.py (bilinear)."""
+    h, w = x.shape[-2:]
     s = max(height / h, width / w)
     nh, nw = max(height, round(h * s)), max(width, round(w * s))
     if (nh, nw) != (h, w):
-        img = F.interpolate(img[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+        flat = x.reshape(-1, *x.shape[-3:]).float()                   # (N, C, h, w)
+        x = F.interpolate(flat, size=(nh, nw), mode=mode, antialias=True, align_corners=False).reshape(*x.shape[:-2], nh, nw)
     top, left = (nh - height) // 2, (nw - width) // 2
-    return img[:, top:top + height, left:left + width].clamp(0, 1)
+    return x[..., top:top + height, left:left + width]
 
 
 def snap_size(height, width, multiple=64):
@@ -225,9 +227,9 @@ def sample_video(svd, image, num_frames=None, steps=None, min_cfg=None, max_cfg=
 # video out (atomic: a temp file in the same folder, then os.replace)
 
 
-def _to_uint8(frames):
-    """(T, 3, H, W) float in [0, 1] -> (T, H, W, 3) uint8 numpy."""
-    return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+def to_uint8(frames):
+    """(..., 3, H, W) float in [0, 1] -> (..., H, W, 3) uint8 numpy."""
+    return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).contiguous().numpy()
 
 
 def _atomic(path, write):
@@ -244,7 +246,7 @@ def _atomic(path, write):
 
 def write_video(frames, path, fps=7, crf=18):
     """(T, 3, H, W) in [0, 1] -> H.264 yuv420p mp4 (faststart), playable in browsers. H and W must be even."""
-    arr = _to_uint8(frames)
+    arr = to_uint8(frames)
 
     def write(tmp):
         with av.open(tmp, "w", format="mp4", options={"movflags": "+faststart"}) as out:
@@ -258,7 +260,7 @@ def write_video(frames, path, fps=7, crf=18):
 
 def write_gif(frames, path, fps=7):
     """(T, 3, H, W) in [0, 1] -> looping GIF with one palette for the whole clip (ffmpeg palettegen/paletteuse)."""
-    arr = _to_uint8(frames)
+    arr = to_uint8(frames)
     T, H, W, _ = arr.shape
 
     def write(tmp):
@@ -291,21 +293,23 @@ def write_gif(frames, path, fps=7):
     return _atomic(path, write)
 
 
+def write_png(rgb, path):
+    """rgb (H, W, 3) uint8 numpy -> PNG via av's png encoder, atomically. Returns path."""
+    cc = av.CodecContext.create("png", "w")
+    cc.width, cc.height, cc.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    data = b"".join(bytes(p) for p in cc.encode(frame) + cc.encode())
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return _atomic(path, write)
+
+
 def write_frames_dir(frames, folder):
     """(T, 3, H, W) in [0, 1] -> folder/frame_0000.png ... (created if needed). Returns the file paths."""
     os.makedirs(folder, exist_ok=True)
-    arr, paths = _to_uint8(frames), []
-    for i, a in enumerate(arr):
-        cc = av.CodecContext.create("png", "w")
-        cc.width, cc.height, cc.pix_fmt = a.shape[1], a.shape[0], "rgb24"
-        data = b"".join(bytes(p) for p in cc.encode(av.VideoFrame.from_ndarray(a, format="rgb24")) + cc.encode())
-        path = os.path.join(folder, f"frame_{i:04d}.png")
-
-        def write(tmp, data=data):
-            with open(tmp, "wb") as f:
-                f.write(data)
-        paths.append(_atomic(path, write))
-    return paths
+    return [write_png(a, os.path.join(folder, f"frame_{i:04d}.png")) for i, a in enumerate(to_uint8(frames))]
 
 # -----------------------------------------------------------------------------
 # weights: resolution and explicit download
@@ -596,7 +600,7 @@ def run(args):
     H, W = snap_size(d["height"], d["width"])
     if (H, W) != (d["height"], d["width"]):
         print(f"note: {d['height']}x{d['width']} is not a multiple of 64; using {H}x{W} (height x width)")
-    image = resize_center_crop(image, H, W)
+    image = resize_center_crop(image, H, W).clamp(0, 1)
     offload = device.type != "cpu" if args.offload is None else args.offload
 
     video, st = sample_video(svd, image, d["num_frames"], d["steps"], d["min_cfg"], d["max_cfg"], d["fps_id"],

@@ -27,14 +27,13 @@ import shutil
 import sys
 import time
 
-import av
 import numpy as np
 import torch
 
 import evaluate
 import load_svd
 import train
-from sample import cfg_scales, euler_sample, karras_sigmas, make_denoiser
+from sample import cfg_scales, euler_sample, karras_sigmas, make_denoiser, to_uint8, write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -191,24 +190,6 @@ def table_markdown(rows):
     return "\n".join(lines)
 
 
-def write_png(rgb, path):
-    """rgb (H, W, 3) uint8 -> PNG via av's png encoder (no imaging library)."""
-    cc = av.CodecContext.create("png", "w")
-    cc.width, cc.height, cc.pix_fmt = rgb.shape[1], rgb.shape[0], "rgb24"
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-    data = b"".join(bytes(p) for p in cc.encode(frame) + cc.encode())
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
-
-
-def to_uint8(x):
-    """(..., 3, H, W) in [-1, 1] -> (..., H, W, 3) uint8 numpy."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).numpy()
-
-
 def picture(pics, path, gap=2):
     """Grid: one row per entry of pics (clip 0 of each: frames left to right), clips stacked below each other
     with a wider gap, on white."""
@@ -220,7 +201,7 @@ def picture(pics, path, gap=2):
         for ri, v in enumerate(rows):
             y = c * (R * (H + gap) + 3 * gap) + ri * (H + gap)
             for t in range(T):
-                canvas[y:y + H, t * (W + gap):t * (W + gap) + W] = to_uint8(v[c, t])
+                canvas[y:y + H, t * (W + gap):t * (W + gap) + W] = to_uint8((v[c, t] + 1) / 2)
     return write_png(canvas[:-3 * gap - gap], path)
 
 # -----------------------------------------------------------------------------
@@ -267,7 +248,7 @@ def main(argv=None):
     if a.assets:
         os.makedirs(a.assets, exist_ok=True)
         shutil.copyfile(paths["sfv_both"], os.path.join(a.assets, "toy_sfv.safetensors"))
-        write_png(to_uint8(real[0, 0]), os.path.join(a.assets, "example.png"))
+        write_png(to_uint8((real[0, 0] + 1) / 2), os.path.join(a.assets, "example.png"))
         shutil.copyfile(os.path.join(a.out, "compare.png"), os.path.join(a.assets, "toy_compare.png"))
         print(f"wrote {a.assets}/toy_sfv.safetensors, example.png and toy_compare.png (the README picture)")
     return rows

@@ -28,7 +28,6 @@ alternate.
 import argparse
 import copy
 import json
-import math
 import os
 import resource
 import sys
@@ -46,6 +45,7 @@ from tqdm import tqdm
 import load_svd
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, score
 from model import CONFIGS, SVD, UNet, denoise
+from sample import euler_sample, karras_sigmas, make_denoiser, resize_center_crop, write_video as write_mp4
 
 # -----------------------------------------------------------------------------
 # default config values, each overridable by a flag (--name-with-dashes); `--help` lists them all
@@ -135,24 +135,17 @@ def parse_args(argv=None):
 # noise levels and losses (notes sec. 6)
 
 
-def karras_grid(n, sigma_min=0.002, sigma_max=700.0, rho=7.0):
-    """n Karras levels, decreasing from sigma_max to sigma_min (no trailing 0). -> (n,) float32"""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return ((hi + ramp * (lo - hi)) ** rho).float()
-
-
 def sample_generator_sigma(n, generator=None, levels=4, sigma_min=0.002, sigma_max=700.0, rho=7.0):
     """Generator noise level: uniform over the `levels`-level Karras grid without its smallest level.
     With the SVD defaults: {700.0, 70.54, 2.269}. -> (n,)"""
-    grid = karras_grid(levels, sigma_min, sigma_max, rho)[:-1]
+    grid = karras_sigmas(levels, sigma_min, sigma_max, rho)[:-2]   # without the trailing 0 and sigma_min
     return grid[torch.randint(0, len(grid), (n,), generator=generator)]
 
 
 def sample_disc_sigma(n, generator=None, p_mean=-1.0, p_std=1.0, levels=1000, sigma_min=0.002, sigma_max=700.0, rho=7.0):
     """Discriminator noise level sigma': log sigma' ~ N(p_mean, p_std^2), snapped to the nearest level (in log
     space) of a `levels`-level Karras grid: a discretised lognormal. -> (n,)"""
-    grid = karras_grid(levels, sigma_min, sigma_max, rho)
+    grid = karras_sigmas(levels, sigma_min, sigma_max, rho)[:-1]
     log_s = p_mean + p_std * torch.randn(n, generator=generator)
     return grid[(log_s[:, None] - grid.log()[None]).abs().argmin(1)]
 
@@ -313,17 +306,6 @@ class SyntheticVideos:
         return {"video": self.video(i), "skipped": []}
 
 
-def resize_center_crop(frames, height, width):
-    """frames (T, 3, h, w) -> (T, 3, height, width): resize (antialiased bilinear) to cover, then centre-crop."""
-    h, w = frames.shape[-2:]
-    s = max(height / h, width / w)
-    nh, nw = max(height, round(h * s)), max(width, round(w * s))
-    if (nh, nw) != (h, w):
-        frames = F.interpolate(frames, (nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return frames[..., top:top + height, left:left + width]
-
-
 VIDEO_EXTS = (".mp4", ".webm", ".mov")
 
 
@@ -397,7 +379,7 @@ class VideoFolder:
         if len(out) < len(want):
             raise ValueError(f"only {len(out)} of {len(want)} frames decoded")
         x = torch.stack(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return resize_center_crop(x, self.height, self.width)
+        return resize_center_crop(x, self.height, self.width, mode="bilinear")
 
     def get(self, i, seed):
         skipped = []
@@ -742,18 +724,13 @@ def build_cache(source, svd, args, root, rank, world, device):
 @torch.no_grad()
 def sample_latents(unet, cond, emb, ids, shape, seeds, steps, args):
     """sfv: one evaluation at sigma_max from pure noise; diffusion: `steps` Euler steps on a Karras grid (no CFG)."""
-    sig = karras_grid(steps, args.sigma_min, args.sigma_max, args.rho).tolist() + [0.0]
+    sig = karras_sigmas(steps, args.sigma_min, args.sigma_max, args.rho)
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(cond.device)
-    x = x * math.sqrt(1 + sig[0] ** 2)
-    for s, s_next in zip(sig[:-1], sig[1:]):
-        d = denoise(unet, x, torch.full((x.shape[0],), s, device=x.device), cond, emb, ids)
-        x = d if s_next == 0 else x + (x - d) / s * (s_next - s)
-    return x
+    return euler_sample(make_denoiser(unet, cond, emb, ids), x * (1 + sig[0] ** 2).sqrt().item(), sig)
 
 
 def write_video(frames, path, fps):
     """frames (T, 3, H, W) in [-1, 1] -> H.264 mp4, atomically (sample.py's writer)."""
-    from sample import write_video as write_mp4
     return write_mp4((frames.detach().float().cpu() + 1) / 2, path, fps)
 
 # -----------------------------------------------------------------------------
