@@ -48,8 +48,9 @@ class VAEConfig:
     norm_eps: float = 1e-6                   # spatial blocks (SD KL autoencoder)
     time_norm_eps: float = 1e-5              # the decoder's temporal res blocks (sgm UNet ResBlock)
     use_quant_conv: bool = False             # first_stage_model has none; the diffusers vae/ does
-    space_to_depth: int = 0                  # toy latent: 0 = the KL VAE above; f > 0 = fixed, exactly invertible
-                                             # pixel_unshuffle by f (z_channels must be 3 f^2; no weights)
+    space_to_depth: int = 0                  # toy latent: 0 = the KL VAE above; f > 0 = a linear autoencoder on f x f
+                                             # patches: z_channels <= 3 f^2 whitened principal components, fitted in
+                                             # closed form (fit_linear_latent); unfitted it is pixel_unshuffle by f
 
 
 @dataclass
@@ -601,22 +602,41 @@ class VAEEncoder(nn.Module):
     def __init__(self, cfg: VAEConfig, quant_conv=True):
         super().__init__()
         self.s2d = cfg.space_to_depth
-        if self.s2d:
-            assert cfg.z_channels == 3 * self.s2d ** 2, "space_to_depth needs z_channels = 3 f^2"
+        if self.s2d:                       # toy linear latent: z = proj (patch - patch_mean) per f x f patch
+            n = 3 * self.s2d ** 2
+            assert cfg.z_channels <= n, "space_to_depth needs z_channels <= 3 f^2"
+            self.register_buffer("patch_mean", torch.zeros(n))
+            self.register_buffer("proj", torch.eye(n)[:cfg.z_channels].clone())      # (z, 3 f^2)
             return
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1) if quant_conv else None
 
     def encode(self, x):
         """x (N, 3, H, W) in [-1, 1] -> mean, logvar each (N, z, H/8, W/8) (logvar clamped to [-30, 20])."""
-        if self.s2d:   # toy latent: exact, deterministic (logvar -30, the clamp floor)
-            mean = F.pixel_unshuffle(x, self.s2d)
+        if self.s2d:   # toy latent: deterministic (logvar -30, the clamp floor)
+            p = F.pixel_unshuffle(x, self.s2d) - self.patch_mean.to(x.dtype).view(1, -1, 1, 1)   # (N, 3 f^2, h, w)
+            mean = torch.einsum("kc,nchw->nkhw", self.proj.to(x.dtype), p)                       # (N, z, h, w)
             return mean, torch.full_like(mean, -30.0)
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
+
+    @torch.no_grad()
+    def fit_linear_latent(self, frames):
+        """Toy latent only: PCA of the f x f patches of frames (N, 3, H, W) in [-1, 1]; keep the top z_channels
+        components, each scaled to unit variance (what a VAE's scale_factor does). The closed-form optimum of a
+        linear autoencoder: the toy stand-in for training a tiny VAE."""
+        k, n = self.proj.shape
+        p = F.pixel_unshuffle(frames.double(), self.s2d).movedim(1, -1).reshape(-1, n)
+        mean = p.mean(0)
+        lam, U = torch.linalg.eigh(torch.cov((p - mean).T))                  # ascending eigenvalues
+        lam, U = lam.flip(0)[:k].clamp_min(1e-12), U.flip(1)[:, :k]
+        self.patch_mean.copy_(mean)
+        self.proj.copy_((U / lam.sqrt()).T)                                  # (z, 3 f^2): whiten
+        if hasattr(self, "unproj"):
+            self.unproj.copy_(U * lam.sqrt())                                # (3 f^2, z): its pseudo-inverse
 
 
 class TemporalVAE(VAEEncoder):
@@ -625,7 +645,9 @@ class TemporalVAE(VAEEncoder):
     def __init__(self, cfg: VAEConfig):
         super().__init__(cfg, quant_conv=cfg.use_quant_conv)
         self.cfg = cfg
-        if not cfg.space_to_depth:
+        if cfg.space_to_depth:
+            self.register_buffer("unproj", self.proj.T.clone())                      # (3 f^2, z)
+        else:
             self.decoder = VideoDecoder(cfg)
 
     def decode(self, z, chunk=14):
@@ -634,7 +656,9 @@ class TemporalVAE(VAEEncoder):
         B, T = z.shape[:2]
         z = z / self.cfg.scale_factor
         if self.s2d:
-            return F.pixel_shuffle(z.flatten(0, 1), self.s2d).reshape(B, T, 3, *(s * self.s2d for s in z.shape[-2:]))
+            p = torch.einsum("ck,nkhw->nchw", self.unproj.to(z.dtype), z.flatten(0, 1))
+            p = p + self.patch_mean.to(z.dtype).view(1, -1, 1, 1)                   # (B*T, 3 f^2, h, w)
+            return F.pixel_shuffle(p, self.s2d).reshape(B, T, 3, *(s * self.s2d for s in z.shape[-2:]))
         out = []
         for b in range(B):
             for s in range(0, T, chunk):
@@ -793,8 +817,13 @@ class SVD(nn.Module):
     def encode_cond(self, img):
         """img (B, 3, H, W) in [-1, 1], already noise-augmented -> conditioning latent (B, 4, H/8, W/8), the
         posterior mode, NOT scaled by scale_factor (sgm VideoPredictionEmbedderWithEncoder)."""
-        p = next(self.cond_encoder.parameters(), self.clip.conv1.weight)   # the toy encoder has no weights
+        p = next(self.cond_encoder.parameters(), self.clip.conv1.weight)   # the toy encoder has no parameters
         return self.cond_encoder.encode(img.to(p.device, p.dtype))[0]
+
+    def fit_linear_latent(self, frames):
+        """Toy latent: fit the VAE and the conditioning encoder (same encoder, as in SVD) on frames (N, 3, H, W)."""
+        for m in (self.vae, self.cond_encoder):
+            m.fit_linear_latent(frames)
 
     def denoise(self, x, sigma, cond_latent, image_embeds, added_time_ids):
         return denoise(self.unet, x, sigma, cond_latent, image_embeds, added_time_ids)
@@ -813,11 +842,17 @@ CONFIGS = {
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2)),
         clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
         num_frames=4, steps=4, height=64, width=64),
-    # the toy reproduction (toy.py): tiny UNet on a fixed space-to-depth latent of 64x64 synthetic videos
+    # the toy reproduction (toy.py): tiny UNet on a linear latent of 64x64 synthetic videos: 4x4 patches -> their top 12
+    # principal components, whitened (fit_linear_latent; 35 dB reconstruction). The plain 4x4 space-to-depth latent (48
+    # channels, 3 of them carrying 96% of the variance) made the teacher spend its whole budget removing noise from
+    # near-empty channels.
+    # 8 norm groups (4-8 channels each): with SVD's 32, every 32-channel GroupNorm is an InstanceNorm that erases each
+    # channel's per-frame level (e.g. a frame's mean colour) before the output conv.
     "toy": SVDConfig(
-        unet=UNetConfig(in_channels=96, out_channels=48, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                        attention_levels=(1, 2), head_dim=16, context_dim=32, addition_time_embed_dim=32),
-        vae=VAEConfig(z_channels=48, space_to_depth=4, scale_factor=1.0),
+        unet=UNetConfig(in_channels=24, out_channels=12, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                        attention_levels=(1, 2), head_dim=16, context_dim=32, addition_time_embed_dim=32,
+                        num_groups=8),
+        vae=VAEConfig(z_channels=12, space_to_depth=4, scale_factor=1.0),
         clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
         num_frames=8, steps=25, min_cfg=1.0, max_cfg=2.5, fps_id=6, height=64, width=64),
 }

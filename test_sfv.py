@@ -1163,8 +1163,9 @@ def test_backbone_frozen_heads_and_generator_change():
 
 def test_few_steps_reduce_reconstruction_loss():
     # full SF-V step (adversarial term included); the random tiny D's gradients dwarf 0.1 x recon at init, so the
-    # reconstruction weight is raised to 10 to see the reconstruction path learn in a few steps
-    tr, svd, args = tiny_trainer(["--optimizer", "adamw", "--lr-g", "3e-4", "--grad-clip", "0", "--recon-weight", "10"])
+    # reconstruction weight is raised to 30 to see the reconstruction path learn in a few steps (at 10 the adversarial
+    # noise still made single steps go up on some CPUs)
+    tr, svd, args = tiny_trainer(["--optimizer", "adamw", "--lr-g", "3e-4", "--grad-clip", "0", "--recon-weight", "30"])
     mb = tiny_batch(svd, args)
     recon = []
     for _ in range(10):
@@ -1311,11 +1312,14 @@ def test_ddp_two_processes_match_one(tmp_path):
             # ill-conditioned: per-sample gradients ~100x their sum, fp32 summation order shows at ~1e-3 (float64:
             # 1e-9, checked), and after one update the gradient norm itself is chaotic. So: losses to 1e-4 (step 1)
             # and 1e-3 (step 2, which inherits step 1's fp32 update differences); gradient norms at step 1 only.
+            # r1 (finite differences) is (D(x + delta) - D(x))^2 / eps^2: a difference of nearly equal logits, so the
+            # kernels' batch-size-dependent fp32 rounding (batch 2 vs 1 per process) shows at ~1e-3: 1e-2 for it.
             if k.startswith("grad_norm"):
                 if a["step"] == 1:
                     assert a[k] == pytest.approx(b[k], rel=1e-2), k
                 continue
-            assert a[k] == pytest.approx(b[k], rel=1e-4 if a["step"] == 1 else 1e-3, abs=1e-5), (a["step"], k)
+            rel = 1e-2 if k == "r1" else 1e-4 if a["step"] == 1 else 1e-3
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-5), (a["step"], k)
     sa, sb = (torch.load(d / "train_state.pt", weights_only=True) for d in (tmp_path / "one", tmp_path / "two"))
     # SM3 steps are ~lr * sign(g) early on, so an element whose fp32 gradient is rounding noise may step the other
     # way: |difference| <= 3 lr after two steps (momentum 0.5); every other element agrees far more closely
@@ -1585,6 +1589,46 @@ def test_toy_fd_command(tmp_path, capsys):
     assert E.main(["toy-fd", real, static]) == 0
     out = capsys.readouterr().out
     assert out.startswith("toy FD ") and math.isfinite(float(out.split()[2]))
+
+# -----------------------------------------------------------------------------
+# the toy latent: a linear autoencoder on 4x4 patches (PCA, whitened)
+
+
+def test_toy_linear_latent():
+    import train
+    from model import SVD, CONFIGS, VAEConfig, TemporalVAE
+    x = torch.rand(6, 3, 16, 24) * 2 - 1
+    plain = TemporalVAE(VAEConfig(z_channels=48, space_to_depth=4, scale_factor=1.0))   # unfitted: pixel_unshuffle
+    z = plain.encode(x)[0]
+    assert torch.equal(z, torch.nn.functional.pixel_unshuffle(x, 4))
+    assert torch.equal(plain.decode(z.reshape(2, 3, 48, 4, 6)).flatten(0, 1), x)
+    cfg = CONFIGS["toy"]
+    svd = SVD(cfg)
+    fit = torch.cat([train.SyntheticVideos(64, 8, 64, 0).video(i) for i in range(32)])
+    svd.fit_linear_latent(fit)
+    z = svd.vae.encode(fit)[0]                                               # (N, 12, 16, 16)
+    assert z.shape[1] == cfg.vae.z_channels == cfg.unet.out_channels == 12
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(12), atol=1e-4)  # whitened on the fit data
+    assert torch.allclose(z.var(dim=(0, 2, 3)), torch.ones(12), atol=2e-3)
+    assert torch.equal(svd.cond_encoder.encode(fit[:4])[0], svd.vae.encode(fit[:4])[0])   # one encoder, as in SVD
+    held = torch.stack([train.SyntheticVideos(4, 8, 64, 99).video(i) for i in range(4)])     # (4, 8, 3, 64, 64)
+    rec = svd.vae.decode(svd.vae.encode(held.flatten(0, 1))[0].reshape(4, 8, 12, 16, 16))
+    psnr = 10 * torch.log10(4 / (rec - held).square().mean()).item()
+    assert 30 < psnr < 60, psnr                                              # lossy (12 of 48), but close
+
+
+def test_toy_latent_fitted_by_train_and_kept_in_bundle(tmp_path):
+    import train
+    from model import SVD, CONFIGS
+    out = tmp_path / "t"
+    train.main(["--data", "synthetic", "--init", "toy", "--mode", "diffusion", "--max-steps", "1", "--batch-size", "1",
+                "--workers", "0", "--sample-every", "0", "--no-grad-ckpt", "--out", str(out), "--synthetic-size", "64"])
+    svd = load_svd.load(str(out / "model.safetensors"))
+    ref = SVD(CONFIGS["toy"])
+    ref.fit_linear_latent(torch.cat([train.SyntheticVideos(64, 8, 64, 0).video(i) for i in range(64)]))
+    for name, buf in ref.vae.named_buffers():
+        assert torch.allclose(dict(svd.vae.named_buffers())[name], buf), name
+    assert not torch.equal(svd.vae.proj, torch.eye(48)[:12])
 
 # -----------------------------------------------------------------------------
 # toy pipeline smoke run (CI): every stage for a few steps, then the table

@@ -8,7 +8,8 @@ one-step generator with the real SF-V trainer, then measure the paper's Table 1 
 
 Stages (each is `python train.py ...` called in-process, the same code path as full scale):
   1. teacher: --mode diffusion --init toy: EDM v-prediction diffusion on train.SyntheticVideos (model.CONFIGS["toy"]:
-     the tiny spatiotemporal UNet on the fixed space-to-depth latent, 8 frames of 64x64)
+     the tiny spatiotemporal UNet on a linear latent, 4x4 patches -> 12 whitened principal components, which
+     train.py fits on the first 64 clips; 8 frames of 64x64)
   2. SF-V:    --mode sfv --init <teacher bundle>, discriminator with both head types, and the two Table 2 ablations
      (--disc-heads spatial: no temporal heads; --disc-heads temporal: no spatial heads)
   3. evaluation on held-out synthetic clips (another dataset seed), every row conditioned on the same first frames
@@ -41,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # recipe: every number of the run (flags of train.py; the full run is sized for <= 30 min on 2 CPU cores)
 
 FULL = dict(
-    teacher_steps=1800, teacher_batch=8, sfv_steps=120, sfv_batch=8, n_eval=128, n_latency=4,
+    teacher_steps=800, teacher_batch=8, sfv_steps=80, sfv_batch=8, n_eval=64, n_latency=4,
     teacher_flags=["--optimizer", "adamw", "--lr-g", "1e-3", "--beta1", "0.9", "--beta2", "0.99", "--warmup", "50",
                    "--ema", "0.99"],
     sfv_flags=["--lr-g", "1e-4", "--lr-d", "1e-3", "--head-channels", "64"],
@@ -218,6 +219,8 @@ def parse_args(argv=None):
     p.add_argument("--assets", default=None, help="copy the SF-V bundle and an example image here "
                                                   "(default: assets/ for the full run, nothing for --smoke)")
     p.add_argument("--pic-clips", type=int, default=2, help="clips in compare.png")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the training steps of every stage (e.g. 10 on a "
+                                                            "GPU: a longer-trained teacher, the table's main limit)")
     a = p.parse_args(argv)
     a.out = a.out or os.path.join("out", "toy_smoke" if a.smoke else "toy")
     if a.assets is None and not a.smoke:
@@ -228,6 +231,7 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     r = SMOKE if a.smoke else FULL
+    r = dict(r, **{k: max(1, round(r[k] * a.scale)) for k in ("teacher_steps", "sfv_steps")})
     os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
     paths, secs = train_all(a, r)
@@ -235,7 +239,7 @@ def main(argv=None):
     rows, pics, real = evaluate_all(a, r, paths)
     t2 = time.perf_counter()
     picture(pics, os.path.join(a.out, "compare.png"))
-    cmd = "python toy.py" + (" --smoke" if a.smoke else "")
+    cmd = "python toy.py" + (" --smoke" if a.smoke else "") + (f" --scale {a.scale:g}" if a.scale != 1 else "")
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()) + f", evaluation {t2 - t1:.0f} s, total {t2 - t0:.0f} s"
     md = (f"{table_markdown(rows)}\n\nMade by `{cmd}` ({r['n_eval']} held-out clips of 8 frames at 64x64, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'GPU' if torch.cuda.is_available() and a.device != 'cpu' else 'CPU'}). "

@@ -808,6 +808,8 @@ def main(argv=None):
                 json.dump(source.index, f)
             os.replace(index_path + ".tmp", index_path)
             barrier(world)
+    if args.init in CONFIGS and cfg.vae.space_to_depth:   # a fresh toy latent: fit its linear autoencoder on the data
+        svd.fit_linear_latent(torch.cat([source.get(i, args.seed)["video"] for i in range(min(64, len(source)))]))
     if args.cache:
         if not os.path.exists(os.path.join(args.cache, "index.json")):
             move_frozen(svd, device, dtype_frozen)
