@@ -42,8 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # recipe: every number of the run (flags of train.py; the full run is sized for <= 30 min on 2 CPU cores)
 
 FULL = dict(
-    teacher_steps=800, teacher_batch=8, sfv_steps=80, sfv_batch=8, n_eval=64, n_latency=4,
-    teacher_flags=["--optimizer", "adamw", "--lr-g", "1e-3", "--beta1", "0.9", "--beta2", "0.99", "--warmup", "50",
+    teacher_steps=1700, teacher_batch=4, sfv_steps=80, sfv_batch=8, n_eval=64, n_latency=4,
+    teacher_flags=["--optimizer", "adamw", "--lr-g", "2e-3", "--beta1", "0.9", "--beta2", "0.99", "--warmup", "100",
                    "--ema", "0.99"],
     sfv_flags=["--lr-g", "1e-4", "--lr-d", "1e-3", "--head-channels", "64"],
 )
@@ -96,12 +96,6 @@ def train_all(a, r):
 # stage 3: sampling (sample.py's functions, batched) and evaluation
 
 
-def latent_shape(cfg, T):
-    """(T, C, h, w) of the diffusion latent: the UNet's output channels at the VAE's downsampling factor."""
-    f = cfg.vae.space_to_depth or 8
-    return (T, cfg.unet.out_channels, cfg.height // f, cfg.width // f)
-
-
 @torch.no_grad()
 def generate(svd, images, seeds, steps, cfg, batch=32):
     """images (N, 3, H, W) in [-1, 1] -> videos (N, T, 3, H, W) in [-1, 1], SVD conditioning exactly as
@@ -109,7 +103,7 @@ def generate(svd, images, seeds, steps, cfg, batch=32):
     min_cfg..max_cfg when cfg), clip i's noise from its own generator seeded seeds[i]."""
     c = svd.cfg
     dev = next(svd.unet.parameters()).device
-    shape = latent_shape(c, c.num_frames)
+    shape = svd.latent_shape(c.num_frames, c.height, c.width)
     out = []
     for i in range(0, len(images), batch):
         img, sd = images[i:i + batch], seeds[i:i + batch]
