@@ -1,14 +1,20 @@
 """
 The SF-V discriminator (Zhang et al., NeurIPS 2024, sec. 3.2 and Fig. 2): a FROZEN copy of the pretrained SVD
-UNet encoder (conv_in + the four down levels with their temporal layers) as the feature backbone, and after each
-level one trainable spatial head (judges frames) and one trainable temporal head (judges motion).
+UNet encoder (conv_in + the four down levels with their temporal layers) as the feature backbone, and "after each
+downsampling block" one trainable spatial head (judges frames) and one trainable temporal head (judges motion).
 
-Inputs follow the notes (sec. 6): real and fake latents are noised with the SAME sigma' and eps,
-x' = x0 + sigma' * eps, and fed to the backbone exactly like a UNet input: cat[c_in(sigma') x', cond latent] with
-c_noise(sigma') and the generator's image embedding / vector conditioning. Gradients flow through the frozen
-backbone (its weights have requires_grad=False) to the generator's output.
+Inputs (sec. 3.3): real and fake latents are noised with the SAME sigma' and eps', x' = x0 + sigma' eps', and fed to
+the backbone exactly like a UNet input: cat[c_in(sigma') x', cond latent] with c_noise(sigma') and the generator's
+image embedding / vector conditioning. Gradients flow through the frozen backbone (its weights have
+requires_grad=False) to the generator's output.
 
-Head design (the paper only draws the heads; this is our StyleGAN-T / ADD-style choice):
+Feature tap (tap="after", the paper's wording): a level's features are taken after the downsampling conv that ends
+it (the last level has none: its own output). tap="before" takes them before that conv (UNet.encode_levels).
+
+Precision: the backbone may run in bf16 under autocast; the heads, the condition embedder, the logits and the
+scores always run in fp32 with autocast disabled, so D(x + delta) - D(x) and R1 are not bf16 rounding noise.
+
+Head design (the paper only draws the heads; this is a StyleGAN-T / ADD-style choice):
   feat --1x1 conv--> GroupNorm --LeakyReLU(0.2)--> + residual [conv k=3, GroupNorm, LeakyReLU(0.2)]
        --1x1 conv--> [1 unconditional logit | cmap_dim vector] per location
   logit = uncond + <cmap, proj(cond)> / sqrt(cmap_dim)               (projection discriminator, Miyato & Koyama 2018)
@@ -26,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import UNet, edm_precondition, timestep_embedding
+from model import Downsample, UNet, edm_precondition, timestep_embedding
 
 # -----------------------------------------------------------------------------
 # frozen backbone
@@ -42,7 +48,7 @@ def frozen_encoder(unet: UNet) -> UNet:
     return enc.eval()
 
 # -----------------------------------------------------------------------------
-# heads
+# heads (fp32, autocast off: see Discriminator.heads)
 
 
 def _norm(ch):
@@ -74,7 +80,7 @@ class DiscHead(nn.Module):
 
 
 class CondEmbed(nn.Module):
-    """cat[Linear(image_embeds), MLP(sin(c_noise)), MLP(sin(frame))] -> (B, T, 3*dim)."""
+    """cat[Linear(image_embeds), MLP(sin(c_noise)), MLP(sin(frame))] -> (B, T, 3*dim), fp32."""
 
     def __init__(self, image_dim, dim=128):
         super().__init__()
@@ -85,10 +91,9 @@ class CondEmbed(nn.Module):
 
     def forward(self, image_embeds, c_noise, T):
         B = image_embeds.shape[0]
-        dt = self.image.weight.dtype
-        e_img = self.image(image_embeds.to(dt))                                                 # (B, dim)
-        e_noise = self.noise(timestep_embedding(c_noise.reshape(B), self.dim).to(dt))           # (B, dim)
-        e_frame = self.frame(timestep_embedding(torch.arange(T, device=c_noise.device), self.dim).to(dt))  # (T, dim)
+        e_img = self.image(image_embeds.float())                                                # (B, dim)
+        e_noise = self.noise(timestep_embedding(c_noise.float().reshape(B), self.dim))         # (B, dim)
+        e_frame = self.frame(timestep_embedding(torch.arange(T, device=c_noise.device), self.dim))  # (T, dim)
         return torch.cat([e_img[:, None].expand(-1, T, -1), e_noise[:, None].expand(-1, T, -1),
                           e_frame[None].expand(B, -1, -1)], dim=-1)                    # (B, T, 3*dim)
 
@@ -97,15 +102,20 @@ class CondEmbed(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Frozen UNet encoder + per-level spatial/temporal heads. heads: "both" | "spatial" | "temporal" (Table 2 ablation).
-    forward(x, sigma, cond_latent, image_embeds, added_time_ids) -> list of per-location logits, each (B, L_i)."""
+    """Frozen UNet encoder + per-level spatial/temporal heads. heads: "both" | "spatial" | "temporal" (Table 2
+    ablation); tap: "after" | "before" the downsampling conv ending each level.
+    forward(x, sigma, cond_latent, image_embeds, added_time_ids) -> list of per-location fp32 logits, each (B, L_i);
+    it is heads(features(...), condition(...)), split so the D step can run the backbone without a graph and R1 can
+    differentiate the heads alone."""
 
-    def __init__(self, unet: UNet, heads="both", hidden=256, cmap_dim=64, embed_dim=128):
+    def __init__(self, unet: UNet, heads="both", hidden=256, cmap_dim=64, embed_dim=128, tap="after"):
         super().__init__()
         assert heads in ("both", "spatial", "temporal"), heads
+        assert tap in ("after", "before"), tap
+        self.tap = tap
         self.backbone = frozen_encoder(unet)
         cfg = unet.cfg
-        chans = [m * cfg.model_channels for m in cfg.channel_mult]
+        chans = [m * cfg.model_channels for m in cfg.channel_mult]   # a Downsample keeps the channel count
         self.cond = CondEmbed(cfg.context_dim, embed_dim)
         cd = 3 * embed_dim
         use_s, use_t = heads in ("both", "spatial"), heads in ("both", "temporal")
@@ -125,27 +135,51 @@ class Discriminator(nn.Module):
     def head_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
-    def forward(self, x, sigma, cond_latent, image_embeds, added_time_ids):
-        # x (B, T, 4, h, w) noisy latents x0 + sigma' eps; sigma (B,); cond_latent (B, 4, h, w)
+    def features(self, x, sigma, cond_latent, image_embeds, added_time_ids):
+        """Backbone features per level, each (B, T, C_l, H_l, W_l), in the backbone's (autocast) dtype.
+        x (B, T, 4, h, w) noisy latents x0 + sigma' eps'; sigma (B,); cond_latent (B, 4, h, w)."""
         B, T = x.shape[:2]
         _, _, c_in, c_noise = edm_precondition(sigma.float())
         cond = cond_latent[:, None].expand(-1, T, -1, -1, -1) if cond_latent.ndim == 4 else cond_latent
         inp = torch.cat([c_in.view(B, 1, 1, 1, 1).to(x.device) * x.float(), cond.float()], dim=2)
-        feats = self.backbone.encode_levels(inp, c_noise.to(x.device), image_embeds, added_time_ids)
-        c = self.cond(image_embeds, c_noise.to(x.device), T)                           # (B, T, cd)
+        bb = self.backbone
+        feats = bb.encode_levels(inp, c_noise.to(x.device), image_embeds, added_time_ids)  # before the downsample
+        if self.tap == "after":
+            for lvl, end in enumerate(bb.level_ends[:-1]):         # input_blocks[end + 1]: the level's Downsample
+                down = bb.input_blocks[end + 1][0]
+                assert isinstance(down, Downsample), type(down)
+                h = down(feats[lvl].flatten(0, 1))                                     # (B*T, C, H/2, W/2)
+                feats[lvl] = h.reshape(B, T, *h.shape[1:])
+        return feats
+
+    def condition(self, image_embeds, sigma, T):
+        """The heads' shared condition (B, T, 3*embed_dim), fp32."""
+        with torch.autocast(image_embeds.device.type, enabled=False):
+            c_noise = edm_precondition(sigma.float())[3].to(image_embeds.device)
+            return self.cond(image_embeds, c_noise, T)
+
+    def heads(self, feats, c):
+        """feats: per level (B, T, C, H, W) (any dtype); c (B, T, cd) -> list of fp32 logits (B, L_i)."""
         logits = []
-        for lvl, f in enumerate(feats):                                                # f (B, T, C, H, W)
-            _, _, C, H, W = f.shape
-            f = f.to(c.dtype)                                                         # heads run in fp32
-            if self.spatial is not None:
-                out = self.spatial[lvl](f.reshape(B * T, C, H, W), c.reshape(B * T, -1))  # (B*T, H, W)
-                logits.append(out.reshape(B, -1))
-            if self.temporal is not None:
-                ft = f.permute(0, 3, 4, 2, 1).reshape(B * H * W, C, T)                 # (B*H*W, C, T)
-                ct = c.transpose(1, 2).repeat_interleave(H * W, dim=0)                 # (B*H*W, cd, T)
-                out = self.temporal[lvl](ft, ct)                                       # (B*H*W, T)
-                logits.append(out.reshape(B, -1))
+        with torch.autocast(c.device.type, enabled=False):
+            c = c.float()
+            B, T = c.shape[:2]
+            for lvl, f in enumerate(feats):                                            # f (B, T, C, H, W)
+                _, _, C, H, W = f.shape
+                f = f.float().contiguous()                                    # channels-last in, NCHW here
+                if self.spatial is not None:
+                    out = self.spatial[lvl](f.reshape(B * T, C, H, W), c.reshape(B * T, -1))  # (B*T, H, W)
+                    logits.append(out.reshape(B, -1))
+                if self.temporal is not None:
+                    ft = f.permute(0, 3, 4, 2, 1).reshape(B * H * W, C, T)             # (B*H*W, C, T)
+                    ct = c.transpose(1, 2).repeat_interleave(H * W, dim=0)             # (B*H*W, cd, T)
+                    out = self.temporal[lvl](ft, ct)                                   # (B*H*W, T)
+                    logits.append(out.reshape(B, -1))
         return logits
+
+    def forward(self, x, sigma, cond_latent, image_embeds, added_time_ids):
+        feats = self.features(x, sigma, cond_latent, image_embeds, added_time_ids)
+        return self.heads(feats, self.condition(image_embeds, sigma, x.shape[1]))
 
 # -----------------------------------------------------------------------------
 # losses on the list of per-location logits
@@ -153,17 +187,53 @@ class Discriminator(nn.Module):
 
 def score(logits):
     """Per-sample scalar D(x): mean over locations, then over heads. -> (B,)"""
-    return torch.stack([l.mean(1) for l in logits]).mean(0)
+    return torch.stack([l.float().mean(1) for l in logits]).mean(0)
 
 
 def hinge_d_loss(logits_real, logits_fake):
-    """Standard hinge (D wants real high, fake low), per location, averaged over locations and heads.
-    The notes (sec. 6) write D(real) and D(fake) swapped; only the naming differs."""
-    real = torch.stack([F.relu(1 - l).mean() for l in logits_real]).mean()
-    fake = torch.stack([F.relu(1 + l).mean() for l in logits_fake]).mean()
+    """Standard hinge (D wants real high, fake low), per location, averaged over locations and heads."""
+    real = torch.stack([F.relu(1 - l.float()).mean() for l in logits_real]).mean()
+    fake = torch.stack([F.relu(1 + l.float()).mean() for l in logits_fake]).mean()
     return real + fake
 
 
 def hinge_g_loss(logits_fake):
     """-mean D(fake), averaged over locations and heads."""
-    return -torch.stack([l.mean() for l in logits_fake]).mean()
+    return -torch.stack([l.float().mean() for l in logits_fake]).mean()
+
+
+def r1_penalty(disc, feats, c, noise, mode="exact", fd_eps=1e-2):
+    """R1 on real samples, per position, w.r.t. the heads' input features f (the frozen backbone's outputs, detached:
+    the backbone is fixed, so this penalises the trainable part of D without double backward through it):
+
+        R1 = mean over heads h, positions l and samples of (J_{h,l} n)^2,   n ~ N(0, I) over f,
+
+    J_{h,l} = d logit_{h,l} / d f, so E_n[R1] = mean_h (1/L_h) ||J_h||_F^2 per sample: the mean over positions of
+    ||grad_f logit_l||^2, not the squared gradient of the mean logit (which is L times smaller and made R1 inert).
+    exact: J n by forward-mode AD (torch.func.jvp), fp32, differentiable w.r.t. the heads.
+    fd:    (logit(f + e n) - logit(f)) / e with e = fd_eps * RMS(f) per sample and level, fp32; the same n, so it
+           differs from exact only by O(e) Taylor terms (the heads are scale-invariant in f through their GroupNorm,
+           hence a step relative to |f|).
+    feats: per level (B, T, C, H, W) detached; c (B, T, cd); noise: per level like feats (unit normal).
+    Returns (r1 (), logits of the real sample (list of (B, L_i), fp32))."""
+    feats = [f.detach().float().contiguous() for f in feats]
+    if mode == "off":
+        return torch.zeros((), device=c.device), disc.heads(feats, c)
+    noise = [n.float().contiguous() for n in noise]
+    if mode == "exact":
+        logits, tangents = torch.func.jvp(lambda *fs: disc.heads(list(fs), c), tuple(feats), tuple(noise))
+    elif mode == "fd":
+        logits = disc.heads(feats, c)
+        e = [fd_eps * f.square().mean(dim=(1, 2, 3, 4), keepdim=True).sqrt().clamp_min(1e-12) for f in feats]
+        shifted = disc.heads([f + s * n for f, s, n in zip(feats, e, noise)], c)
+        scale = _per_head([s.flatten() for s in e], disc)                              # per head (B,)
+        tangents = [(b - a) / s[:, None] for a, b, s in zip(logits, shifted, scale)]
+    else:
+        raise ValueError(f"unknown R1 mode {mode!r} (exact | fd | off)")
+    return torch.stack([t.square().mean() for t in tangents]).mean(), logits
+
+
+def _per_head(per_level, disc):
+    """Repeat a per-level list in the order heads() emits logits (spatial then temporal within a level)."""
+    n = (disc.spatial is not None) + (disc.temporal is not None)
+    return [v for v in per_level for _ in range(n)]

@@ -8,25 +8,34 @@ spatial and temporal heads (discriminator.py). Also a plain SVD-style diffusion 
     torchrun --nproc_per_node=8 train.py --init svd_xt.safetensors --data /videos ... # data parallel
     python train.py --bench-memory                                                    # peak GPU memory of one step
 
-The objective follows sec. 6 of the notes (all numbers are flags below):
+The objective (paper sec. 3.3, Eq. 1-3; every number is a flag below):
   generator:     s ~ uniform over the 3 largest levels of a 4-level Karras grid; x_t = x0 + s eps;
                  x0_hat = D_G(x_t, s) (SVD preconditioning, image/CLIP/vector conditioning, no CFG)
   discriminator: s' ~ discretised lognormal (P_mean -1, P_std 1) snapped to a 1000-level Karras grid;
                  SAME s' and eps' for real and fake: x' = x0 + s' eps', x0_hat' = x0_hat + s' eps'
-  L_D = mean relu(1 - D(real)) + mean relu(1 + D(fake)) + gamma * R1(real)       (standard hinge; the notes
-  L_G = -mean D(fake) + 0.1 * pseudo-Huber(x0_hat, x0)                            write real/fake swapped)
+  L_D = mean relu(1 - D(real)) + mean relu(1 + D(fake)) + gamma * R1(real)       (standard hinge)
+  L_G = -mean D(fake) + 0.1 * pseudo-Huber(x0_hat, x0),  pseudo-Huber = sqrt(||x0_hat - x0||^2 + c^2) - c
+Choices the paper leaves open, each a flag (defaults follow the paper's wording where it has any):
+  R1: the paper adds "gamma R1" on the real samples without defining gamma or the gradient's scale. We penalise the
+      gradient w.r.t. the heads' input features (the backbone is frozen), per position of every head, in fp32
+      (discriminator.r1_penalty); gamma 0.05 makes gamma*R1 ~8% of L_D at init on the tiny config (logged as
+      r1_share every logged step). --r1 exact (forward-mode AD) and --r1 fd estimate the same quantity.
+  --huber-form norm (the paper's ||.||) | mean; --disc-tap after ("after each downsampling block") | before;
+  --sm3-variant plain (the reference SM3) | debiased.
 One iteration: G step first (one G forward, its fakes are reused detached for the D step, as in ADD), then D step.
+The D step runs the frozen backbone without a graph (nothing upstream of the heads needs a gradient there).
 
-Reproducibility and scale-out: every random number of a training sample (clip choice, sigmas, noises, cond-aug)
-comes from a generator seeded by (seed, step, global slot in the batch), and the dataset order is a per-epoch
-permutation of (seed, epoch). So the data position is the step counter, resume is exact, and N processes with
-batch b give the same result as one process with batch N*b. Data parallelism all-reduces gradients once per
-optimiser step (DDP semantics with no_sync during accumulation); we do not wrap in nn.parallel.DDP because the
-exact R1 penalty needs torch.autograd.grad(create_graph=True), which DDP does not support, and because G and D
-alternate.
+Reproducibility and scale-out: every random number of a training sample (clip choice, sigmas, noises, cond-aug,
+R1 perturbation) comes from a generator seeded by (seed, step, global slot in the batch), and the dataset order is
+a per-epoch permutation of (seed, epoch). So the data position is the step counter, resume is exact, and N
+processes with batch b give the same result as one process with batch N*b. Data parallelism all-reduces gradients
+once per optimiser step (DDP semantics with no_sync during accumulation); we do not wrap in nn.parallel.DDP because
+G and D alternate and R1 differentiates a forward-mode derivative. All trainable weights are broadcast from rank 0
+at start; rank-0-only work (video probing is sharded; saving, samples) is bounded by --dist-timeout.
 """
 import argparse
 import copy
+import datetime
 import json
 import os
 import resource
@@ -43,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import load_svd
-from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, score
+from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
 from model import CONFIGS, SVD, UNet, denoise
 from sample import euler_sample, karras_sigmas, make_denoiser, resize_center_crop, write_video as write_mp4
 
@@ -58,6 +67,8 @@ DEFAULTS = [
     ("data", "synthetic", "'synthetic' (SyntheticVideos) or a folder of videos (mp4/webm/mov, searched recursively)"),
     ("out", "out/sfv", "output dir: model.safetensors (EMA bundle), train_state.pt, log.jsonl, samples/"),
     ("resume", False, "continue from <out>/train_state.pt (optimisers, EMA, step, RNG, data position)"),
+    ("resume_any_args", False, "--resume even if the model-defining arguments (init, mode, D heads/sizes/tap, bf16, "
+                               "optimizer) differ from the saved run's"),
     ("seed", 0, "seed of the init and of every sample's randomness"),
     ("device", "auto", "auto | cpu | cuda"),
     ("max_steps", 50000, "optimiser steps (the paper: 50K)"),
@@ -79,7 +90,10 @@ DEFAULTS = [
     ("lr_g", 1e-5, "generator learning rate"),
     ("lr_d", 1e-4, "discriminator-head learning rate"),
     ("beta1", 0.5, "momentum (SM3) / Adam beta1"),
-    ("beta2", 0.999, "second-moment EMA (SM3: EMA of the accumulators, bias-corrected; 0 = plain SM3 sums)"),
+    ("beta2", 0.999, "second-moment EMA (SM3: EMA of the accumulators; 0 = SM3-II sums of squares)"),
+    ("sm3_variant", "plain", "plain: the reference SM3 update (Anil et al. 2019; beta2 > 0: EMA with non-decreasing "
+                             "accumulators, no bias correction) | debiased: Adam-style bias-corrected EMA, accumulators "
+                             "set to the new maxima (early steps up to 1/sqrt(1-beta2) ~ 32x smaller than plain)"),
     ("weight_decay", 0.0, "decoupled weight decay"),
     ("warmup", 0, "linear learning-rate warm-up steps"),
     ("grad_clip", 1.0, "clip the global gradient norm (0: off)"),
@@ -92,24 +106,36 @@ DEFAULTS = [
     ("p_mean", -1.0, "discriminator sigma' lognormal mean of log sigma'"),
     ("p_std", 1.0, "discriminator sigma' lognormal std of log sigma'"),
     ("disc_levels", 1000, "Karras grid the discriminator sigma' is snapped to"),
-    ("r1", "fd", "R1 on real samples: exact (double backward) | fd (finite differences, no double backward) | off"),
-    ("r1_gamma", 1e-5, "R1 weight gamma (unstated in the paper)"),
-    ("r1_fd_eps", 0.05, "fd: std of the input perturbation delta; R1 ~ E[(D(x+delta)-D(x))^2] / eps^2"),
+    ("r1", "exact", "R1 on real samples, per position w.r.t. the D heads' input features (discriminator.r1_penalty): "
+                    "exact (forward-mode AD) | fd (finite difference, same quantity) | off"),
+    ("r1_gamma", 0.05, "R1 weight gamma (unstated in the paper): gamma*R1 is ~8%% of L_D and its head gradient ~0.9x "
+                       "the hinge's at init on the tiny config (logged as r1_share = gamma*R1 / L_D)"),
+    ("r1_fd_eps", 1e-2, "fd: step relative to the RMS of each sample's level features (exact and fd agree to ~2%%)"),
     ("recon_weight", 0.1, "weight of the pseudo-Huber reconstruction term in L_G"),
     ("huber_c", 0.001, "pseudo-Huber c (OSV's value; unstated in SF-V)"),
+    ("huber_form", "norm", "norm: sqrt(||d||^2 + c^2) - c per sample (the paper's form) | mean: sqrt(mean d^2 + c^2) - c "
+                           "(the norm form / sqrt(dim): ~549x smaller at 14x4x56x96)"),
     ("disc_heads", "both", "both | spatial | temporal (paper Table 2 ablation)"),
     ("head_channels", 256, "hidden channels of each discriminator head"),
     ("cmap_dim", 64, "projection-conditioning dim of the heads"),
     ("cond_embed_dim", 128, "dim of each of the image/noise/frame condition embeddings of the heads"),
+    ("disc_tap", "after", "D features per level: after (the paper: 'after each downsampling block') | before the "
+                          "downsampling conv that ends the level"),
     # diffusion mode
     ("train_p_mean", 0.7, "diffusion mode: lognormal mean of log sigma (SVD's video fine-tuning shift, inferred)"),
     ("train_p_std", 1.6, "diffusion mode: lognormal std of log sigma"),
     ("cond_drop", 0.1, "diffusion mode: probability of zeroing the image embedding and cond latent (for CFG)"),
+    # multi-process
+    ("dist_timeout", 120, "process-group timeout in minutes: how long ranks wait in a collective while rank 0 alone "
+                          "saves train_state or writes samples"),
     # memory
     ("bf16", True, "bf16 autocast on CUDA (ignored on CPU); the frozen D backbone and VAE/CLIP are stored in bf16"),
     ("grad_ckpt", True, "gradient checkpointing of every UNet block (generator and D backbone)"),
     # visibility
     ("log_every", 10, "log to log.jsonl and tqdm every N steps"),
+    ("log_term_grads", True, "sfv: on logged steps also log the generator gradient norms of the adversarial and the "
+                             "reconstruction term (grad_norm_g_adv, grad_norm_g_rec; one extra G backward and one "
+                             "G-sized buffer on those steps)"),
     ("save_every", 1000, "checkpoint every N steps (and at the end)"),
     ("sample_every", 1000, "write sample videos every N steps (0: never)"),
     ("num_samples", 2, "sample videos per round (fixed seeds and conditioning images)"),
@@ -117,8 +143,13 @@ DEFAULTS = [
     # benchmark
     ("bench_memory", False, "measure one SF-V step's peak GPU memory at --bench-shape with the svd config and exit"),
     ("bench_shape", "14x448x768", "TxHxW of the memory benchmark"),
-    ("bench_config", "svd", "model config of the memory benchmark (tiny: a CPU smoke test)"),
+    ("bench_config", "svd", "model config of the memory benchmark (tiny: runs on CPU, no memory figure)"),
 ]
+
+
+CHOICES = {"mode": ("sfv", "diffusion"), "optimizer": ("sm3", "adamw"), "sm3_variant": ("plain", "debiased"),
+           "r1": ("exact", "fd", "off"), "huber_form": ("norm", "mean"), "disc_heads": ("both", "spatial", "temporal"),
+           "disc_tap": ("after", "before")}
 
 
 def parse_args(argv=None):
@@ -128,11 +159,11 @@ def parse_args(argv=None):
         if isinstance(default, bool):
             p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
         else:
-            p.add_argument(flag, default=default, type=type(default), help=help_)
+            p.add_argument(flag, default=default, type=type(default), help=help_, choices=CHOICES.get(name))
     return p.parse_args(argv)
 
 # -----------------------------------------------------------------------------
-# noise levels and losses (notes sec. 6)
+# noise levels and losses (paper sec. 3.3)
 
 
 def sample_generator_sigma(n, generator=None, levels=4, sigma_min=0.002, sigma_max=700.0, rho=7.0):
@@ -150,58 +181,40 @@ def sample_disc_sigma(n, generator=None, p_mean=-1.0, p_std=1.0, levels=1000, si
     return grid[(log_s[:, None] - grid.log()[None]).abs().argmin(1)]
 
 
-def pseudo_huber(x, y, c):
-    """Per sample sqrt(mean (x-y)^2 + c^2) - c, averaged over the batch. The mean (not the sum) over elements keeps
-    the 0.1 weight resolution-independent; it equals iCT's sqrt(||d||^2 + c'^2) - c' with c' = c sqrt(dim), divided
-    by sqrt(dim)."""
-    d = (x.float() - y.float()).flatten(1).square().mean(1)
+def pseudo_huber(x, y, c, form="norm"):
+    """Pseudo-Huber reconstruction distance per sample, averaged over the batch.
+    norm: sqrt(||x - y||^2 + c^2) - c, the paper's form (as in iCT).
+    mean: sqrt(mean (x - y)^2 + c^2) - c, i.e. the norm form with c' = c sqrt(dim) divided by sqrt(dim)."""
+    d = (x.float() - y.float()).flatten(1).square()
+    d = d.sum(1) if form == "norm" else d.mean(1)
     return ((d + c * c).sqrt() - c).mean()
-
-
-def r1_penalty(disc, x_real, sigma, cond, emb, ids, mode, fd_noise=None, fd_eps=0.05, logits_real=None):
-    """R1 = E_b ||grad_{x'} D(x')||^2 on real inputs, D(x') = the per-sample score (mean logit over locations/heads).
-    exact: double backward through the frozen backbone (SDPA forced to the math kernel, which supports it; no
-           gradient checkpointing for this forward, so it costs the most memory).
-    fd:    delta ~ N(0, eps^2 I): E[(D(x'+delta) - D(x'))^2] / eps^2 -> ||grad||^2 as eps -> 0 (first-order Taylor),
-           an unbiased one-sample estimate of the same quantity without double backward (cf. ADD's cheap R1).
-    Returns (r1, logits_real); x_real must be a leaf with requires_grad for exact."""
-    if mode == "exact":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        bb, ckpt = disc.backbone, disc.backbone.gradient_checkpointing
-        bb.gradient_checkpointing = False                                  # recomputation would leave the math kernel
-        try:
-            with sdpa_kernel([SDPBackend.MATH]):
-                logits_real = disc(x_real, sigma, cond, emb, ids)
-        finally:
-            bb.gradient_checkpointing = ckpt
-        g, = torch.autograd.grad(score(logits_real).sum(), x_real, create_graph=True)
-        return g.float().flatten(1).square().sum(1).mean(), logits_real
-    if logits_real is None:
-        logits_real = disc(x_real, sigma, cond, emb, ids)
-    if mode == "fd":
-        s2 = score(disc(x_real + fd_eps * fd_noise, sigma, cond, emb, ids))
-        return (s2 - score(logits_real)).float().square().mean() / fd_eps ** 2, logits_real
-    return torch.zeros((), device=x_real.device), logits_real
 
 # -----------------------------------------------------------------------------
 # SM3 optimiser (Anil et al. 2019, SM3-II)
 
 
 class SM3(torch.optim.Optimizer):
-    """SM3-II: per tensor of shape (n_1..n_k) one accumulator per dimension (O(sum n_i) memory; 0/1-D tensors:
-    one per element). nu = min_r mu_r[i_r] + g^2 (beta2 = 0) or beta2 * min_r mu_r[i_r] + (1-beta2) g^2 (EMA variant,
-    here bias-corrected like Adam); mu_r = max of nu over the other dims; update u = g / sqrt(nu + eps);
-    momentum m = beta1 m + (1-beta1) u (a full-size buffer); p -= lr (m + weight_decay p).
-    eps = 1e-16 under the square root (Adam's 1e-8 outside it) keeps gradients that are pure rounding noise (e.g. a
-    bias whose hinge terms cancel) from taking full-size sign steps; the reference code uses 1e-30."""
+    """SM3-II (Anil et al. 2019): per tensor of shape (n_1..n_k) one accumulator per dimension, mu_r (n_r,) (O(sum n_i)
+    memory; 0/1-D tensors: one per element). With nu_min = min_r mu_r[i_r] (the cover's minimum):
+      plain (the reference update): nu = nu_min + g^2 (beta2 = 0, SM3-II: mu_r = max of nu over the other dims), or
+            nu = beta2 nu_min + (1 - beta2) g^2 (beta2 > 0, the EMA of the reference ports: mu_r = max(mu_r, that max));
+            u = g / sqrt(nu + eps).
+      debiased: nu as above, mu_r = max of nu over the other dims (may shrink), u = g / sqrt(nu / (1 - beta2^t) + eps)
+            (Adam's bias correction).
+    Then momentum m = beta1 m + (1 - beta1) u (a full-size buffer), p -= lr (m + weight_decay p).
+    eps = 1e-16 under the square root (the reference uses 1e-30) keeps gradients that are pure rounding noise (e.g. a
+    bias whose hinge terms cancel) from taking full-size sign steps."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.5, 0.999), eps=1e-16, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    def __init__(self, params, lr=1e-3, betas=(0.5, 0.999), eps=1e-16, weight_decay=0.0, variant="plain"):
+        if variant not in ("plain", "debiased"):
+            raise ValueError(f"unknown SM3 variant {variant!r} (plain | debiased)")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, variant=variant))
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            plain = group["variant"] == "plain"
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -220,16 +233,11 @@ class SM3(torch.optim.Optimizer):
                 nu = accs[0]
                 for a in accs[1:]:
                     nu = torch.minimum(nu, a)                               # broadcast: min over the cover
-                if beta2 > 0:
-                    nu = beta2 * nu + (1 - beta2) * g.square()
-                else:
-                    nu = nu + g.square()
-                if g.ndim <= 1:
-                    accs[0].copy_(nu)
-                else:
-                    for r, a in enumerate(accs):
-                        a.copy_(nu.amax(dim=[d for d in range(g.ndim) if d != r], keepdim=True))
-                denom = nu / (1 - beta2 ** st["step"].item()) if beta2 > 0 else nu
+                nu = beta2 * nu + (1 - beta2) * g.square() if beta2 > 0 else nu + g.square()
+                for r, a in enumerate(accs):
+                    new = nu if g.ndim <= 1 else nu.amax(dim=[d for d in range(g.ndim) if d != r], keepdim=True)
+                    a.copy_(torch.maximum(a, new) if plain and beta2 > 0 else new)
+                denom = nu if plain or beta2 == 0 else nu / (1 - beta2 ** st["step"].item())
                 u = g / (denom + group["eps"]).sqrt()
                 if beta1 > 0:
                     u = st["momentum"].mul_(beta1).add_(u, alpha=1 - beta1)
@@ -240,7 +248,8 @@ class SM3(torch.optim.Optimizer):
 
 def make_optimizer(args, params, lr):
     if args.optimizer == "sm3":
-        return SM3(params, lr=lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+        return SM3(params, lr=lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
+                   variant=args.sm3_variant)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     raise ValueError(f"unknown --optimizer {args.optimizer!r} (sm3 | adamw)")
@@ -309,6 +318,21 @@ class SyntheticVideos:
 VIDEO_EXTS = (".mp4", ".webm", ".mov")
 
 
+def video_paths(root):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(VIDEO_EXTS))
+
+
+def probe_videos(root, index, rank=0, world=1):
+    """The probe index {path: {n, fps} | {error}} of every video under root: entries missing from `index` are probed,
+    sharded over ranks and gathered, so no rank waits on a single prober. -> the merged index (same on all ranks)."""
+    todo = [p for p in video_paths(root) if p not in index][rank::world]
+    parts = [{p: VideoFolder.probe(p) for p in todo}]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, {p: VideoFolder.probe(p) for p in todo})
+    return {k: v for part in [index, *parts] for k, v in part.items()}
+
+
 class VideoFolder:
     """Videos under `root` read with PyAV: random clips of `frames` frames at `fps` (stride = round(src_fps / fps)),
     resized/centre-cropped. Corrupt or too-short files are skipped with a warning and recorded in self.skipped, at
@@ -318,7 +342,7 @@ class VideoFolder:
     def __init__(self, root, frames, fps, height, width, index=None):
         self.root, self.frames, self.fps, self.height, self.width = root, frames, fps, height, width
         self.items, self.skipped = [], []
-        for path in sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(VIDEO_EXTS)):
+        for path in video_paths(root):
             info = (index or {}).get(path) or self.probe(path)
             reason = info.get("error") or (None if info["n"] >= self.span(info["fps"]) else
                                            f"too short ({info['n']} frames < {self.span(info['fps'])})")
@@ -467,35 +491,50 @@ class StepBatches:
 # distributed helpers (torchrun env:// init; NCCL on GPU, gloo on CPU)
 
 
-def dist_setup(device_arg):
+def dist_setup(device_arg, timeout_min=120):
+    """torchrun env:// init with a `timeout_min` collective timeout (rank 0 alone saves/samples meanwhile)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     return rank, world, device
+
+
+def _buckets(tensors, bucket):
+    """Consecutive groups of same-dtype tensors of up to `bucket` elements."""
+    group = []
+    for t in list(tensors) + [None]:
+        if group and (t is None or t.dtype != group[0].dtype or sum(x.numel() for x in group) >= bucket):
+            yield group
+            group = []
+        if t is not None:
+            group.append(t)
+
+
+def _collective_(tensors, fn, bucket):
+    for group in _buckets(tensors, bucket):
+        flat = torch.cat([x.reshape(-1) for x in group])
+        fn(flat)
+        o = 0
+        for x in group:
+            x.copy_(flat[o:o + x.numel()].view_as(x))
+            o += x.numel()
 
 
 def all_reduce_mean(tensors, world, bucket=1 << 26):
     """Average tensors across ranks in place, in flat buckets of up to `bucket` elements."""
-    if world == 1:
-        return
-    group = []
-    for t in list(tensors) + [None]:
-        if t is not None:
-            group.append(t)
-        if group and (t is None or sum(x.numel() for x in group) >= bucket):
-            flat = torch.cat([x.reshape(-1) for x in group])
-            dist.all_reduce(flat)
-            flat /= world
-            o = 0
-            for x in group:
-                x.copy_(flat[o:o + x.numel()].view_as(x))
-                o += x.numel()
-            group = []
+    if world > 1:
+        _collective_(tensors, lambda flat: (dist.all_reduce(flat), flat.div_(world)), bucket)
+
+
+def broadcast_from_rank0(tensors, world, bucket=1 << 26):
+    """Overwrite tensors in place with rank 0's, in flat buckets."""
+    if world > 1:
+        _collective_(tensors, lambda flat: dist.broadcast(flat, src=0), bucket)
 
 
 def barrier(world):
@@ -523,7 +562,8 @@ class Trainer:
         self.G.gradient_checkpointing = args.grad_ckpt
         self.D = None
         if args.mode == "sfv":
-            self.D = Discriminator(self.G, args.disc_heads, args.head_channels, args.cmap_dim, args.cond_embed_dim).to(device)
+            self.D = Discriminator(self.G, args.disc_heads, args.head_channels, args.cmap_dim, args.cond_embed_dim,
+                                   args.disc_tap).to(device)
             if self.amp:
                 self.D.backbone.to(torch.bfloat16)
             self.D.backbone.gradient_checkpointing = args.grad_ckpt
@@ -541,7 +581,7 @@ class Trainer:
     # ---- per-sample randomness: a generator per (seed, step, global slot)
     def noise(self, step, keys, shape):
         a = self.args
-        out = {n: [] for n in ("s_g", "s_d", "eps", "eps_d", "fd", "drop")}
+        out = {n: [] for n in ("s_g", "s_d", "eps", "eps_d", "drop")}
         for k in keys:
             g = torch.Generator().manual_seed(sample_seed(a.seed, step, k, 3))
             if a.mode == "sfv":
@@ -553,33 +593,49 @@ class Trainer:
             out["eps"].append(torch.randn(shape, generator=g))
             if a.mode == "sfv":
                 out["eps_d"].append(torch.randn(shape, generator=g))
-                out["fd"].append(torch.randn(shape, generator=g))
         return {n: torch.stack(v).to(self.device).squeeze(-1) if n in ("s_g", "s_d", "drop") else torch.stack(v).to(self.device)
                 for n, v in out.items() if v}
 
-    def _finish(self, opt, params, lr):
-        """All-reduce gradients, clip, step. Returns the global grad norm (before clipping)."""
-        params = [p for p in params if p.grad is not None]
+    def r1_noise(self, step, keys, feats):
+        """The R1 direction n ~ N(0, I) over the heads' input features, per sample. feats: per level (B, ...)."""
+        gens = [torch.Generator().manual_seed(sample_seed(self.args.seed, step, k, 7)) for k in keys]
+        return [torch.stack([torch.randn(f.shape[1:], generator=g) for g in gens]).to(self.device) for f in feats]
+
+    def _finish(self, opt, params, lr, term=None):
+        """All-reduce gradients, clip, step. Returns {"": global grad norm before clipping}; with `term` (one loss
+        term's gradient, aligned with params) also {"_rec": its global norm, "_adv": the norm of the rest}."""
+        keep = [i for i, p in enumerate(params) if p.grad is not None]
+        params = [params[i] for i in keep]
         all_reduce_mean([p.grad for p in params], self.world)
+        norms = {}
+        if term is not None:
+            term = [term[i] for i in keep]
+            all_reduce_mean(term, self.world)
+            norms["_rec"] = torch.stack([t.square().sum() for t in term]).sum().sqrt().item()
+            norms["_adv"] = torch.stack([(p.grad - t).square().sum() for p, t in zip(params, term)]).sum().sqrt().item()
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip if self.args.grad_clip > 0 else float("inf"))
+        norms[""] = norm.item()
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return norm.item()
+        return norms
 
     def lr(self, base):
         w = self.args.warmup
         return base * min(1.0, (self.step_num + 1) / w) if w > 0 else base
 
-    def step(self, micros):
+    def g_step(self, micros, log_terms=False):
+        """Generator step (the D heads frozen; gradients flow through D to x0_hat). Returns (metrics, detached fakes).
+        log_terms (sfv): also the gradient norms of the adversarial and the weighted reconstruction term."""
         a, n_micro = self.args, len(micros)
         m = {}
         add = lambda k, v: m.__setitem__(k, m.get(k, 0.0) + float(v) / n_micro)
         fakes = []
-        # ---- generator step (D heads frozen; gradients still flow through D to x0_hat)
         if self.D is not None:
             self.D.requires_grad_(False)
+        params = list(self.G.parameters())
+        term = [torch.zeros_like(p) for p in params] if log_terms and a.log_term_grads and self.D is not None else None
         for mb in micros:
             x0, cond, emb = mb["latents"].to(self.device).float(), mb["cond"].to(self.device), mb["image_embeds"].to(self.device)
             B = x0.shape[0]
@@ -599,44 +655,75 @@ class Trainer:
                     sd = nz["s_d"].view(B, 1, 1, 1, 1)
                     logits_f = self.D(x0_hat + sd * nz["eps_d"], nz["s_d"], cond, emb, ids)
                     adv = hinge_g_loss(logits_f)
-                    rec = pseudo_huber(x0_hat, x0, a.huber_c)
+                    rec = pseudo_huber(x0_hat, x0, a.huber_c, a.huber_form)
                     loss = adv + a.recon_weight * rec
                     add("loss_g", loss.item()), add("adv_g", adv.item()), add("recon", rec.item())
                     fakes.append(x0_hat.detach())
+            if term is not None:
+                grads = torch.autograd.grad(a.recon_weight * rec / n_micro, params, retain_graph=True, allow_unused=True)
+                for t, g in zip(term, grads):
+                    if g is not None:
+                        t.add_(g)
             (loss / n_micro).backward()
-        m["grad_norm_g"] = self._finish(self.opt_g, self.G.parameters(), self.lr(a.lr_g))
+        norms = self._finish(self.opt_g, params, self.lr(a.lr_g), term)
+        m.update({"grad_norm_g" + k: v for k, v in norms.items()})
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.G.parameters()):
                 e.lerp_(p.detach().to(e.dtype), 1 - a.ema)
         m["lr_g"] = self.lr(a.lr_g)
-        # ---- discriminator step
+        return m, fakes
+
+    def d_step(self, micros, fakes):
+        """Discriminator step on the heads: hinge on real and fake (the same sigma' and eps') + gamma * R1(real).
+        The frozen backbone runs without a graph; the generator is not touched. Returns metrics."""
+        a, n_micro = self.args, len(micros)
+        m = {}
+        add = lambda k, v: m.__setitem__(k, m.get(k, 0.0) + float(v) / n_micro)
+        for p in self.D.head_parameters():
+            p.requires_grad_(True)
+        for mb, fake in zip(micros, fakes):
+            x0, cond, emb = mb["latents"].to(self.device).float(), mb["cond"].to(self.device), mb["image_embeds"].to(self.device)
+            B, T = x0.shape[:2]
+            nz = self.noise(self.step_num, mb["keys"], x0.shape[1:])
+            ids = self.ids.expand(B, -1)
+            sd = nz["s_d"].view(B, 1, 1, 1, 1)
+            with torch.no_grad(), self.autocast():
+                f_real = self.D.features(x0 + sd * nz["eps_d"], nz["s_d"], cond, emb, ids)
+                f_fake = self.D.features(fake + sd * nz["eps_d"], nz["s_d"], cond, emb, ids)
+            c = self.D.condition(emb, nz["s_d"], T)
+            n = self.r1_noise(self.step_num, mb["keys"], f_real) if a.r1 != "off" else None
+            r1, logits_r = r1_penalty(self.D, f_real, c, n, a.r1, a.r1_fd_eps)
+            logits_f = self.D.heads(f_fake, c)
+            ld = hinge_d_loss(logits_r, logits_f)
+            ((ld + a.r1_gamma * r1) / n_micro).backward()
+            add("loss_d", ld.item()), add("r1", r1.item())
+            add("d_real", score(logits_r).mean().item()), add("d_fake", score(logits_f).mean().item())
+        m["grad_norm_d"] = self._finish(self.opt_d, self.D.head_parameters(), self.lr(a.lr_d))[""]
+        m["lr_d"] = self.lr(a.lr_d)
+        return m
+
+    def step(self, micros, log_terms=False):
+        """One iteration: G step, then (sfv) D step on the G step's fakes. Returns rank-averaged metrics."""
+        m, fakes = self.g_step(micros, log_terms)
         if self.D is not None:
-            for p in self.D.head_parameters():
-                p.requires_grad_(True)
-            for mb, fake in zip(micros, fakes):
-                x0, cond, emb = mb["latents"].to(self.device).float(), mb["cond"].to(self.device), mb["image_embeds"].to(self.device)
-                B = x0.shape[0]
-                nz = self.noise(self.step_num, mb["keys"], x0.shape[1:])
-                ids = self.ids.expand(B, -1)
-                sd = nz["s_d"].view(B, 1, 1, 1, 1)
-                x_real = (x0 + sd * nz["eps_d"]).requires_grad_(a.r1 == "exact")
-                with self.autocast():
-                    r1, logits_r = r1_penalty(self.D, x_real, nz["s_d"], cond, emb, ids, a.r1, nz["fd"], a.r1_fd_eps)
-                    logits_f = self.D(fake + sd * nz["eps_d"], nz["s_d"], cond, emb, ids)
-                    ld = hinge_d_loss(logits_r, logits_f)
-                    loss = ld + a.r1_gamma * r1
-                (loss / n_micro).backward()
-                add("loss_d", ld.item()), add("r1", r1.item())
-                add("d_real", score(logits_r).mean().item()), add("d_fake", score(logits_f).mean().item())
-            m["grad_norm_d"] = self._finish(self.opt_d, self.D.head_parameters(), self.lr(a.lr_d))
-            m["lr_d"] = self.lr(a.lr_d)
+            m.update(self.d_step(micros, fakes))
         self.step_num += 1
-        # global metrics: average over ranks
+        # global metrics: average over ranks (gradient norms are global already)
         keys = sorted(k for k in m if not k.startswith(("lr_", "grad_norm")))
         t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
         all_reduce_mean([t], self.world)
         m.update(zip(keys, t.tolist()))
+        if "r1" in m:
+            r = self.args.r1_gamma * m["r1"]
+            m["r1_share"] = r / (m["loss_d"] + r) if m["loss_d"] + r > 0 else 0.0   # gamma R1 / L_D
         return m
+
+    def broadcast_from_rank0(self):
+        """Copy rank 0's G, EMA and D heads to every rank (fresh heads need not rely on identical RNG streams)."""
+        ts = [*self.G.state_dict().values(), *self.ema.state_dict().values()]
+        if self.D is not None:
+            ts += list(self.D.head_state_dict().values())
+        broadcast_from_rank0(ts, self.world)
 
     # ---- checkpoints
     def state_dict(self):
@@ -689,7 +776,7 @@ def move_frozen(svd, device, dtype):
 @torch.no_grad()
 def encode_videos(svd, video, args, keys, seed_keys, device):
     """video (B, T, 3, H, W) in [-1, 1] -> latents (B,T,4,h,w) (posterior mean * scale), cond (B,4,h,w) of the
-    noise-augmented first frame, image_embeds (B, D) of the clean first frame (notes sec. 5)."""
+    noise-augmented first frame, image_embeds (B, D) of the clean first frame (SVD's conditioning, Blattmann et al. 2023)."""
     B, T = video.shape[:2]
     dt = svd.clip.conv1.weight.dtype
     video = video.to(device)
@@ -738,8 +825,11 @@ def write_video(frames, path, fps):
 
 
 def bench_memory(args):
-    """One SF-V step of a randomly initialised UNet (--bench-config) at --bench-shape from cached latents (VAE/CLIP
-    never touch the GPU), with the memory flags as given (default: bf16 autocast, gradient checkpointing, SM3)."""
+    """Two SF-V steps of a randomly initialised UNet (--bench-config) at --bench-shape from cached latents (VAE/CLIP
+    never touch the GPU), with the memory flags as given (default: bf16 autocast, gradient checkpointing, SM3). The
+    second step has optimiser state and logs the per-term gradient norms (the costliest step). On CUDA returns
+    {"peak_gib": torch.cuda.max_memory_allocated, losses...}; on CPU peak_gib is None (there is no per-step peak to
+    read, only the process's lifetime RSS), so a CPU run only checks that the benchmarked step runs."""
     T, H, W = (int(v) for v in args.bench_shape.split("x"))
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     cfg = CONFIGS[args.bench_config]
@@ -753,19 +843,20 @@ def bench_memory(args):
     B, h, w = args.batch_size, H // 8, W // 8
     batch = {"latents": torch.randn(B, T, 4, h, w), "cond": torch.randn(B, 4, h, w),
              "image_embeds": torch.randn(B, cfg.unet.context_dim), "keys": list(range(B))}
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(2):                                                     # step 2: optimiser state exists
         t = time.time()
-        m = tr.step([batch] * args.grad_accum)
-        if device.type == "cuda":
+        m = tr.step([batch] * args.grad_accum, log_terms=i == 1)
+        if cuda:
             torch.cuda.synchronize()
-        print(f"step {i}: {time.time() - t:.2f} s, peak {peak_memory_gb(device):.2f} GiB, "
-              f"loss_g {m['loss_g']:.4g}, loss_d {m['loss_d']:.4g}")
-    what = "GPU memory (torch.cuda.max_memory_allocated)" if device.type == "cuda" else "process RSS (CPU run)"
-    print(f"peak {what} of one SF-V step, {args.bench_config} UNet, {T}x{H}x{W}, batch {B}: "
-          f"{peak_memory_gb(device):.2f} GiB (target on one GPU: < 40 GB)")
-    return peak_memory_gb(device)
+        print(f"step {i}: {time.time() - t:.2f} s, " + (f"peak {peak_memory_gb(device):.2f} GiB, " if cuda else "")
+              + f"loss_g {m['loss_g']:.4g}, loss_d {m['loss_d']:.4g}, r1_share {m['r1_share']:.3g}")
+    peak = peak_memory_gb(device) if cuda else None
+    print(f"peak GPU memory (torch.cuda.max_memory_allocated) of one SF-V step, {args.bench_config} UNet, {T}x{H}x{W}, "
+          f"batch {B}: " + (f"{peak:.2f} GiB (target on one GPU: < 40 GB)" if cuda else "not measured (CPU run)"))
+    return {"peak_gib": peak, **m}
 
 
 # -----------------------------------------------------------------------------
@@ -778,11 +869,26 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20          # Linux: KiB -> GiB (process RSS)
 
 
+MODEL_ARGS = ("mode", "init", "disc_heads", "head_channels", "cmap_dim", "cond_embed_dim", "disc_tap", "bf16",
+              "optimizer", "sm3_variant")          # define the networks or the optimiser state; a resume must keep them
+
+
+def resume_mismatch(saved_json, args):
+    """The first model-defining argument whose saved value differs from this run's, as a phrase; None if all agree
+    (arguments the saved run did not record are not compared)."""
+    saved = json.loads(saved_json) if saved_json else {}
+    for k in MODEL_ARGS:
+        if k in saved and saved[k] != getattr(args, k):
+            flag = "--" + k.replace("_", "-")
+            return f"the saved run has {flag} {saved[k]}, this run {flag} {getattr(args, k)}"
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.bench_memory:
         return bench_memory(args)
-    rank, world, device = dist_setup(args.device)
+    rank, world, device = dist_setup(args.device, args.dist_timeout)
     master = rank == 0
     os.makedirs(args.out, exist_ok=True)
 
@@ -798,16 +904,14 @@ def main(argv=None):
         assert H == W, "synthetic videos are square"
         source = SyntheticVideos(args.synthetic_size, T, H, args.seed)
     else:
-        index_path = os.path.join(args.out, "video_index.json")   # probe results, so other ranks/resumes skip the scan
-        if not master:
-            barrier(world)
-        index = json.load(open(index_path)) if os.path.exists(index_path) else None
+        index_path = os.path.join(args.out, "video_index.json")   # probe results, so resumes skip the scan
+        index = probe_videos(args.data, json.load(open(index_path)) if os.path.exists(index_path) else {}, rank, world)
         source = VideoFolder(args.data, T, args.fps, H, W, index)
+        barrier(world)                                            # every rank has read the old index file
         if master:
             with open(index_path + ".tmp", "w") as f:
                 json.dump(source.index, f)
             os.replace(index_path + ".tmp", index_path)
-            barrier(world)
     if args.init in CONFIGS and cfg.vae.space_to_depth:   # a fresh toy latent: fit its linear autoencoder on the data
         svd.fit_linear_latent(torch.cat([source.get(i, args.seed)["video"] for i in range(min(64, len(source)))]))
     if args.cache:
@@ -828,6 +932,9 @@ def main(argv=None):
     skipped_run = 0
     if args.resume and os.path.exists(state_path):
         st = torch.load(state_path, map_location="cpu", weights_only=True)
+        diff = resume_mismatch(st.get("args"), args)
+        if diff and not args.resume_any_args:
+            raise SystemExit(f"train.py: error: --resume: {diff} (start a new --out, or pass --resume-any-args)")
         tr.load_state_dict(st)
         skipped_run = tr.skipped_run
         if master and os.path.exists(log_path):                          # drop log lines after the checkpoint
@@ -839,6 +946,8 @@ def main(argv=None):
             print(f"resumed from {state_path} at step {tr.step_num}")
     elif master and os.path.exists(log_path):
         os.remove(log_path)
+
+    tr.broadcast_from_rank0()                                         # every rank starts from rank 0's weights
 
     # ---- fixed sample conditioning: the first num_samples items, fixed seeds
     sample_cond = None
@@ -882,7 +991,7 @@ def main(argv=None):
                 mb.update(encode_videos(svd, mb["video"], args, mb["keys"], (args.seed, tr.step_num), device))
             micros.append(mb)
         tr.skipped_run = skipped_run
-        m = tr.step(micros)
+        m = tr.step(micros, log_terms=(tr.step_num + 1) % args.log_every == 0 or tr.step_num + 1 == args.max_steps)
         step, steps_since = tr.step_num, steps_since + 1
         if step % args.log_every == 0 or step == args.max_steps:
             n_skip = torch.tensor([float(skipped_run)], device=device)
@@ -900,7 +1009,7 @@ def main(argv=None):
             tr.save(args.out, T, H, W)
         if master and sample_cond is not None and step % args.sample_every == 0:
             save_samples(step)
-        barrier(world)
+        barrier(world)                                                    # others wait here (--dist-timeout)
     pbar.close()
     if log:
         log.close()
