@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 import load_svd
 import sample
 import train
-from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, score
+from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
 from load_svd import LoadError
 from model import CONFIGS, SVD, edm_precondition
 import evaluate as E
@@ -989,6 +989,7 @@ def test_download_errors(tmp_path):
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 SMALL_D = ["--head-channels", "32", "--cmap-dim", "16", "--cond-embed-dim", "32"]
+DEFAULT_D = ["--head-channels", "256", "--cmap-dim", "64", "--cond-embed-dim", "128"]   # train.py's defaults
 COMMON = ["--init", "tiny", "--data", "synthetic", "--workers", "0", "--log-every", "1", "--sample-every", "0"] + SMALL_D
 LOSS_KEYS = ["loss_g", "adv_g", "recon", "loss_d", "r1", "d_real", "d_fake", "grad_norm_g", "grad_norm_d"]
 
@@ -1054,8 +1055,11 @@ def test_sigma_samplers_match_targets():
 def test_losses():
     x = torch.zeros(2, 3)
     y = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
-    # per sample sqrt(mean d^2 + c^2) - c, mean over the batch
-    assert train.pseudo_huber(x, y, 1.0).item() == pytest.approx(((25 / 3 + 1) ** 0.5 - 1) / 2, rel=1e-6)
+    # the paper's form: per sample sqrt(||d||^2 + c^2) - c, mean over the batch (the default)
+    assert train.pseudo_huber(x, y, 1.0).item() == pytest.approx(((25 + 1) ** 0.5 - 1) / 2, rel=1e-6)
+    # the per-element mean form: sqrt(mean d^2 + c^2) - c
+    assert train.pseudo_huber(x, y, 1.0, "mean").item() == pytest.approx(((25 / 3 + 1) ** 0.5 - 1) / 2, rel=1e-6)
+    assert train.parse_args([]).huber_form == "norm"
     real, fake = [torch.tensor([[2.0, 0.0]])], [torch.tensor([[-2.0, 0.5]])]
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 + 0.75)  # relu(1-[2,0]) + relu(1+[-2,.5])
     assert hinge_g_loss(fake).item() == pytest.approx(0.75)
@@ -1074,14 +1078,72 @@ def test_sm3_first_step_and_memory():
     assert torch.allclose(b.detach(), b0 - 0.1 * gb.sign())
     st = opt.state[p]
     assert sum(v.numel() for k, v in st.items() if k.startswith("acc")) == 6 + 5 + 3   # O(sum of dims)
-    # it minimises a quadratic with the paper's betas
-    w = torch.nn.Parameter(torch.full((4, 4), 3.0))
-    opt = train.SM3([w], lr=0.1, betas=(0.5, 0.999))
-    for _ in range(100):
-        opt.zero_grad()
-        (w ** 2).sum().backward()
+    # it minimises a quadratic with the paper's betas, in both variants
+    for variant in ("plain", "debiased"):
+        w = torch.nn.Parameter(torch.full((4, 4), 3.0))
+        opt = train.SM3([w], lr=0.1, betas=(0.5, 0.999), variant=variant)
+        for _ in range(100):
+            opt.zero_grad()
+            (w ** 2).sum().backward()
+            opt.step()
+        assert (w ** 2).sum().item() < 0.5, variant
+    # with beta2 = 0.999 the plain (reference) first step is 1/sqrt(1 - beta2) ~ 31.6x the bias-corrected one
+    steps = {}
+    for variant in ("plain", "debiased"):
+        w = torch.nn.Parameter(torch.ones(3, 2))
+        opt = train.SM3([w], lr=0.01, betas=(0.0, 0.999), variant=variant)
+        (w * torch.tensor([[1.0, -2.0], [0.5, 3.0], [-1.0, 1.0]])).sum().backward()
         opt.step()
-    assert (w ** 2).sum().item() < 0.5
+        steps[variant] = (1 - w.detach()).abs()
+    assert torch.allclose(steps["plain"] / steps["debiased"], torch.full((3, 2), 1000 ** 0.5), rtol=1e-3)
+
+
+def sm3_reference(shape, grads, lr, beta1, beta2, eps):
+    """SM3-II as stated by Anil et al. 2019 (Alg. SM3-II), element by element in float64, with the EMA and momentum
+    of the reference ports: for each index i, nu = beta2 * min_r mu_r[i_r] + (1 - beta2) g^2 (beta2 = 0: min + g^2);
+    mu_r[j] = max of nu over the slice i_r = j (beta2 > 0: and never below its old value); 0/1-D tensors keep one
+    accumulator per element; m = beta1 m + (1 - beta1) g / sqrt(nu + eps); p -= lr m."""
+    import itertools
+    idx = list(itertools.product(*[range(n) for n in shape]))
+    per_dim = len(shape) > 1
+    mu = [[0.0] * n for n in shape] if per_dim else {i: 0.0 for i in idx}
+    m, p, out = {i: 0.0 for i in idx}, {i: 0.0 for i in idx}, []
+    for g in grads:
+        g = {i: float(g[i]) for i in idx}
+        nu = {}
+        for i in idx:
+            low = min(mu[r][i[r]] for r in range(len(shape))) if per_dim else mu[i]
+            nu[i] = beta2 * low + (1 - beta2) * g[i] ** 2 if beta2 > 0 else low + g[i] ** 2
+        if per_dim:
+            new = [[0.0] * n for n in shape]
+            for i in idx:
+                for r in range(len(shape)):
+                    new[r][i[r]] = max(new[r][i[r]], nu[i])
+            mu = [[max(o, n) if beta2 > 0 else n for o, n in zip(old, nw)] for old, nw in zip(mu, new)]
+        else:
+            mu = {i: max(mu[i], nu[i]) if beta2 > 0 else nu[i] for i in idx}
+        for i in idx:
+            m[i] = beta1 * m[i] + (1 - beta1) * g[i] / math.sqrt(nu[i] + eps)
+            p[i] -= lr * m[i]
+        out.append(np.array([p[i] for i in idx]).reshape(shape))
+    return out
+
+
+@pytest.mark.parametrize("betas", [(0.5, 0.999), (0.0, 0.0), (0.9, 0.0)])
+def test_sm3_plain_matches_reference_update(betas):
+    g = torch.Generator().manual_seed(1)
+    for shape in [(4, 3), (2, 3, 2), (5,), ()]:
+        # gradients of varying scale, so accumulators rise and (SM3-II with beta2 = 0) can fall per slice
+        grads = [torch.randn(shape, generator=g, dtype=torch.float64) * 10 ** torch.empty(()).uniform_(-2, 1, generator=g)
+                 for _ in range(6)]
+        w = torch.nn.Parameter(torch.zeros(shape))
+        opt = train.SM3([w], lr=0.01, betas=betas, eps=1e-16, variant="plain")
+        ref = sm3_reference(shape, [x.numpy() for x in grads], 0.01, *betas, 1e-16)
+        for step, (gr, r) in enumerate(zip(grads, ref)):
+            w.grad = gr.float()
+            opt.step()
+            np.testing.assert_allclose(w.detach().double().numpy(), r, rtol=2e-5, atol=1e-7, err_msg=f"{shape} {step}")
+    assert train.parse_args([]).sm3_variant == "plain"
 
 # -----------------------------------------------------------------------------
 # discriminator
@@ -1093,19 +1155,33 @@ def test_discriminator_heads_and_ablation():
     B, T = 2, 4
     x, cond, emb = torch.randn(B, T, 4, 8, 8), torch.randn(B, 4, 8, 8), torch.randn(B, 32)
     ids, s = torch.tensor([[6.0, 127.0, 0.02]] * B), torch.tensor([0.3, 2.0])
-    hw = [64, 16, 4, 1]                                                  # latent 8x8 over 4 levels
-    for heads, n in [("both", 8), ("spatial", 4), ("temporal", 4)]:
-        D = Discriminator(unet, heads, hidden=32, cmap_dim=16, embed_dim=32)
-        logits = D(x, s, cond, emb, ids)
-        assert len(logits) == n
-        assert [l.shape for l in logits] == [(B, T * h) for h in hw for _ in range(n // 4)]
-        assert not any(p.requires_grad for p in D.backbone.parameters())
-        assert all(p.requires_grad for p in D.head_parameters())
-        assert not hasattr(D.backbone, "output_blocks") and not hasattr(D.backbone, "middle_block")
-    # the backbone is a copy: its features equal the UNet's encoder
-    ref = unet.encode_levels(torch.cat([x, cond[:, None].expand(-1, T, -1, -1, -1)], 2), torch.zeros(B), emb, ids)
-    got = D.backbone.encode_levels(torch.cat([x, cond[:, None].expand(-1, T, -1, -1, -1)], 2), torch.zeros(B), emb, ids)
-    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    # latent 8x8 over 4 levels: before the downsample 8, 4, 2, 1; after it 4, 2, 1 and the last level's own 1
+    for tap, hw in [("after", [16, 4, 1, 1]), ("before", [64, 16, 4, 1])]:
+        for heads, n in [("both", 8), ("spatial", 4), ("temporal", 4)]:
+            D = Discriminator(unet, heads, hidden=32, cmap_dim=16, embed_dim=32, tap=tap)
+            logits = D(x, s, cond, emb, ids)
+            assert len(logits) == n
+            assert [l.shape for l in logits] == [(B, T * h) for h in hw for _ in range(n // 4)]
+            assert not any(p.requires_grad for p in D.backbone.parameters())
+            assert all(p.requires_grad for p in D.head_parameters())
+            assert not hasattr(D.backbone, "output_blocks") and not hasattr(D.backbone, "middle_block")
+    assert train.parse_args([]).disc_tap == "after"
+    # the backbone is a copy of the UNet's encoder; "before" = encode_levels, "after" = the output of each level's
+    # Downsample block inside the UNet (caught with hooks on the original UNet), the last level's own output
+    _, _, c_in, c_noise = edm_precondition(s)
+    inp = torch.cat([c_in.view(B, 1, 1, 1, 1) * x, cond[:, None].expand(-1, T, -1, -1, -1)], 2)
+    seen = []
+    hooks = [unet.input_blocks[e + 1][0].register_forward_hook(lambda m, i, o: seen.append(o)) for e in unet.level_ends[:-1]]
+    ref = unet.encode_levels(inp, c_noise, emb, ids)
+    for h in hooks:
+        h.remove()
+    before = Discriminator(unet, "both", 32, 16, 32, tap="before").features(x, s, cond, emb, ids)
+    after = Discriminator(unet, "both", 32, 16, 32, tap="after").features(x, s, cond, emb, ids)
+    assert all(torch.equal(a, b) for a, b in zip(ref, before))
+    assert len(seen) == 3
+    for a, b in zip(after[:3], seen):
+        assert torch.allclose(a.flatten(0, 1), b, atol=1e-6)
+    assert torch.equal(after[3], ref[3])
     # per-sample: a sample's logits do not depend on the rest of the batch (needed for DDP == 1 process)
     D = Discriminator(unet, "both", hidden=32, cmap_dim=16, embed_dim=32)
     l2 = score(D(x, s, cond, emb, ids))
@@ -1116,32 +1192,154 @@ def test_discriminator_heads_and_ablation():
     assert not torch.allclose(score(Dt(x, s, cond, emb, ids)), score(Dt(x.flip(1), s, cond, emb, ids)), atol=1e-4)
 
 
-def test_r1_exact_and_finite_difference_agree():
+def test_heads_fp32_under_bf16_autocast():
     torch.manual_seed(0)
-    unet = SVD(CONFIGS["tiny"]).unet
-    D = Discriminator(unet, "both", hidden=32, cmap_dim=16, embed_dim=32)
-    n = 48                                                                # one real sample, n perturbations
-    x = torch.randn(1, 4, 4, 8, 8).expand(n, -1, -1, -1, -1).clone().requires_grad_(True)
-    cond, emb = torch.randn(1, 4, 8, 8).expand(n, -1, -1, -1), torch.randn(1, 32).expand(n, -1)
-    ids, s = torch.tensor([[6.0, 127.0, 0.02]]).expand(n, -1), torch.full((n,), 0.5)
-    exact, _ = train.r1_penalty(D, x, s, cond, emb, ids, "exact")
-    exact.backward()                                                      # double backward reaches the heads
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.head_parameters() if p.ndim >= 2)
+    D = Discriminator(SVD(CONFIGS["tiny"]).unet, "both", hidden=32, cmap_dim=16, embed_dim=32)
+    B, T = 2, 4
+    x, cond, emb = torch.randn(B, T, 4, 8, 8), torch.randn(B, 4, 8, 8), torch.randn(B, 32)
+    ids, s = torch.tensor([[6.0, 127.0, 0.02]] * B), torch.tensor([0.3, 2.0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = D.features(x, s, cond, emb, ids)
+        c = D.condition(emb, s, T)
+        logits = D.heads(feats, c)
+        full = D(x, s, cond, emb, ids)
+    assert all(f.dtype == torch.bfloat16 for f in feats)                # the backbone did run under bf16 autocast
+    assert c.dtype == torch.float32 and all(l.dtype == torch.float32 for l in logits + full)
+    assert score(logits).dtype == torch.float32
+    # the heads' numbers under autocast are the fp32 numbers of the same (bf16) features
+    ref = D.heads([f.float() for f in feats], D.condition(emb, s, T))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(logits, ref))
+    # so R1's finite difference is fp32 too: it agrees with the exact value within the usual fd error
+    n = [torch.randn(f.shape) for f in feats]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fd, _ = r1_penalty(D, feats, c, n, "fd")
+    exact, _ = r1_penalty(D, feats, c, n, "exact")
+    assert fd.item() == pytest.approx(exact.item(), rel=0.1)
+
+
+def test_r1_exact_and_finite_difference_agree():
+    # default sizes and flags (head 256 channels, --r1-fd-eps): both modes estimate the same per-position quantity
+    tr, svd, args = tiny_trainer(DEFAULT_D)
+    mb = tiny_batch(svd, args)
+    D, B, T = tr.D, 2, mb["latents"].shape[1]
+    nz = tr.noise(0, mb["keys"], mb["latents"].shape[1:])
+    with torch.no_grad():
+        feats = D.features(mb["latents"] + nz["s_d"].view(-1, 1, 1, 1, 1) * nz["eps_d"], nz["s_d"], mb["cond"],
+                           mb["image_embeds"], tr.ids.expand(B, -1))
+    c = D.condition(mb["image_embeds"], nz["s_d"], T)
+    n = tr.r1_noise(0, mb["keys"], feats)
+    exact, logits = r1_penalty(D, feats, c, n, "exact")
+    fd, logits_fd = r1_penalty(D, feats, c, n, "fd", args.r1_fd_eps)
+    assert exact.item() > 0.1                                            # per position: O(1), not O(1 / positions)
+    assert fd.item() == pytest.approx(exact.item(), rel=0.1)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(logits, logits_fd))
+    # it is per position: E_n[(J n)_l^2] = ||d logit_l / d f||^2, checked on one head against the brute-force
+    # Jacobian (the mean over 64 directions n; one n has a large spread on 64 correlated positions)
+    head, f0 = D.spatial[0], feats[0][:1].float().contiguous()          # (1, T, C, 4, 4)
+    cs = c[:1].reshape(T, -1).detach()
+    J = torch.autograd.functional.jacobian(lambda f: head(f.reshape(T, *f.shape[2:]), cs).reshape(-1), f0)
+    per_pos = J.flatten(1).square().sum(1).mean()                        # mean_l ||d logit_l / d f||^2
+    g = torch.Generator().manual_seed(0)
+    est = torch.stack([torch.func.jvp(lambda f: head(f.reshape(T, *f.shape[2:]), cs), (f0,),
+                                      (torch.randn(f0.shape, generator=g),))[1].square().mean() for _ in range(64)])
+    assert est.mean().item() == pytest.approx(per_pos.item(), rel=0.15)
+    assert per_pos.item() > 10 * J.sum(0).square().sum().item() / J.shape[0] ** 2   # >> the mean logit's
+    # exact R1's gradient reaches the heads and the condition embedder, never the backbone
+    (args.r1_gamma * exact).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for name, p in D.named_parameters()
+               if not name.startswith("backbone.") and p.ndim >= 2)
     assert all(p.grad is None for p in D.backbone.parameters())
-    fd, _ = train.r1_penalty(D, x.detach(), s, cond, emb, ids, "fd", torch.randn(n, 4, 4, 8, 8), 1e-3)
-    assert exact.item() > 0
-    assert fd.item() == pytest.approx(exact.item(), rel=0.35)          # E[fd] = exact; n=48 samples of chi^2_1
+
+
+def test_r1_share_of_the_heads_gradient():
+    # tiny config, default heads, at init: gamma * R1 is a non-negligible part of L_D and its gradient on the heads is
+    # within [0.25, 4] x the hinge's (gamma 1e-5 on the mean logit gave ~1e-7 x)
+    tr, svd, args = tiny_trainer(DEFAULT_D)
+    mb = tiny_batch(svd, args)
+    _, fakes = tr.g_step([mb])
+    D, B, T = tr.D, 2, mb["latents"].shape[1]
+    for p in D.head_parameters():
+        p.requires_grad_(True)
+    nz = tr.noise(0, mb["keys"], mb["latents"].shape[1:])
+    sd, ids = nz["s_d"].view(-1, 1, 1, 1, 1), tr.ids.expand(B, -1)
+    with torch.no_grad():
+        f_real = D.features(mb["latents"] + sd * nz["eps_d"], nz["s_d"], mb["cond"], mb["image_embeds"], ids)
+        f_fake = D.features(fakes[0] + sd * nz["eps_d"], nz["s_d"], mb["cond"], mb["image_embeds"], ids)
+    c = D.condition(mb["image_embeds"], nz["s_d"], T)
+    r1, logits_r = r1_penalty(D, f_real, c, tr.r1_noise(0, mb["keys"], f_real), "exact")
+    hinge = hinge_d_loss(logits_r, D.heads(f_fake, c))
+    P = D.head_parameters()
+    norm = lambda gs: torch.stack([g.square().sum() for g in gs if g is not None]).sum().sqrt().item()
+    g_hinge = norm(torch.autograd.grad(hinge, P, retain_graph=True, allow_unused=True))
+    g_r1 = norm(torch.autograd.grad(args.r1_gamma * r1, P, allow_unused=True))
+    assert 0.25 < g_r1 / g_hinge < 4, (g_r1, g_hinge)
+    share = (args.r1_gamma * r1 / (hinge + args.r1_gamma * r1)).item()
+    assert 0.02 < share < 0.3, share
+
+
+def test_gradient_isolation():
+    tr, svd, args = tiny_trainer()
+    mb = tiny_batch(svd, args)
+    heads = tr.D.head_parameters()
+    # the G step: no head gradient is created or changed (sentinels survive); the generator gets gradients
+    for p in heads:
+        p.grad = torch.full_like(p, 7.0)
+    seen = []
+    finish = tr._finish
+    tr._finish = lambda opt, params, *a: (seen.append([p.grad is not None for p in params]), finish(opt, params, *a))[1]
+    _, fakes = tr.g_step([mb])
+    tr._finish = finish
+    # (cross-attention over one context token gets no q/k gradient, nor the 1x1 middle self-attention)
+    assert len(seen) == 1 and len(seen[0]) == len(list(tr.G.parameters())) and sum(seen[0]) > 0.8 * len(seen[0])
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in heads)
+    assert all(p.grad is None for p in tr.D.backbone.parameters())
+    assert all(not f.requires_grad for f in fakes)
+    # the D step: the generator's gradients and weights are not touched; the heads are updated
+    for p in heads:
+        p.grad = None
+    for p in tr.G.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    g0 = {k: v.clone() for k, v in tr.G.state_dict().items()}
+    h0 = [p.detach().clone() for p in heads]
+    tr.d_step([mb], fakes)
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in tr.G.parameters())
+    assert all(torch.equal(g0[k], v) for k, v in tr.G.state_dict().items())
+    assert sum(not torch.equal(a, p.detach()) for a, p in zip(h0, heads)) > 0.9 * len(heads)
+    assert all(p.grad is None for p in tr.D.backbone.parameters())
+
+
+def test_real_and_fake_share_sigma_and_eps(monkeypatch):
+    tr, svd, args = tiny_trainer()
+    mb = tiny_batch(svd, args)
+    calls = []
+    orig = Discriminator.features
+
+    def spy(self, x, sigma, *rest):
+        calls.append((x.detach().clone(), sigma.clone()))
+        return orig(self, x, sigma, *rest)
+    monkeypatch.setattr(Discriminator, "features", spy)
+    _, fakes = tr.g_step([mb])
+    tr.d_step([mb], fakes)
+    (x_gfake, s1), (x_real, s2), (x_fake, s3) = calls                  # G step fake, D step real, D step fake
+    assert torch.equal(s1, s2) and torch.equal(s2, s3)
+    assert not torch.equal(s2[:1], s2[1:])                               # per sample sigma'
+    eps_real, eps_fake = x_real - mb["latents"], x_fake - fakes[0]
+    assert torch.allclose(eps_real, eps_fake, atol=1e-4)                 # the same sigma' eps' added to both
+    assert torch.allclose(x_gfake, x_fake, atol=1e-6)                    # and the G step judged the same fake input
+    nz = tr.noise(0, mb["keys"], mb["latents"].shape[1:])
+    assert torch.allclose(eps_real, nz["s_d"].view(-1, 1, 1, 1, 1) * nz["eps_d"], atol=1e-4)
 
 
 def test_backbone_frozen_heads_and_generator_change():
-    tr, svd, args = tiny_trainer(["--r1", "exact", "--lr-g", "1e-3", "--lr-d", "1e-3"])
+    tr, svd, args = tiny_trainer(["--lr-g", "1e-3", "--lr-d", "1e-3"])
     mb = tiny_batch(svd, args)
     bb0 = {k: v.clone() for k, v in tr.D.backbone.state_dict().items()}
     heads0 = {k: v.clone() for k, v in tr.D.head_state_dict().items()}
     g0 = {k: v.clone() for k, v in tr.G.state_dict().items()}
     for _ in range(3):
-        m = tr.step([mb])
+        m = tr.step([mb], log_terms=True)
         assert all(math.isfinite(v) for v in m.values())
+        assert m["grad_norm_g_adv"] > 0 and m["grad_norm_g_rec"] > 0 and 0 < m["r1_share"] < 1
     assert all(torch.equal(bb0[k], v) for k, v in tr.D.backbone.state_dict().items())
     assert all(p.grad is None for p in tr.D.backbone.parameters())
     # every head weight moves (a final bias can legitimately get exactly zero gradient: with all hinge terms
@@ -1149,29 +1347,34 @@ def test_backbone_frozen_heads_and_generator_change():
     assert all(not torch.equal(heads0[k], v) for k, v in tr.D.head_state_dict().items() if v.ndim >= 2)
     changed = sum(not torch.equal(g0[k], v) for k, v in tr.G.state_dict().items())
     assert changed > 0.9 * len(g0)
-    # the adversarial loss alone reaches the generator through the frozen backbone
-    tr.args.recon_weight = 0.0
+    # the adversarial loss alone reaches the generator through the frozen backbone, and its gradient norm is the
+    # logged grad_norm_g_adv (the total minus the reconstruction term's gradient)
     tr.G.zero_grad()
     tr.D.requires_grad_(False)
-    nz = tr.noise(0, mb["keys"], mb["latents"].shape[1:])
+    nz = tr.noise(tr.step_num, mb["keys"], mb["latents"].shape[1:])
     from model import denoise
     x0_hat = denoise(tr.G, mb["latents"] + nz["s_g"].view(-1, 1, 1, 1, 1) * nz["eps"], nz["s_g"], mb["cond"], mb["image_embeds"], tr.ids.expand(2, -1))
-    hinge_g_loss(tr.D(x0_hat, nz["s_d"], mb["cond"], mb["image_embeds"], tr.ids.expand(2, -1))).backward()
+    sd = nz["s_d"].view(-1, 1, 1, 1, 1)
+    hinge_g_loss(tr.D(x0_hat + sd * nz["eps_d"], nz["s_d"], mb["cond"], mb["image_embeds"], tr.ids.expand(2, -1))).backward()
     assert tr.G.input_blocks[0][0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in tr.D.backbone.parameters())
+    adv = torch.stack([p.grad.square().sum() for p in tr.G.parameters() if p.grad is not None]).sum().sqrt().item()
+    tr.G.zero_grad()
+    m = tr.step([mb], log_terms=True)
+    assert m["grad_norm_g_adv"] == pytest.approx(adv, rel=1e-3)
 
 
 def test_few_steps_reduce_reconstruction_loss():
     # full SF-V step (adversarial term included); the random tiny D's gradients dwarf 0.1 x recon at init, so the
-    # reconstruction weight is raised to 30 to see the reconstruction path learn in a few steps (at 10 the adversarial
-    # noise still made single steps go up on some CPUs)
-    tr, svd, args = tiny_trainer(["--optimizer", "adamw", "--lr-g", "3e-4", "--grad-clip", "0", "--recon-weight", "30"])
+    # reconstruction weight is raised to 3 to see the reconstruction path learn in a few steps. Single steps may go
+    # up (the adversarial term is noise to it), so assert the trend with a margin
+    tr, svd, args = tiny_trainer(["--optimizer", "adamw", "--lr-g", "3e-4", "--grad-clip", "0", "--recon-weight", "3"])
     mb = tiny_batch(svd, args)
     recon = []
     for _ in range(10):
         tr.step_num = 0                                                   # same sigmas and noises every step
         recon.append(tr.step([mb])["recon"])
-    assert recon[-1] < 0.75 * recon[0] and all(b < a for a, b in zip(recon[3:], recon[4:])), recon
+    assert recon[-1] < 0.6 * recon[0] and sum(recon[-3:]) < 0.75 * sum(recon[:3]), recon
 
 
 def test_diffusion_mode_loss_decreases():
@@ -1303,22 +1506,24 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 
 
 def test_ddp_two_processes_match_one(tmp_path):
-    one = run_train(tmp_path / "one", "--max-steps", "2", "--batch-size", "2")
-    two = run_train(tmp_path / "two", "--max-steps", "2", "--batch-size", "1", torchrun=2)
+    # --sm3-variant debiased: DDP equivalence does not depend on the update formula, and plain SM3's early steps
+    # (~32 lr with beta2 0.999) turn this ill-conditioned random UNet's fp32 summation-order differences (below) into
+    # ~lr differences of most weights after two steps, which would blind the sharding check at the end
+    opt = ["--sm3-variant", "debiased"]
+    one = run_train(tmp_path / "one", "--max-steps", "2", "--batch-size", "2", *opt)
+    two = run_train(tmp_path / "two", "--max-steps", "2", "--batch-size", "1", *opt, torchrun=2)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2]
     for a, b in zip(one, two):
         for k in LOSS_KEYS:
             # The random tiny UNet's last level is 1x1 with 2 values per GroupNorm group, so its gradients are
             # ill-conditioned: per-sample gradients ~100x their sum, fp32 summation order shows at ~1e-3 (float64:
-            # 1e-9, checked), and after one update the gradient norm itself is chaotic. So: losses to 1e-4 (step 1)
-            # and 1e-3 (step 2, which inherits step 1's fp32 update differences); gradient norms at step 1 only.
-            # r1 (finite differences) is (D(x + delta) - D(x))^2 / eps^2: a difference of nearly equal logits, so the
-            # kernels' batch-size-dependent fp32 rounding (batch 2 vs 1 per process) shows at ~1e-3: 1e-2 for it.
+            # 1e-9, checked), and after one update the gradient norm itself is chaotic. So: losses and R1 to 1e-4
+            # (step 1) and 1e-3 (step 2, which inherits step 1's fp32 update differences); gradient norms at step 1.
             if k.startswith("grad_norm"):
                 if a["step"] == 1:
                     assert a[k] == pytest.approx(b[k], rel=1e-2), k
                 continue
-            rel = 1e-2 if k == "r1" else 1e-4 if a["step"] == 1 else 1e-3
+            rel = 1e-4 if a["step"] == 1 else 1e-3
             assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-5), (a["step"], k)
     sa, sb = (torch.load(d / "train_state.pt", weights_only=True) for d in (tmp_path / "one", tmp_path / "two"))
     # SM3 steps are ~lr * sign(g) early on, so an element whose fp32 gradient is rounding noise may step the other
@@ -1329,7 +1534,7 @@ def test_ddp_two_processes_match_one(tmp_path):
         d = torch.cat([(sa[part][k] - sb[part][k]).abs().flatten() for k in sa[part]])
         assert d.median() < 1e-2 * lr, part          # wrong sharding: most elements would differ by ~lr
     # and the global batch really holds two different samples: batch 1 on one process differs
-    train.main([*COMMON, "--out", str(tmp_path / "single"), "--max-steps", "1", "--batch-size", "1"])
+    train.main([*COMMON, "--out", str(tmp_path / "single"), "--max-steps", "1", "--batch-size", "1", *opt])
     assert read_log(tmp_path / "single")[0]["loss_g"] != pytest.approx(one[0]["loss_g"], rel=1e-3)
 
 
@@ -1341,9 +1546,31 @@ def test_help_documents_every_flag():
         assert "--" + name.replace("_", "-") in r.stdout, name
 
 
-def test_bench_memory_runs_on_cpu_smoke():
-    peak = train.main(["--bench-memory", "--bench-config", "tiny", "--bench-shape", "4x64x64", "--device", "cpu", *SMALL_D])
-    assert peak > 0
+def test_bench_memory_on_cpu_runs_the_full_step_and_invents_no_figure(capsys):
+    # a CPU has no per-step peak to read (ru_maxrss is the process's lifetime maximum), so the CPU run reports none and
+    # only proves that the benchmarked step is the full one (R1, per-term G gradients) and runs
+    r = train.main(["--bench-memory", "--bench-config", "tiny", "--bench-shape", "4x64x64", "--device", "cpu", *SMALL_D])
+    assert r["peak_gib"] is None and "not measured (CPU run)" in capsys.readouterr().out
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("loss_d", "r1", "r1_share", "grad_norm_g_adv", "grad_norm_g_rec"))
+
+
+def test_resume_refuses_changed_model_args(tmp_path):
+    out = tmp_path / "run"
+    train.main([*COMMON, "--out", str(out), "--max-steps", "1"])
+    rec = read_log(out)[0]                               # every logged step has R1's share and both G gradient norms
+    assert 0.01 < rec["r1_share"] < 0.5 and rec["grad_norm_g_adv"] > 0 and rec["grad_norm_g_rec"] > 0
+    st = json.loads(torch.load(out / "train_state.pt", weights_only=True)["args"])
+    assert st["disc_tap"] == "after" and st["init"] == "tiny"
+    with pytest.raises(SystemExit, match=re.escape("train.py: error: --resume: the saved run has --disc-tap after, this "
+                                                   "run --disc-tap before (start a new --out, or pass --resume-any-args)")):
+        train.main([*COMMON, "--out", str(out), "--max-steps", "2", "--resume", "--disc-tap", "before"])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *COMMON, "--out", str(out), "--max-steps", "2",
+                        "--resume", "--head-channels", "64"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("train.py: error: --resume: the saved run has --head-channels 32, this run "
+                                                 "--head-channels 64 (start a new --out, or pass --resume-any-args)")
+    train.main([*COMMON, "--out", str(out), "--max-steps", "2", "--resume", "--disc-tap", "before", "--resume-any-args"])
+    assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
 def test_diffusion_mode_end_to_end(tmp_path):

@@ -891,6 +891,13 @@ def main(argv=None):
     rank, world, device = dist_setup(args.device, args.dist_timeout)
     master = rank == 0
     os.makedirs(args.out, exist_ok=True)
+    state_path, log_path = os.path.join(args.out, "train_state.pt"), os.path.join(args.out, "log.jsonl")
+    st = None
+    if args.resume and os.path.exists(state_path):                     # refuse a changed model before building it
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        diff = resume_mismatch(st.get("args"), args)
+        if diff and not args.resume_any_args:
+            raise SystemExit(f"train.py: error: --resume: {diff} (start a new --out, or pass --resume-any-args)")
 
     # ---- models (same seed on every rank: identical init; the resume state overrides it)
     torch.manual_seed(args.seed)
@@ -928,14 +935,10 @@ def main(argv=None):
 
     # ---- trainer, resume
     tr = Trainer(args, svd, device, rank, world)
-    state_path, log_path = os.path.join(args.out, "train_state.pt"), os.path.join(args.out, "log.jsonl")
     skipped_run = 0
-    if args.resume and os.path.exists(state_path):
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        diff = resume_mismatch(st.get("args"), args)
-        if diff and not args.resume_any_args:
-            raise SystemExit(f"train.py: error: --resume: {diff} (start a new --out, or pass --resume-any-args)")
+    if st is not None:
         tr.load_state_dict(st)
+        del st
         skipped_run = tr.skipped_run
         if master and os.path.exists(log_path):                          # drop log lines after the checkpoint
             lines = [l for l in open(log_path) if l.strip() and json.loads(l)["step"] <= tr.step_num]
