@@ -18,7 +18,7 @@ The objective (paper sec. 3.3, Eq. 1-3; every number is a flag below):
 Choices the paper leaves open, each a flag (defaults follow the paper's wording where it has any):
   R1: the paper adds "gamma R1" on the real samples without defining gamma or the gradient's scale. We penalise the
       gradient w.r.t. the heads' input features (the backbone is frozen), per position of every head, in fp32
-      (discriminator.r1_penalty); gamma 0.05 makes gamma*R1 ~8% of L_D at init on the tiny config (logged as
+      (discriminator.r1_penalty); gamma 0.05 makes gamma*R1 8-11% of L_D at init on the tiny config (logged as
       r1_share every logged step). --r1 exact (forward-mode AD) and --r1 fd estimate the same quantity.
   --huber-form norm (the paper's ||.||) | mean; --disc-tap after ("after each downsampling block") | before;
   --sm3-variant plain (the reference SM3) | debiased.
@@ -108,8 +108,8 @@ DEFAULTS = [
     ("disc_levels", 1000, "Karras grid the discriminator sigma' is snapped to"),
     ("r1", "exact", "R1 on real samples, per position w.r.t. the D heads' input features (discriminator.r1_penalty): "
                     "exact (forward-mode AD) | fd (finite difference, same quantity) | off"),
-    ("r1_gamma", 0.05, "R1 weight gamma (unstated in the paper): gamma*R1 is ~8%% of L_D and its head gradient ~0.9x "
-                       "the hinge's at init on the tiny config (logged as r1_share = gamma*R1 / L_D)"),
+    ("r1_gamma", 0.05, "R1 weight gamma (unstated in the paper): at init on the tiny config gamma*R1 is 8-11%% of L_D and "
+                       "its head gradient 0.9-1.6x the hinge's (logged as r1_share = gamma*R1 / L_D)"),
     ("r1_fd_eps", 1e-2, "fd: step relative to the RMS of each sample's level features (exact and fd agree to ~2%%)"),
     ("recon_weight", 0.1, "weight of the pseudo-Huber reconstruction term in L_G"),
     ("huber_c", 0.001, "pseudo-Huber c (OSV's value; unstated in SF-V)"),
