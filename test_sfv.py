@@ -462,16 +462,43 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-def test_pickle_refused_or_weights_only(tmp_path, single_sd):
-    evil = tmp_path / "evil.ckpt"
-    with open(evil, "wb") as f:
-        pickle.dump({"state_dict": {"x": _Evil()}}, f)
-    with pytest.raises(LoadError, match=r"^refusing to load .*evil\.ckpt: not a plain tensor checkpoint"):
-        load_svd.load(evil, config=TINY)
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_legacy_checkpoints_load_weights_only(tmp_path, single_sd, fmt):
+    """.ckpt of plain tensors in both torch.save formats loads; the same file with code in it is refused, naming it."""
     plain = tmp_path / "svd_tiny.ckpt"
-    torch.save({"state_dict": single_sd}, plain)       # a legacy checkpoint of plain tensors loads (weights_only)
+    torch.save({"state_dict": single_sd}, plain, _use_new_zipfile_serialization=fmt == "zip")
     svd = load_svd.load(plain, config=TINY)
     torch.testing.assert_close(svd.unet.out[2].bias, single_sd["model.diffusion_model.out.2.bias"])
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": _Evil()}}, evil, _use_new_zipfile_serialization=fmt == "zip")
+    with pytest.raises(LoadError) as e:
+        load_svd.load(evil, config=TINY)
+    assert str(e.value) == (f"refusing to load {evil}: it imports Python objects ({os.system.__module__}.system) that "
+                            f"would run when unpickled; only plain tensor checkpoints are loaded (torch.load "
+                            f"weights_only=True): convert a checkpoint you trust to .safetensors")
+
+
+def test_pickle_and_damaged_torch_files_refused(tmp_path, single_sd):
+    evil = tmp_path / "evil.ckpt"                              # a raw pickle, not even a torch.save file
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": {"x": _Evil()}}, f)
+    with pytest.raises(LoadError, match=rf"^refusing to load .*evil\.ckpt: it imports Python objects "
+                                        rf"\({os.system.__module__}\.system\) that would run when unpickled; "):
+        load_svd.load(evil, config=TINY)
+    for fmt in ("zip", "legacy"):
+        good = tmp_path / f"good_{fmt}.pt"
+        torch.save({"state_dict": single_sd}, good, _use_new_zipfile_serialization=fmt == "zip")
+        cut = tmp_path / f"cut_{fmt}.pt"
+        cut.write_bytes(good.read_bytes()[:4000])
+        with pytest.raises(LoadError, match=rf"^{re.escape(str(cut))} is not a readable PyTorch checkpoint \(.*\); it may "
+                                            rf"be truncated or not a checkpoint: download it again or convert it to "
+                                            rf"\.safetensors$"):
+            load_svd.load(cut, config=TINY)
+
+
+def test_user_error_hierarchy():
+    assert issubclass(LoadError, load_svd.UserError) and issubclass(LoadError, ValueError)
+    assert issubclass(sample.SampleError, load_svd.UserError) and issubclass(E.EvalError, load_svd.UserError)
 
 
 def test_error_not_found_and_bad_folder(tmp_path):
@@ -497,13 +524,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # helpers: a tiny random checkpoint in each layout, test images
 
 
-def make_tiny_checkpoint(folder, layout="bundle", seed=0, extra_metadata=None):
+def make_tiny_checkpoint(folder, layout="bundle", seed=0, extra_metadata=None, cfg=TINY):
     """A tiny random SVD saved as our bundle, an sgm-keyed single file or a diffusers folder -> its path.
-    The single file and the folder need --config tiny; the bundle carries its config."""
+    The single file and the folder need --config tiny; the bundle carries its config (cfg)."""
     torch.manual_seed(seed)
     os.makedirs(folder, exist_ok=True)
     if layout == "bundle":
-        return load_svd.save(SVD(TINY), os.path.join(folder, "tiny_bundle.safetensors"), extra_metadata)
+        return load_svd.save(SVD(cfg), os.path.join(folder, "tiny_bundle.safetensors"), extra_metadata)
     if layout == "single":
         sd = SVD(TINY).state_dict()
         state = {load_svd.SGM_PREFIX[k.split(".", 1)[0]] + k.split(".", 1)[1]: v.contiguous() for k, v in sd.items()}
@@ -582,30 +609,32 @@ def run_main(argv, capsys):
     return rc, out, err
 
 # -----------------------------------------------------------------------------
-# sampler maths
+# sampler maths (model.py)
+
+import model
 
 
 def test_karras_sigmas():
-    s = sample.karras_sigmas(25)
+    s = model.karras_sigmas(25)
     assert s.shape == (26,) and s[-1] == 0
     assert torch.allclose(s[[0, -2]], torch.tensor([700.0, 0.002]), rtol=1e-5)
     assert (s[1:] < s[:-1]).all()
     i = torch.arange(25, dtype=torch.float64) / 24   # (max^(1/7) + i/(n-1) (min^(1/7) - max^(1/7)))^7
     ref = (700 ** (1 / 7) + i * (0.002 ** (1 / 7) - 700 ** (1 / 7))) ** 7
     assert torch.allclose(s[:-1].double(), ref, rtol=1e-6)
-    assert sample.karras_sigmas(1).tolist() == [700.0, 0.0]   # SF-V: one step from sigma_max
+    assert model.karras_sigmas(1).tolist() == [700.0, 0.0]   # SF-V: one step from sigma_max
 
 
 def test_euler_with_true_x0_denoiser_recovers_x0():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(1, 3, 4, 5, 5, generator=g, dtype=torch.float64), torch.randn(1, 3, 4, 5, 5, generator=g, dtype=torch.float64)
-    sigmas = sample.karras_sigmas(10).double()
+    sigmas = model.karras_sigmas(10).double()
     seen = []
 
     def oracle(x, s):
         seen.append((x.clone(), s))
         return x0
-    out = sample.euler_sample(oracle, x0 + sigmas[0] * eps, sigmas)
+    out = model.euler_sample(oracle, x0 + sigmas[0] * eps, sigmas)
     assert torch.allclose(out, x0, atol=1e-9)
     assert len(seen) == 10
     for (x, s), ref in zip(seen, sigmas[:-1].tolist()):   # each iterate lies on the true path x0 + sigma_i eps
@@ -614,9 +643,9 @@ def test_euler_with_true_x0_denoiser_recovers_x0():
 
 
 def test_cfg_weights_per_frame_follow_linspace():
-    sc = sample.cfg_scales(1.5, 3.0, 25)
+    sc = model.cfg_scales(1.5, 3.0, 25)
     assert torch.allclose(sc, torch.tensor(np.linspace(1.5, 3.0, 25), dtype=torch.float32))
-    out = sample.cfg_combine(torch.zeros(1, 25, 4, 2, 2), torch.ones(1, 25, 4, 2, 2), sc)
+    out = model.cfg_combine(torch.zeros(1, 25, 4, 2, 2), torch.ones(1, 25, 4, 2, 2), sc)
     assert torch.allclose(out[0, :, 0, 0, 0], sc)
     # through the batched denoiser: a UNet whose output depends on whether the branch is conditional
     T, calls = 5, []
@@ -631,8 +660,8 @@ def test_cfg_weights_per_frame_follow_linspace():
             cond = (image_embeds.abs().sum(1) > 0).float().view(-1, 1, 1, 1, 1)      # 0 = uncond, 1 = cond
             return torch.ones_like(x[:, :, :4]) * (1 + 2 * cond)                       # F_u = 1, F_c = 3
     ids = torch.tensor([[6.0, 127.0, 0.02]])
-    scales = sample.cfg_scales(1.0, 2.5, T)
-    D = sample.make_denoiser(FakeUNet(), torch.randn(1, 4, 2, 2), torch.randn(1, 8), ids, scales)
+    scales = model.cfg_scales(1.0, 2.5, T)
+    D = model.make_denoiser(FakeUNet(), torch.randn(1, 4, 2, 2), torch.randn(1, 8), ids, scales)
     x, s = torch.randn(1, T, 4, 2, 2), 3.0
     c_skip, c_out, _, _ = edm_precondition(torch.tensor(s))
     ref = c_skip * x + c_out * (1 + 2 * scales.view(1, T, 1, 1, 1))   # D_u + s_t (D_c - D_u)
@@ -773,14 +802,15 @@ def test_same_seed_same_frames(tmp_path, ckpts, img, capsys):
     assert not np.array_equal(a, c)
 
 
-def test_defaults_from_bundle_metadata_gif_frames_dir(tmp_path, img, capsys):
-    ck = make_tiny_checkpoint(str(tmp_path / "ck"), "bundle", extra_metadata={"steps": "1", "num_frames": "3", "fps_id": "9"})
+def test_defaults_from_bundle_config_gif_frames_dir(tmp_path, img, capsys):
+    ck = make_tiny_checkpoint(str(tmp_path / "ck"), "bundle", extra_metadata={"steps": "5"},   # metadata: not a default
+                              cfg=replace(TINY, steps=1, num_frames=3, fps_id=9))
     out = str(tmp_path / "o.mp4")
     rc, so, err = run_main([img, "--ckpt", ck, "--out", out, "--gif", "--frames-dir", str(tmp_path / "fr"),
                             "--height", "70", "--width", "100"], capsys)
     assert rc == 0, err
     assert "note: 70x100 is not a multiple of 64; using 64x128" in so
-    assert "(1 UNet evals)" in so                                   # steps=1 from the metadata
+    assert "(1 UNet evals)" in so                                   # steps=1 from the config
     frames, fps, _, _ = decode(out)
     assert frames.shape == (3, 64, 128, 3) and fps == 10         # num_frames 3, fps_id 9 -> 10 fps
     gif, _, codec, _ = decode(str(tmp_path / "o.gif"))
@@ -882,27 +912,27 @@ def test_find_checkpoint_order(tmp_path, monkeypatch, capsys, img):
     d = tmp_path / "checkpoints"
     toy = tmp_path / "toy.safetensors"
     env = {}
-    with pytest.raises(sample.SampleError, match=r"no weights found .* pass --ckpt PATH or run: python sample.py --download svd_xt"):
-        sample.find_checkpoint(None, env, [str(d)], str(toy))
+    with pytest.raises(LoadError, match=r"no weights found .* pass --ckpt PATH or run: python sample.py --download svd_xt"):
+        load_svd.find_checkpoint(None, env, [str(d)], str(toy))
     bundle = make_tiny_checkpoint(str(tmp_path / "b"), "bundle")
     os.replace(bundle, toy)
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
     d.mkdir()
     (d / "svd_xt.safetensors.part").write_bytes(b"x")                   # partial downloads are not candidates
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
     (d / "svd.safetensors").write_bytes(b"x")
     (d / "svd_xt_1_1.safetensors").write_bytes(b"x")
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd_xt_1_1.safetensors"), False)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd_xt_1_1.safetensors"), False)
     make_tiny_checkpoint(str(d), "bundle")                             # an SF-V bundle beats the official files
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "tiny_bundle.safetensors"), False)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "tiny_bundle.safetensors"), False)
     env = {"SFV_CKPT": str(d / "svd.safetensors")}
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd.safetensors"), False)
-    assert sample.find_checkpoint("x.safetensors", env, [str(d)], str(toy)) == ("x.safetensors", False)
-    with pytest.raises(sample.SampleError, match=r"\$SFV_CKPT points to a missing checkpoint"):
-        sample.find_checkpoint(None, {"SFV_CKPT": str(tmp_path / "gone")}, [str(d)], str(toy))
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd.safetensors"), False)
+    assert load_svd.find_checkpoint("x.safetensors", env, [str(d)], str(toy)) == ("x.safetensors", False)
+    with pytest.raises(LoadError, match=r"\$SFV_CKPT points to a missing checkpoint"):
+        load_svd.find_checkpoint(None, {"SFV_CKPT": str(tmp_path / "gone")}, [str(d)], str(toy))
     # the CLI falls back to the toy model and says so in one line
-    monkeypatch.setattr(sample, "CKPT_DIRS", [str(tmp_path / "empty")])
-    monkeypatch.setattr(sample, "TOY_CKPT", str(toy))
+    monkeypatch.setattr(load_svd, "CKPT_DIRS", [str(tmp_path / "empty")])
+    monkeypatch.setattr(load_svd, "TOY_CKPT", str(toy))
     monkeypatch.delenv("SFV_CKPT", raising=False)
     rc, so, e = run_main([img, "--steps", "1", "--frames", "2", "--out", str(tmp_path / "t.mp4")], capsys)
     assert rc == 0, e
@@ -958,7 +988,7 @@ def test_download_resume_and_checks(tmp_path, server):
     os.makedirs(os.path.dirname(dest))
     with open(dest + ".part", "wb") as f:                  # an interrupted earlier download
         f.write(blob[:123_456])
-    assert sample.download(server, dest, token="tok", chunk_size=10_000, progress=False) == dest
+    assert load_svd.download(server, dest, token="tok", chunk_size=10_000, progress=False) == dest
     assert open(dest, "rb").read() == blob and not os.path.exists(dest + ".part")
     (method, h), (method2, h2) = _RangeHandler.seen
     assert (method, method2) == ("HEAD", "GET")
@@ -967,19 +997,19 @@ def test_download_resume_and_checks(tmp_path, server):
     # a corrupt file fails the sha256 check and is removed
     _RangeHandler.etag = hashlib.sha256(b"something else").hexdigest()
     dest2 = str(tmp_path / "ck" / "svd_xt.safetensors")
-    with pytest.raises(sample.SampleError, match="sha256 mismatch .* the corrupt file was removed"):
-        sample.download(server, dest2, progress=False)
+    with pytest.raises(LoadError, match="sha256 mismatch .* the corrupt file was removed"):
+        load_svd.download(server, dest2, progress=False)
     assert not os.path.exists(dest2) and not os.path.exists(dest2 + ".part")
     # no token -> no Authorization header
     _RangeHandler.etag, _RangeHandler.seen = None, []
     dest3 = str(tmp_path / "ck" / "svd3.safetensors")
-    sample.download(server, dest3, progress=False)
+    load_svd.download(server, dest3, progress=False)
     assert open(dest3, "rb").read() == blob and all("Authorization" not in h for _, h in _RangeHandler.seen)
 
 
 def test_download_errors(tmp_path):
-    with pytest.raises(sample.SampleError, match=r"network error for http://127\.0\.0\.1:9/x"):
-        sample.download("http://127.0.0.1:9/x", str(tmp_path / "x"), progress=False)
+    with pytest.raises(LoadError, match=r"network error for http://127\.0\.0\.1:9/x"):
+        load_svd.download("http://127.0.0.1:9/x", str(tmp_path / "x"), progress=False)
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -1040,7 +1070,7 @@ def test_sigma_samplers_match_targets():
     assert torch.allclose(freq, torch.full((3,), 1 / 3), atol=0.015)
 
     sd = train.sample_disc_sigma(50000, g)
-    grid = sample.karras_sigmas(1000)[:-1]
+    grid = model.karras_sigmas(1000)[:-1]
     assert torch.isin(sd, grid).all()                                    # snapped onto the 1000-level grid
     log_s = sd.log()
     # quantiles of log sigma' vs N(-1, 1): z = -1.2816, -0.6745, 0, 0.6745, 1.2816
@@ -1200,7 +1230,7 @@ def test_synthetic_videos():
 def write_test_video(path, n, fps, size=(80, 96)):
     # frame i is uniform grey 16 * i, so the frame index can be read back
     frames = torch.stack([torch.full((3, *size), 16.0 * i / 127.5 - 1) for i in range(n)])
-    train.write_video(frames, str(path), fps)
+    sample.write_video((frames + 1) / 2, str(path), fps)
 
 
 def test_video_folder_skips_corrupt_and_short(tmp_path):
@@ -1596,9 +1626,9 @@ def test_toy_fd_command(tmp_path, capsys):
 
 def test_toy_linear_latent():
     import train
-    from model import SVD, CONFIGS, VAEConfig, TemporalVAE
+    from model import SVD, CONFIGS, VAEConfig, LinearPatchLatent
     x = torch.rand(6, 3, 16, 24) * 2 - 1
-    plain = TemporalVAE(VAEConfig(z_channels=48, space_to_depth=4, scale_factor=1.0))   # unfitted: pixel_unshuffle
+    plain = LinearPatchLatent(VAEConfig(z_channels=48, linear_patch_size=4, scale_factor=1.0))   # unfitted: pixel_unshuffle
     z = plain.encode(x)[0]
     assert torch.equal(z, torch.nn.functional.pixel_unshuffle(x, 4))
     assert torch.equal(plain.decode(z.reshape(2, 3, 48, 4, 6)).flatten(0, 1), x)
