@@ -97,7 +97,7 @@ def ref_clip(cfg=TINY.clip):
     return _randomize(CLIPVisionModelWithProjection(c), 3).eval()
 
 # -----------------------------------------------------------------------------
-# an independent diffusers -> sgm renaming (written from the notes' rules, not from load_svd.py) used to
+# an independent diffusers -> sgm renaming (written from the two libraries' module trees, not from load_svd.py) used to
 # write the official single-file layout from the reference weights
 
 
@@ -329,7 +329,7 @@ def test_denoiser_parity(refs, loaded, sigma):
     emb = torch.randn(B, 32, generator=g)
     ids = torch.tensor([[6.0, 127.0, 0.02]] * B)
     s = torch.full((B,), sigma)
-    # EDM v-prediction, written out from the notes: c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_in = 1/sqrt(s^2+1)
+    # EDM v-prediction (Karras et al. 2022, Table 1; SVD's sgm VScalingWithEDMcNoise): c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_in = 1/sqrt(s^2+1)
     c_in, c_out, c_skip = 1 / (sigma ** 2 + 1) ** 0.5, -sigma / (sigma ** 2 + 1) ** 0.5, 1 / (sigma ** 2 + 1)
     inp = torch.cat([c_in * x, cond[:, None].expand(-1, T, -1, -1, -1)], dim=2)
     with torch.no_grad():
@@ -668,6 +668,49 @@ def test_cfg_weights_per_frame_follow_linspace():
     assert torch.allclose(D(x, s), ref, atol=1e-5)
     assert calls == [2]                                                  # cond + uncond in one call
 
+def test_condition_and_sample_per_sample_seeds_batch_independent():
+    """SVD.condition + SVD.sample: each sample's noise comes from its own generator, so a batch of 3 equals the
+    three samples run one by one (up to batched-kernel round-off), and sample 0 equals sample_video's recipe."""
+    torch.manual_seed(0)
+    svd = SVD(TINY).eval()
+    imgs = torch.rand(3, 3, 64, 64) * 2 - 1
+    seeds = [11, 12, 13]
+
+    def run(i, j, steps, **kw):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:j]]
+        cond = svd.condition(imgs[i:j], gens)
+        return cond, svd.sample(cond, gens, num_frames=2, steps=steps, **kw)
+    for steps, kw in ((1, {}), (3, dict(min_cfg=1.0, max_cfg=2.5))):
+        cond, batch = run(0, 3, steps, **kw)
+        assert batch.shape == (3, 2, 4, 8, 8)
+        assert cond["added_time_ids"].tolist() == [[TINY.fps_id, TINY.motion_bucket_id, pytest.approx(TINY.cond_aug)]] * 3
+        between = (batch[0] - batch[1]).abs().mean()                    # two seeds: O(1) apart
+        for i in range(3):
+            alone = run(i, i + 1, steps, **kw)[1][0]
+            assert (alone - batch[i]).abs().mean() < 1e-2 * between      # the same sample, up to kernel round-off
+            if steps == 1:
+                torch.testing.assert_close(alone, batch[i], atol=1e-3, rtol=1e-3)
+    # one generator per sample: first the cond-aug noise, then the initial latent (what sample_video draws)
+    g = torch.Generator().manual_seed(11)
+    aug, noise = torch.randn(3, 64, 64, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        cl = svd.encode_cond(imgs[:1] + TINY.cond_aug * aug[None])
+        ref = svd.denoise(noise[None] * (1 + 700.0 ** 2) ** 0.5, torch.tensor([700.0]), cl, svd.encode_image(imgs[:1]),
+                          model.added_time_ids(TINY.fps_id, TINY.motion_bucket_id, TINY.cond_aug))
+    torch.testing.assert_close(run(0, 1, 1)[1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_edm_input_and_added_time_ids():
+    x, cl = torch.randn(2, 3, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    c_in = torch.tensor([0.5, 2.0])
+    inp = model.edm_input(x, c_in, cl)
+    assert inp.shape == (2, 3, 8, 5, 5)
+    torch.testing.assert_close(inp[1, 2, :4], 2.0 * x[1, 2])
+    torch.testing.assert_close(inp[0, 1, 4:], cl[0])                  # the cond latent repeated over frames
+    assert model.edm_input(x, c_in, cl, torch.bfloat16).dtype == torch.bfloat16
+    ids = model.added_time_ids(6, 127, 0.02, batch=2)
+    assert ids.shape == (2, 3) and ids.dtype == torch.float32 and ids[1].tolist() == pytest.approx([6, 127, 0.02])
+
 # -----------------------------------------------------------------------------
 # images in
 
@@ -850,6 +893,36 @@ def test_write_video_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["v.mp4"]                              # no new file, no temp file left
 
 
+def test_atomic_write_and_stale_temps(tmp_path):
+    p = tmp_path / "a.bin"
+    with pytest.raises(RuntimeError):
+        load_svd.atomic_write(p, lambda tmp: (open(tmp, "wb").write(b"half"), (_ for _ in ()).throw(RuntimeError("x"))))
+    assert os.listdir(tmp_path) == []                                  # nothing under the name, no temp file
+    assert load_svd.atomic_write(p, lambda tmp: open(tmp, "wb").write(b"ok")) == str(p) and p.read_bytes() == b"ok"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / f".a.bin.tmp-{int(dead.stdout)}", tmp_path / f".b.bin.tmp-{os.getppid()}"
+    other = tmp_path / "notes.tmp-1"                                   # not our pattern (no leading dot): kept
+    for f in (stale, live, other):
+        f.write_bytes(b"x")
+    assert load_svd.remove_stale_temps(str(tmp_path)) == [str(stale)]
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.bin", live.name, other.name])
+
+
+def test_read_video_frames_stride_and_errors(tmp_path):
+    path = str(tmp_path / "v.mp4")
+    frames = torch.stack([torch.full((3, 64, 64), 16.0 * i / 255) for i in range(12)])   # frame i is grey 16 i
+    sample.write_video(frames, path, fps=12)
+    v = sample.read_video(path, 4, start=3, stride=2)
+    assert v.shape == (4, 3, 64, 64) and 0 <= v.min() and v.max() <= 1
+    assert torch.allclose(v.mean((1, 2, 3)) * 255 / 16, torch.tensor([3.0, 5.0, 7.0, 9.0]), atol=0.2)
+    with pytest.raises(sample.SampleError, match=re.escape(f"video {path} is too short: 12 of 13 frames decoded; use a longer clip")):
+        sample.read_video(path, 13)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(os.urandom(500))
+    with pytest.raises(sample.SampleError, match=rf"^cannot decode video {re.escape(str(junk))} \(\w+\); check or replace the file$"):
+        sample.read_video(str(junk), 2)
+
+
 # -----------------------------------------------------------------------------
 # errors: one line with the fix, exit code 2 (1 for out of memory)
 
@@ -896,6 +969,71 @@ def test_errors(tmp_path, ckpts, img, capsys, monkeypatch):
     assert rc == 1 and e.strip() == ("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try "
                                      "--decode-chunk 2, a lower --height/--width, fewer --frames or --dtype fp16")
     assert [f for f in os.listdir(tmp_path) if f.endswith(".mp4")] == []      # nothing half-written
+
+
+def test_errors_checked_before_any_work(tmp_path, img, capsys):
+    """Bad flags and outputs fail in one line before the checkpoint is even looked at (it does not exist here)."""
+    missing = str(tmp_path / "nope.safetensors")
+
+    def err(argv):
+        rc, so, e = run_main([img, "--ckpt", missing] + argv, capsys)
+        lines = e.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and so == "", (so, e)
+        return lines[0]
+
+    assert err(["--device", "nonsense"]) == ("error: bad --device 'nonsense': not a device; use auto, cpu, cuda, "
+                                             "cuda:N or mps")
+    if not torch.cuda.is_available():
+        assert err(["--device", "cuda"]) == ("error: --device cuda: CUDA is not available on this machine; use "
+                                             "--device cpu (or auto)")
+    assert err(["--fps", "nan"]) == "error: bad --fps nan: must be a finite number"
+    assert err(["--fps", "inf"]) == "error: bad --fps inf: must be a finite number"
+    assert err(["--fps", "0"]) == "error: bad --fps 0: must be positive"
+    assert err(["--min-cfg", "nan"]) == "error: bad --min-cfg nan: must be a finite number"
+    assert err(["--cond-aug", "-1"]) == "error: bad --cond-aug -1: must be at least 0 (it is a noise level)"
+    assert err(["--seed", str(2 ** 64)]) == f"error: bad --seed {2 ** 64}: must be an integer from 0 to 2^64-1"
+    assert err(["--seed", "-1"]) == "error: bad --seed -1: must be an integer from 0 to 2^64-1"
+    for name in ("x.txt", "x"):
+        out = str(tmp_path / name)
+        ext = "'.txt'" if name == "x.txt" else "'(no extension)'"
+        assert err(["--out", out]) == f"error: cannot write {out}: unsupported output type {ext}; name it .mp4 or .gif"
+    assert not os.path.exists(tmp_path / "x.txt")
+    # a damaged image of a known type: say so, not "use a PNG"
+    good = open(img, "rb").read()
+    for cut in (len(good) // 2, 20):
+        bad = tmp_path / "cut.png"
+        bad.write_bytes(good[:cut])
+        rc, _, e = run_main([str(bad), "--ckpt", missing], capsys)
+        assert rc == 2 and e.strip() == (f"error: {bad} is a damaged or truncated PNG file (it cannot be decoded); "
+                                         f"export or download it again")
+
+
+def test_seed_at_the_64_bit_limit_and_gif_output(tmp_path, ckpts, img, capsys):
+    out = str(tmp_path / "v.gif")
+    rc, so, err = run_main([img, "--ckpt", ckpts["bundle"], "--out", out, "--steps", "1", "--frames", "2",
+                            "--seed", str(2 ** 64 - 1)], capsys)
+    assert rc == 0, err
+    frames, _, codec, _ = decode(out)
+    assert codec == "gif" and frames.shape == (2, 64, 64, 3)
+    assert not os.path.exists(tmp_path / "v.mp4")
+
+
+def test_one_step_with_guidance_defaults_says_guidance_is_ignored(tmp_path, ckpts, img, capsys):
+    """Plain SVD weights (guidance 1 -> 2.5 by default) sampled with --steps 1: one note; an SF-V bundle: none."""
+    base = [img, "--ckpt", ckpts["single"], "--config", "tiny", "--frames", "2", "--out", str(tmp_path / "v.mp4")]
+    rc, so, err = run_main(base + ["--steps", "1"], capsys)
+    assert rc == 0, err
+    notes = [l for l in so.splitlines() if l.startswith("note: one step")]
+    assert notes == ["note: one step samples without guidance; --min-cfg/--max-cfg (1/2.5) are ignored (pass "
+                     "--steps 25 for guided SVD sampling)"]
+    assert "(1 UNet evals)" in so
+    rc, so, err = run_main(base + ["--steps", "1", "--max-cfg", "3"], capsys)
+    assert rc == 0 and "--min-cfg/--max-cfg (1/3) are ignored" in so
+    rc, so, err = run_main(base + ["--steps", "2"], capsys)
+    assert rc == 0 and "note: one step" not in so and "(4 UNet evals)" in so
+    sfv = make_tiny_checkpoint(str(tmp_path / "sfv"), cfg=replace(TINY, steps=1, min_cfg=1.0, max_cfg=1.0))
+    rc, so, err = run_main([img, "--ckpt", sfv, "--frames", "2", "--out", str(tmp_path / "w.mp4")], capsys)
+    assert rc == 0 and "note: one step" not in so and "(1 UNet evals)" in so
 
 
 def test_cli_error_exit_code_no_traceback(tmp_path):
@@ -1659,6 +1797,24 @@ def test_toy_latent_fitted_by_train_and_kept_in_bundle(tmp_path):
     for name, buf in ref.vae.named_buffers():
         assert torch.allclose(dict(svd.vae.named_buffers())[name], buf), name
     assert not torch.equal(svd.vae.proj, torch.eye(48)[:12])
+
+def test_bundled_toy_model_loads_and_samples():
+    """assets/toy_sfv.safetensors (written with the older config name space_to_depth) loads as the LinearPatchLatent
+    toy and samples a plausible clip in one step."""
+    from model import LinearPatchLatent, SVDConfig
+    svd = load_svd.load(os.path.join(HERE, "assets", "toy_sfv.safetensors"))
+    assert isinstance(svd.vae, LinearPatchLatent) and isinstance(svd.cond_encoder, LinearPatchLatent)
+    assert svd.cfg.vae.linear_patch_size == 4 and svd.cfg.steps == 1 and svd.cfg.num_frames == 8
+    old = svd.cfg.to_dict()
+    old["vae"]["space_to_depth"] = old["vae"].pop("linear_patch_size")
+    assert SVDConfig.from_dict(old) == svd.cfg
+    img = sample.read_image(os.path.join(HERE, "assets", "example.png"))
+    video, st = sample.sample_video(svd, img, seed=0)
+    assert video.shape == (8, 3, 64, 64) and st["unet_evals"] == 1
+    psnr = 10 * torch.log10(1 / (video[0] - img).square().mean()).item()    # frame 0 follows the image
+    assert psnr > 15, psnr
+    assert (video[1:] - video[:-1]).abs().mean() > 1e-3                     # and the clip moves
+
 
 # -----------------------------------------------------------------------------
 # toy pipeline smoke run (CI): every stage for a few steps, then the table
