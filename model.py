@@ -882,7 +882,7 @@ def seeded_randn(shape, generators):
 
 
 @torch.no_grad()
-def sample(unet, cond, num_frames, generators, steps, min_cfg=1.0, max_cfg=1.0, sigma_min=0.002, sigma_max=700.0,
+def sample_latents(unet, cond, num_frames, generators, steps, min_cfg=1.0, max_cfg=1.0, sigma_min=0.002, sigma_max=700.0,
            rho=7.0, counter=None):
     """Latent videos from conditioning `cond` (SVD.condition's dict): x_T = eps * sqrt(1 + sigma_max^2), eps per
     sample from its generator; Euler over `steps` Karras levels (steps=1: one denoiser evaluation at sigma_max, the
@@ -961,10 +961,10 @@ class SVD(nn.Module):
                                                  cond_aug, len(image), device)}
 
     def sample(self, cond, generators, num_frames=None, steps=None, min_cfg=None, max_cfg=None, counter=None):
-        """Latent videos (B, T, z, h, w) for SVD.condition's dict with this UNet (see model.sample); missing
+        """Latent videos (B, T, z, h, w) for SVD.condition's dict with this UNet (see sample_latents); missing
         arguments come from cfg. Decode with self.vae.decode."""
         c = self.cfg
-        return sample(self.unet, cond, c.num_frames if num_frames is None else num_frames, generators,
+        return sample_latents(self.unet, cond, c.num_frames if num_frames is None else num_frames, generators,
                       c.steps if steps is None else steps, c.min_cfg if min_cfg is None else min_cfg,
                       c.max_cfg if max_cfg is None else max_cfg, counter=counter)
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import load_svd
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, score
-from model import CONFIGS, SVD, UNet, added_time_ids, denoise, karras_sigmas, sample
+from model import CONFIGS, SVD, UNet, added_time_ids, denoise, karras_sigmas, sample_latents
 from sample import VIDEO_EXTS, read_video, resize_center_crop, write_video
 
 # -----------------------------------------------------------------------------
@@ -691,13 +691,6 @@ def build_cache(source, svd, args, root, rank, world, device):
         os.replace(os.path.join(root, "index.json.tmp"), os.path.join(root, "index.json"))
     barrier(world)
 
-
-def sample_latents(unet, cond, emb, ids, shape, seeds, steps, args):
-    """model.sample with `unet`: sfv one evaluation at sigma_max, diffusion `steps` Euler steps (no CFG)."""
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    c = {"cond_latent": cond, "image_embeds": emb, "added_time_ids": ids}
-    return sample(unet, c, shape[0], gens, steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
-
 # -----------------------------------------------------------------------------
 # memory benchmark (needs a GPU)
 
@@ -820,9 +813,11 @@ def main(argv=None):
         tr.ema.eval()
         c = sample_cond
         B = c["cond"].shape[0]
-        with tr.autocast():
-            z = sample_latents(tr.ema, c["cond"], c["image_embeds"], tr.ids.expand(B, -1), c["latents"].shape[1:],
-                               [1000 + i for i in range(B)], 1 if args.mode == "sfv" else args.sample_steps, args)
+        cond = {"cond_latent": c["cond"], "image_embeds": c["image_embeds"], "added_time_ids": tr.ids.expand(B, -1)}
+        gens = [torch.Generator().manual_seed(1000 + i) for i in range(B)]
+        with tr.autocast():   # sfv: one evaluation at sigma_max; diffusion: sample_steps Euler steps (no CFG)
+            z = sample_latents(tr.ema, cond, c["latents"].shape[1], gens, 1 if args.mode == "sfv" else args.sample_steps,
+                               sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
         vdev = svd.clip.conv1.weight.device                           # cached run: the VAE visits the GPU briefly
         svd.vae.to(device, dtype_frozen)
         video = svd.vae.decode(z.to(dtype_frozen))
