@@ -5,7 +5,7 @@ reports for the synthetic videos (train.SyntheticVideos).
     python evaluate.py fvd --i3d i3d_torchscript.pt REAL_DIR FAKE_DIR [--frames 16 --size 224]
     python evaluate.py toy-fd REAL_DIR FAKE_DIR          # the toy feature extractor below, on any two video folders
 
-Frechet distance between Gaussians N(mu1, S1), N(mu2, S2) (FID / FVD; notes sec. 7):
+Frechet distance between Gaussians N(mu1, S1), N(mu2, S2) (FID: Heusel et al. 2017; FVD: Unterthiner et al. 2018):
     d^2 = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)),
 with tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i) over the eigenvalues of sqrt(S1) S2 sqrt(S1), a symmetric PSD matrix
 with the same spectrum as S1 S2 (no sqrtm of a non-symmetric matrix, no complex round-off).
@@ -28,6 +28,9 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from load_svd import UserError, pick_device
+from sample import VIDEO_EXTS, read_video
 
 # -----------------------------------------------------------------------------
 # Frechet distance
@@ -226,11 +229,8 @@ def evaluate_videos(fake, real, images=None, real_features=None):
 # video folders and FVD
 
 
-class EvalError(Exception):
-    """A user-facing failure; the message is one line naming the problem and the fix."""
-
-
-VIDEO_EXTS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif")
+class EvalError(UserError):
+    """A bad input of the evaluation command; one line naming the problem and the fix."""
 
 
 def list_videos(folder):
@@ -243,29 +243,20 @@ def list_videos(folder):
     return paths
 
 
-def read_video(path, frames):
-    """The first `frames` frames of a video with av -> (frames, 3, H, W) float32 in [-1, 1], or None if shorter
-    or undecodable."""
-    import av
-    out = []
+def first_frames(path, frames):
+    """The first `frames` frames of a video (sample.read_video) -> (frames, 3, H, W) in [-1, 1], or None if the
+    file is shorter or undecodable."""
     try:
-        with av.open(path) as c:
-            for f in c.decode(video=0):
-                out.append(torch.from_numpy(f.to_ndarray(format="rgb24")))
-                if len(out) == frames:
-                    break
-    except (av.FFmpegError, ValueError, IndexError):
+        return read_video(path, frames) * 2 - 1
+    except UserError:
         return None
-    if len(out) < frames:
-        return None
-    return torch.stack(out).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def load_folder(folder, frames, transform=None):
     """All readable clips of `folder` as a list of transform(clip); warns once about skipped files."""
     paths, clips, skipped = list_videos(folder), [], []
     for p in paths:
-        v = read_video(p, frames)
+        v = first_frames(p, frames)
         if v is None:
             skipped.append(p)
         else:
@@ -350,7 +341,7 @@ def main(argv=None):
         if a.frames < (3 if a.cmd == "toy-fd" else 1):
             raise EvalError(f"bad --frames {a.frames}: must be at least {3 if a.cmd == 'toy-fd' else 1}")
         if a.cmd == "fvd":
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+            device = pick_device(a.device)
             d, nr, nf = fvd(a.i3d, a.real_dir, a.fake_dir, a.frames, a.size, a.batch, device)
             print(f"FVD {d:.2f} ({nr} real, {nf} generated videos, {a.frames} frames at {a.size}x{a.size})")
         else:
@@ -359,7 +350,7 @@ def main(argv=None):
             g = torch.stack(load_folder(a.fake_dir, a.frames, to64))
             d = toy_fd(video_features(r), video_features(g))
             print(f"toy FD {d:.3f} ({len(r)} real, {len(g)} generated videos, {a.frames} frames at 64x64)")
-    except EvalError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -11,10 +11,21 @@ Layouts:
 Strict: every parameter is filled exactly once; every checkpoint key is consumed or on a named list of known-unused
 keys; shape mismatches name the key and both shapes. Memory-frugal: the model is built on the meta device and each
 tensor is read lazily, converted to the target dtype/device and placed, so the fp32 file is never held twice.
+
+Also here: the project's error for expected failures (UserError; LoadError for checkpoints), atomic file writes,
+finding a checkpoint (find_checkpoint) and the explicit download of the official weights (download_official).
 """
+import hashlib
+import http.client
 import json
 import os
+import pickle
+import pickletools
 import re
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
 from dataclasses import replace
 
 import torch
@@ -24,6 +35,16 @@ from safetensors.torch import save_file
 from model import SVD, SVDConfig, CONFIGS
 
 BUNDLE_FORMAT = "sfv-bundle"
+HERE = os.path.dirname(os.path.abspath(__file__))
+CKPT_ENV = "SFV_CKPT"                                             # env var naming a checkpoint
+CKPT_DIRS = ["checkpoints", os.path.join(HERE, "checkpoints")]     # searched in order (cwd first)
+TOY_CKPT = os.path.join(HERE, "assets", "toy_sfv.safetensors")     # the bundled toy model (the fallback)
+OFFICIAL = {  # download name -> (Hugging Face repo, file)
+    "svd": ("stabilityai/stable-video-diffusion-img2vid", "svd.safetensors"),
+    "svd_xt": ("stabilityai/stable-video-diffusion-img2vid-xt", "svd_xt.safetensors"),
+    "svd_xt_1_1": ("stabilityai/stable-video-diffusion-img2vid-xt-1-1", "svd_xt_1_1.safetensors"),
+}
+HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
 
 # single-file prefixes of our four sub-networks
 SGM_PREFIX = {
@@ -43,8 +64,72 @@ KNOWN_UNUSED = {
 }
 
 
-class LoadError(ValueError):
-    """A checkpoint that cannot be loaded; the message is one line naming the problem and the fix."""
+class UserError(Exception):
+    """An expected failure caused by the input (a file, a flag, the network), not a bug. The message is one line:
+    "<what is wrong>; <how to fix it>". The CLIs print it as `error: <message>` and exit with status 2."""
+
+
+class LoadError(UserError, ValueError):
+    """A checkpoint that cannot be found, downloaded or loaded."""
+
+# -----------------------------------------------------------------------------
+# atomic writes: a temp file in the same folder, then os.replace (never a half-written file under the real name)
+
+TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")                         # .<name>.tmp-<pid>
+
+
+def atomic_write(path, write_fn):
+    """write_fn(tmp_path) writes the content; it is moved to `path` only when complete. The temp file (same folder,
+    `.<name>.tmp-<pid>`) is removed on any failure. Returns path."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def remove_stale_temps(folder):
+    """Delete atomic_write's temp files in `folder` left by processes that no longer run (killed mid-write).
+    Only names matching `.<name>.tmp-<pid>` are touched. Returns the removed paths."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = TMP_RE.match(name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue                                                     # its writer is still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        os.remove(os.path.join(folder, name))
+        removed.append(os.path.join(folder, name))
+    return removed
+
+def pick_device(name="auto"):
+    """--device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps -> torch.device; UserError if unusable here."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"bad --device {name!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                        f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not mps:
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu (or auto)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: unsupported device type {dev.type}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
 
 # -----------------------------------------------------------------------------
 # key maps: our parameter name -> (source keys, how to combine them)
@@ -260,11 +345,7 @@ class _Source:
                 raise LoadError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
                                 f"it may be truncated: download it again") from None
         else:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise LoadError(f"refusing to load {path}: not a plain tensor checkpoint (weights_only load failed: "
-                                f"{str(e).splitlines()[0][:120]}); convert it to .safetensors") from None
+            sd = _torch_load(path)
             sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
             if not isinstance(sd, dict):
                 raise LoadError(f"{path} does not contain a state dict; convert it to .safetensors")
@@ -291,6 +372,46 @@ class _Source:
         except Exception as e:
             raise LoadError(f"could not read '{key}' ({str(e).splitlines()[0]}); the file may be truncated: "
                             f"download it again") from None
+
+
+def _pickle_globals(path):
+    """The module.name globals a (legacy, non-zip) pickle file imports, read statically with pickletools (nothing is
+    executed). Best effort: [] when the stream cannot be parsed."""
+    found, strings = [], []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(arg)
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif op.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+    except Exception:
+        pass
+    return found
+
+
+def _torch_load(path):
+    """A .ckpt/.pt/.pth/.bin through torch.load(weights_only=True): only tensors and plain containers, never code.
+    Zip-format files (torch >= 1.6) are memory-mapped; legacy (pre-zip) files are read into memory."""
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():          # torch notes a non-default pickle protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as e:
+        msg = str(e)
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in msg:
+            m = re.search(r"GLOBAL (\S+)", msg)
+            names = [m.group(1)] if m else ([] if is_zip else _pickle_globals(path))
+            what = (f"it imports Python objects ({', '.join(dict.fromkeys(names))}) that would run when unpickled"
+                    if names else "it holds pickled Python objects, not only tensors")
+            raise LoadError(f"refusing to load {path}: {what}; only plain tensor checkpoints are loaded "
+                            f"(torch.load weights_only=True): convert a checkpoint you trust to .safetensors") from None
+        first = msg.strip().splitlines()[0][:120] if msg.strip() else ""
+        raise LoadError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first}); it may be "
+                        f"truncated or not a checkpoint: download it again or convert it to .safetensors") from None
 
 
 def _diffusers_file(folder, sub, stem, dtype):
@@ -333,7 +454,7 @@ def _reject_non_svd(path, shapes):
                         f"temporal layers, conv_in {list(cin) if cin else '?'}); use the SVD image-to-video weights")
 
 
-def load(path, config=None, dtype=torch.float32, device="cpu", verbose=False):
+def load(path, config=None, dtype=torch.float32, device="cpu"):
     """Load an official single file, a diffusers folder, a legacy .ckpt (weights_only) or our bundle -> SVD (eval mode).
 
     config: an SVDConfig for non-official shapes (e.g. tiny models); otherwise the official shapes are recognised.
@@ -392,22 +513,173 @@ def load(path, config=None, dtype=torch.float32, device="cpu", verbose=False):
     svd.load_state_dict(state, strict=True, assign=True)
     svd.eval()
     svd.load_info = {"layout": layout, "path": path, "skipped": skipped, "metadata": metadata}
-    if verbose:
-        print(f"loaded {layout} checkpoint {path}" + "".join(f"; skipped {n} keys: {why}" for why, n in skipped.items()))
     return svd
 
 
 def save(svd: SVD, path, extra_metadata=None):
-    """Write our bundle atomically: one safetensors file, our parameter names, config JSON in the metadata."""
-    path = os.fspath(path)
+    """Write our bundle atomically: one safetensors file, our parameter names, config JSON in the metadata (plus
+    extra_metadata, e.g. the training step). The sampling defaults live in the config."""
     meta = {"format": BUNDLE_FORMAT, "config": json.dumps(svd.cfg.to_dict())}
     meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in svd.state_dict().items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+# -----------------------------------------------------------------------------
+# finding a checkpoint: --ckpt > $SFV_CKPT > checkpoints/ > the bundled toy model
+
+
+def is_bundle(path):
+    """True if path is one of our SF-V bundles (a safetensors file with our format tag in its metadata)."""
     try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == BUNDLE_FORMAT
+    except Exception:
+        return False
+
+
+def candidates(folder):
+    """Usable checkpoints in a folder, best first: SF-V bundles, then svd_xt_1_1, svd_xt, svd, then others
+    (diffusers folders and other files). Partial downloads and temp files are skipped."""
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        p = os.path.join(folder, name)
+        if os.path.isdir(p) and os.path.isdir(os.path.join(p, "unet")):
+            out.append((3, p))
+        elif os.path.isfile(p) and name.endswith((".safetensors", ".ckpt", ".pt", ".pth")) and ".tmp-" not in name:
+            stem = name.rsplit(".", 1)[0]
+            rank = 0 if name.endswith(".safetensors") and is_bundle(p) else {"svd_xt_1_1": 1, "svd_xt": 2, "svd": 2.5}.get(stem, 3)
+            out.append((rank, p))
+    return [p for _, p in sorted(out, key=lambda r: r[0])]
+
+
+def find_checkpoint(ckpt=None, env=None, dirs=None, toy=None):
+    """ckpt > $SFV_CKPT > the first of candidates(d) for d in dirs (default CKPT_DIRS) > the toy bundle (default
+    TOY_CKPT). -> (path, is_toy). Raises LoadError when nothing is found."""
+    env = os.environ if env is None else env
+    if ckpt:
+        return ckpt, False
+    if env.get(CKPT_ENV):
+        if not os.path.exists(env[CKPT_ENV]):
+            raise LoadError(f"${CKPT_ENV} points to a missing checkpoint: {env[CKPT_ENV]}; fix or unset it")
+        return env[CKPT_ENV], False
+    for d in CKPT_DIRS if dirs is None else dirs:
+        found = candidates(d)
+        if found:
+            return found[0], False
+    toy = TOY_CKPT if toy is None else toy
+    if os.path.isfile(toy):
+        return toy, True
+    raise LoadError(f"no weights found (--ckpt, ${CKPT_ENV}, checkpoints/) and the toy model {toy} is missing; "
+                    f"pass --ckpt PATH or run: python sample.py --download svd_xt")
+
+# -----------------------------------------------------------------------------
+# explicit download (never implicit): HTTP with resume, size and sha256 checks
+
+
+def _sha256_etag(headers):
+    for k in ("X-Linked-Etag", "ETag"):
+        m = re.fullmatch(r'(?:W/)?"?([0-9a-fA-F]{64})"?', (headers.get(k) or "").strip())
+        if m:
+            return m.group(1).lower()
+    return None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _http_error(e, url):
+    if e.code in (401, 403):
+        return LoadError(f"access denied (HTTP {e.code}) for {url}: the SVD weights are gated: accept the licence on "
+                         f"the model page and set HF_TOKEN=<your token>")
+    return LoadError(f"download failed (HTTP {e.code} {e.reason}) for {url}; check the name or try again later")
+
+
+def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
+    """Fetch url to dest: resumes dest + '.part' with an HTTP Range request, tqdm bar, checks the size against
+    Content-Length / X-Linked-Size and the sha256 against an ETag / X-Linked-Etag that is one. Returns dest.
+    The token (Bearer) goes to the first host only, never to the redirect target."""
+    from tqdm import tqdm
+
+    def request(method, extra=None):
+        r = urllib.request.Request(url, method=method, headers={"User-Agent": "sfv-sample", **(extra or {})})
+        if token:
+            r.add_unredirected_header("Authorization", f"Bearer {token}")
+        return r
+
+    try:   # metadata from the first hop (the Hub answers a HEAD with a redirect carrying X-Linked-Size/-Etag)
+        head = urllib.request.build_opener(_NoRedirect).open(request("HEAD"), timeout=60).headers
+    except urllib.error.HTTPError as e:
+        if not 300 <= e.code < 400:
+            raise _http_error(e, url) from None
+        head = e.headers
+    except (urllib.error.URLError, OSError) as e:
+        raise LoadError(f"network error for {url}: {getattr(e, 'reason', e)}; check the connection or download the "
+                        f"file yourself into checkpoints/") from None
+    total = head.get("X-Linked-Size") or (head.get("Content-Length") if head.get("Location") is None else None)
+    total = int(total) if total else None
+    sha = _sha256_etag(head)
+
+    part = dest + ".part"
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    start = os.path.getsize(part) if os.path.exists(part) else 0
+    if total is not None and start > total:
+        os.remove(part)
+        start = 0
+    if total is None or start < total:
+        extra = {"Range": f"bytes={start}-"} if start else {}
+        try:
+            resp = urllib.request.urlopen(request("GET", extra), timeout=60)
+        except urllib.error.HTTPError as e:
+            if e.code != 416:
+                raise _http_error(e, url) from None
+            os.remove(part)                         # our partial file does not fit the remote one: start over
+            return download(url, dest, token, chunk_size, progress)
+        except (urllib.error.URLError, OSError) as e:
+            raise LoadError(f"network error for {url}: {getattr(e, 'reason', e)}; run the same command to resume") from None
+        if resp.status != 206:                      # the server ignored the range: start from zero
+            start = 0
+        if total is None and resp.headers.get("Content-Length"):
+            total = start + int(resp.headers["Content-Length"])
+        with resp, open(part, "ab" if start else "wb") as f, \
+                tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=os.path.basename(dest), disable=not progress) as bar:
+            try:
+                while True:
+                    buf = resp.read(chunk_size)
+                    if not buf:
+                        break
+                    f.write(buf)
+                    bar.update(len(buf))
+            except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
+                raise LoadError(f"download interrupted ({type(e).__name__}: {e}); run the same command again to resume") from None
+    size = os.path.getsize(part)
+    if total is not None and size != total:
+        raise LoadError(f"download incomplete: {size} of {total} bytes in {part}; run the same command again to resume")
+    if sha is not None:
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            for buf in iter(lambda: f.read(1 << 24), b""):
+                h.update(buf)
+        if h.hexdigest() != sha:
+            os.remove(part)
+            raise LoadError(f"sha256 mismatch for {dest} (expected {sha}, got {h.hexdigest()}); the corrupt file was "
+                            f"removed: run the same command again")
+    os.replace(part, dest)
+    return dest
+
+
+def download_official(name, folder=None, progress=True):
+    """The official single file OFFICIAL[name] into folder (default CKPT_DIRS[0]); a no-op if it is there."""
+    repo, fname = OFFICIAL[name]
+    dest = os.path.join(CKPT_DIRS[0] if folder is None else folder, fname)
+    if os.path.isfile(dest):
+        if progress:
+            print(f"{dest} already downloaded")
+        return dest
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if progress:
+        print(f"downloading {repo}/{fname} -> {dest}")
+    return download(HF_URL.format(repo=repo, file=fname), dest, token=token, progress=progress)

@@ -48,9 +48,7 @@ class VAEConfig:
     norm_eps: float = 1e-6                   # spatial blocks (SD KL autoencoder)
     time_norm_eps: float = 1e-5              # the decoder's temporal res blocks (sgm UNet ResBlock)
     use_quant_conv: bool = False             # first_stage_model has none; the diffusers vae/ does
-    space_to_depth: int = 0                  # toy latent: 0 = the KL VAE above; f > 0 = a linear autoencoder on f x f
-                                             # patches: z_channels <= 3 f^2 whitened principal components, fitted in
-                                             # closed form (fit_linear_latent); unfitted it is pixel_unshuffle by f
+    linear_patch_size: int = 0               # 0: the KL VAE above; p > 0: the toy LinearPatchLatent on p x p patches
 
 
 @dataclass
@@ -92,6 +90,8 @@ class SVDConfig:
             if f.name not in d:
                 continue
             v = d[f.name]
+            if f.name == "vae" and "space_to_depth" in v:      # the older name, kept by existing bundles
+                v = {("linear_patch_size" if k == "space_to_depth" else k): x for k, x in v.items()}
             if f.name in sub:
                 names = {g.name for g in fields(sub[f.name])}
                 unknown = set(v) - names
@@ -601,42 +601,16 @@ class VAEEncoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig, quant_conv=True):
         super().__init__()
-        self.s2d = cfg.space_to_depth
-        if self.s2d:                       # toy linear latent: z = proj (patch - patch_mean) per f x f patch
-            n = 3 * self.s2d ** 2
-            assert cfg.z_channels <= n, "space_to_depth needs z_channels <= 3 f^2"
-            self.register_buffer("patch_mean", torch.zeros(n))
-            self.register_buffer("proj", torch.eye(n)[:cfg.z_channels].clone())      # (z, 3 f^2)
-            return
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1) if quant_conv else None
 
     def encode(self, x):
         """x (N, 3, H, W) in [-1, 1] -> mean, logvar each (N, z, H/8, W/8) (logvar clamped to [-30, 20])."""
-        if self.s2d:   # toy latent: deterministic (logvar -30, the clamp floor)
-            p = F.pixel_unshuffle(x, self.s2d) - self.patch_mean.to(x.dtype).view(1, -1, 1, 1)   # (N, 3 f^2, h, w)
-            mean = torch.einsum("kc,nchw->nkhw", self.proj.to(x.dtype), p)                       # (N, z, h, w)
-            return mean, torch.full_like(mean, -30.0)
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
-
-    @torch.no_grad()
-    def fit_linear_latent(self, frames):
-        """Toy latent only: PCA of the f x f patches of frames (N, 3, H, W) in [-1, 1]; keep the top z_channels
-        components, each scaled to unit variance (what a VAE's scale_factor does). The closed-form optimum of a
-        linear autoencoder: the toy stand-in for training a tiny VAE."""
-        k, n = self.proj.shape
-        p = F.pixel_unshuffle(frames.double(), self.s2d).movedim(1, -1).reshape(-1, n)
-        mean = p.mean(0)
-        lam, U = torch.linalg.eigh(torch.cov((p - mean).T))                  # ascending eigenvalues
-        lam, U = lam.flip(0)[:k].clamp_min(1e-12), U.flip(1)[:, :k]
-        self.patch_mean.copy_(mean)
-        self.proj.copy_((U / lam.sqrt()).T)                                  # (z, 3 f^2): whiten
-        if hasattr(self, "unproj"):
-            self.unproj.copy_(U * lam.sqrt())                                # (3 f^2, z): its pseudo-inverse
 
 
 class TemporalVAE(VAEEncoder):
@@ -645,26 +619,68 @@ class TemporalVAE(VAEEncoder):
     def __init__(self, cfg: VAEConfig):
         super().__init__(cfg, quant_conv=cfg.use_quant_conv)
         self.cfg = cfg
-        if cfg.space_to_depth:
-            self.register_buffer("unproj", self.proj.T.clone())                      # (3 f^2, z)
-        else:
-            self.decoder = VideoDecoder(cfg)
+        self.decoder = VideoDecoder(cfg)
 
     def decode(self, z, chunk=14):
         """z (B, T, z, h, w) diffusion latents -> (B, T, 3, 8h, 8w) in [-1, 1] (unclamped).
         Each chunk of `chunk` frames is decoded as its own video (sgm decoding_t), so chunking changes the result."""
         B, T = z.shape[:2]
         z = z / self.cfg.scale_factor
-        if self.s2d:
-            p = torch.einsum("ck,nkhw->nchw", self.unproj.to(z.dtype), z.flatten(0, 1))
-            p = p + self.patch_mean.to(z.dtype).view(1, -1, 1, 1)                   # (B*T, 3 f^2, h, w)
-            return F.pixel_shuffle(p, self.s2d).reshape(B, T, 3, *(s * self.s2d for s in z.shape[-2:]))
         out = []
         for b in range(B):
             for s in range(0, T, chunk):
                 zc = z[b, s:s + chunk]
                 out.append(self.decoder(zc, zc.shape[0]))
         return torch.cat(out).reshape(B, T, *out[0].shape[1:])
+
+# -----------------------------------------------------------------------------
+# the toy latent: a linear autoencoder on image patches (stands in for the KL VAE in toy.py)
+
+
+class LinearPatchLatent(nn.Module):
+    """z = proj (patch - patch_mean) for every p x p pixel patch; decode is its pseudo-inverse. proj keeps the top
+    z_channels principal components of the patches, each whitened to unit variance (the role of a VAE's
+    scale_factor): fit() solves the linear autoencoder in closed form (PCA). Unfitted it is pixel_unshuffle by p.
+    Same interface as TemporalVAE (encode, decode); decoder=False gives the encoder only (the cond_encoder)."""
+
+    def __init__(self, cfg: VAEConfig, decoder=True):
+        super().__init__()
+        self.cfg, self.p = cfg, cfg.linear_patch_size
+        n = 3 * self.p ** 2
+        if cfg.z_channels > n:
+            raise ValueError(f"linear_patch_size {self.p} gives {n} values per patch: z_channels {cfg.z_channels} "
+                             f"must be at most {n}")
+        self.register_buffer("patch_mean", torch.zeros(n))                      # (3 p^2,)
+        self.register_buffer("proj", torch.eye(n)[:cfg.z_channels].clone())     # (z, 3 p^2)
+        if decoder:
+            self.register_buffer("unproj", self.proj.T.clone())                 # (3 p^2, z)
+
+    def encode(self, x):
+        """x (N, 3, H, W) in [-1, 1] -> mean (N, z, H/p, W/p), logvar (the clamp floor -30: deterministic)."""
+        patches = F.pixel_unshuffle(x, self.p) - self.patch_mean.to(x.dtype).view(1, -1, 1, 1)   # (N, 3 p^2, h, w)
+        mean = torch.einsum("kc,nchw->nkhw", self.proj.to(x.dtype), patches)                     # (N, z, h, w)
+        return mean, torch.full_like(mean, -30.0)
+
+    def decode(self, z, chunk=14):
+        """z (B, T, z, h, w) -> (B, T, 3, p h, p w). Frame by frame, so `chunk` has no effect."""
+        B, T, _, h, w = z.shape
+        z = z / self.cfg.scale_factor
+        patches = torch.einsum("ck,nkhw->nchw", self.unproj.to(z.dtype), z.flatten(0, 1))
+        patches = patches + self.patch_mean.to(z.dtype).view(1, -1, 1, 1)                        # (B*T, 3 p^2, h, w)
+        return F.pixel_shuffle(patches, self.p).reshape(B, T, 3, h * self.p, w * self.p)
+
+    @torch.no_grad()
+    def fit(self, frames):
+        """PCA of the p x p patches of frames (N, 3, H, W) in [-1, 1]: keep the top z_channels components, whitened."""
+        k, n = self.proj.shape
+        patches = F.pixel_unshuffle(frames.double(), self.p).movedim(1, -1).reshape(-1, n)     # (N h w, 3 p^2)
+        mean = patches.mean(0)
+        lam, U = torch.linalg.eigh(torch.cov((patches - mean).T))            # ascending eigenvalues
+        lam, U = lam.flip(0)[:k].clamp_min(1e-12), U.flip(1)[:, :k]
+        self.patch_mean.copy_(mean)
+        self.proj.copy_((U / lam.sqrt()).T)                                  # (z, 3 p^2): whiten
+        if hasattr(self, "unproj"):
+            self.unproj.copy_(U * lam.sqrt())                                # (3 p^2, z): its pseudo-inverse
 
 # -----------------------------------------------------------------------------
 # OpenCLIP ViT image encoder (open_clip VisionTransformer; SVD's FrozenOpenCLIPImageEmbedder preprocessing)
@@ -773,38 +789,146 @@ def edm_precondition(sigma):
     return c_skip, c_out, c_in, c_noise
 
 
+def edm_input(x, c_in, cond_latent, dtype=None):
+    """The UNet input of the SVD denoiser: cat[c_in x, cond latent] on channels. x (B, T, 4, h, w); c_in (B,);
+    cond_latent (B, 4, h, w) (the same for every frame) or (B, T, 4, h, w) -> (B, T, 8, h, w) in dtype (x's)."""
+    B, T = x.shape[:2]
+    dtype = x.dtype if dtype is None else dtype
+    if cond_latent.ndim == 4:
+        cond_latent = cond_latent[:, None].expand(-1, T, -1, -1, -1)
+    scaled = c_in.to(x.device).view(B, 1, 1, 1, 1) * x.float()
+    return torch.cat([scaled.to(dtype), cond_latent.to(dtype)], dim=2)
+
+
 def denoise(unet, x, sigma, cond_latent, image_embeds, added_time_ids):
     """The SVD denoiser D(x, sigma) -> x0_hat. x (B, T, 4, h, w); sigma (B,); cond_latent (B, 4, h, w) or
     (B, T, 4, h, w), concatenated after the c_in scaling; image_embeds (B, D); added_time_ids (B, 3)."""
     B, T = x.shape[:2]
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
-    c_skip, c_out, c_in, c_noise = (c.view(B, 1, 1, 1, 1) for c in edm_precondition(sigma))
-    if cond_latent.ndim == 4:
-        cond_latent = cond_latent[:, None].expand(-1, T, -1, -1, -1)
-    inp = torch.cat([(c_in * x.float()).to(x.dtype), cond_latent.to(x.dtype)], dim=2)
-    out = unet(inp, c_noise.reshape(B), image_embeds, added_time_ids)
+    c_skip, c_out, c_in, c_noise = edm_precondition(sigma)
+    out = unet(edm_input(x, c_in, cond_latent), c_noise.reshape(B), image_embeds, added_time_ids)
+    c_skip, c_out = c_skip.view(B, 1, 1, 1, 1), c_out.view(B, 1, 1, 1, 1)
     return (c_skip * x.float() + c_out * out.float()).to(x.dtype)
+
+
+def added_time_ids(fps_id, motion_bucket_id, cond_aug, batch=1, device=None):
+    """SVD's vector conditioning (fps_id, motion_bucket_id, cond_aug) -> (batch, 3) float32."""
+    ids = torch.tensor([[float(fps_id), float(motion_bucket_id), float(cond_aug)]], dtype=torch.float32, device=device)
+    return ids.expand(batch, -1)
+
+# -----------------------------------------------------------------------------
+# sampling: the Karras grid and Euler steps of EDM (Karras et al. 2022, eq. 5 and Algorithm 1 without the 2nd-order
+# correction), per-frame linear classifier-free guidance (SVD: Blattmann et al. 2023; sgm EulerEDMSampler with
+# s_churn=0 and LinearPredictionGuider). One step from sigma_max is SF-V's generator (Zhang et al. 2024, sec. 3).
+
+
+def karras_sigmas(n, sigma_min=0.002, sigma_max=700.0, rho=7.0):
+    """Karras schedule of n noise levels from sigma_max down to sigma_min, then 0 appended -> (n+1,) float32.
+    n=1 gives [sigma_max, 0]: the SF-V single step."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def cfg_scales(min_cfg, max_cfg, num_frames):
+    """Per-frame guidance scale, linear from frame 0 to the last frame -> (T,)."""
+    return torch.linspace(min_cfg, max_cfg, num_frames)
+
+
+def cfg_combine(x_u, x_c, scales):
+    """x_u + s_t (x_c - x_u) per frame t. x_u, x_c (B, T, C, h, w); scales (T,)."""
+    return x_u + scales.to(x_u).view(1, -1, 1, 1, 1) * (x_c - x_u)
+
+
+def euler_sample(denoise_fn, x, sigmas):
+    """EDM Euler: d = (x - D(x, s)) / s; x += d (s_next - s). x (B, T, C, h, w) already scaled to sigmas[0];
+    denoise_fn(x, sigma) -> x0_hat. The last step (to sigma 0) is exactly D(x, s_last), returned as is."""
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        x0 = denoise_fn(x, s)
+        if s_next == 0:       # x + (x - x0) / s * (0 - s) = x0, without float cancellation at s = 700
+            return x0
+        x = x + (x - x0) / s * (s_next - s)
+    return x
+
+
+def make_denoiser(unet, cond_latent, image_embeds, added_time_ids, scales=None, counter=None):
+    """D(x, sigma) -> x0_hat (float32) for x (B, T, 4, h, w) float32. With `scales` (T,), classifier-free guidance:
+    uncond (zero CLIP embedding and zero cond latent, same vector conditioning) and cond run as one batch of 2B,
+    combined per frame on x0 (sgm LinearPredictionGuider). counter (a list) accumulates UNet evaluations."""
+    dtype = next(unet.parameters()).dtype
+    if scales is not None:
+        cond_latent = torch.cat([torch.zeros_like(cond_latent), cond_latent])
+        image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
+        added_time_ids = added_time_ids.repeat(2, 1)
+
+    def fn(x, sigma):
+        xb = x.to(dtype) if scales is None else x.to(dtype).repeat(2, 1, 1, 1, 1)
+        sig = torch.full((xb.shape[0],), float(sigma), device=x.device)
+        out = denoise(unet, xb, sig, cond_latent, image_embeds, added_time_ids).float()
+        if counter is not None:
+            counter.append(xb.shape[0])
+        if scales is None:
+            return out
+        x_u, x_c = out.chunk(2)
+        return cfg_combine(x_u, x_c, scales)
+    return fn
+
+
+def seeded_randn(shape, generators):
+    """One normal sample of `shape` per generator, stacked -> (len(generators), *shape) float32 on CPU. Each sample's
+    noise depends only on its own generator: a seed gives the same result in any batch and on any device."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+@torch.no_grad()
+def sample_latents(unet, cond, num_frames, generators, steps, min_cfg=1.0, max_cfg=1.0, sigma_min=0.002, sigma_max=700.0,
+           rho=7.0, counter=None):
+    """Latent videos from conditioning `cond` (SVD.condition's dict): x_T = eps * sqrt(1 + sigma_max^2), eps per
+    sample from its generator; Euler over `steps` Karras levels (steps=1: one denoiser evaluation at sigma_max, the
+    SF-V generator). Guidance (per frame, min_cfg -> max_cfg) for steps > 1 unless it is 1 everywhere (then the
+    cond branch alone). -> (B, num_frames, z, h, w) float32 on the UNet's device."""
+    cond_latent = cond["cond_latent"]
+    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
+    noise = seeded_randn((num_frames, *cond_latent.shape[1:]), generators)          # (B, T, z, h, w)
+    x = (noise * (1.0 + sigmas[0] ** 2).sqrt()).to(cond_latent.device)
+    scales = None
+    if steps > 1 and not (min_cfg == 1.0 and max_cfg == 1.0):
+        scales = cfg_scales(min_cfg, max_cfg, num_frames).to(cond_latent.device)
+    fn = make_denoiser(unet, cond_latent, cond["image_embeds"], cond["added_time_ids"], scales, counter)
+    return euler_sample(fn, x, sigmas)
 
 # -----------------------------------------------------------------------------
 # the bundle of the three networks
 
 
+def _device_dtype(module):
+    t = next(module.parameters(), None)
+    t = next(module.buffers()) if t is None else t
+    return t.device, t.dtype
+
+
 class SVD(nn.Module):
     """All of SVD: unet (model.diffusion_model), vae (first_stage_model), cond_encoder
-    (conditioner.embedders.3.encoder, makes the conditioning latent), clip (embedders.0 ... visual)."""
+    (conditioner.embedders.3.encoder, makes the conditioning latent), clip (embedders.0 ... visual).
+    With cfg.vae.linear_patch_size the vae and cond_encoder are the toy LinearPatchLatent instead of the KL VAE."""
 
     def __init__(self, cfg: SVDConfig):
         super().__init__()
         self.cfg = cfg
         self.unet = UNet(cfg.unet)
-        self.vae = TemporalVAE(cfg.vae)
-        self.cond_encoder = VAEEncoder(cfg.vae, quant_conv=True)
+        if cfg.vae.linear_patch_size:
+            self.vae = LinearPatchLatent(cfg.vae)
+            self.cond_encoder = LinearPatchLatent(cfg.vae, decoder=False)
+        else:
+            self.vae = TemporalVAE(cfg.vae)
+            self.cond_encoder = VAEEncoder(cfg.vae, quant_conv=True)
         self.clip = CLIPImageEncoder(cfg.clip)
 
     def latent_shape(self, T, H, W):
-        """Latent video shape (T, z, H/f, W/f) for a T x H x W pixel video (f = 8, or the toy space-to-depth factor)."""
+        """Latent video shape (T, z, H/f, W/f) for a T x H x W pixel video (f = 8, or the toy patch size)."""
         v = self.cfg.vae
-        f = v.space_to_depth or 2 ** (len(v.ch_mult) - 1)
+        f = v.linear_patch_size or 2 ** (len(v.ch_mult) - 1)
         return (T, v.z_channels, H // f, W // f)
 
     @torch.no_grad()
@@ -817,13 +941,37 @@ class SVD(nn.Module):
     def encode_cond(self, img):
         """img (B, 3, H, W) in [-1, 1], already noise-augmented -> conditioning latent (B, 4, H/8, W/8), the
         posterior mode, NOT scaled by scale_factor (sgm VideoPredictionEmbedderWithEncoder)."""
-        p = next(self.cond_encoder.parameters(), self.clip.conv1.weight)   # the toy encoder has no parameters
-        return self.cond_encoder.encode(img.to(p.device, p.dtype))[0]
+        device, dtype = _device_dtype(self.cond_encoder)
+        return self.cond_encoder.encode(img.to(device, dtype))[0]
+
+    @torch.no_grad()
+    def condition(self, image, generators, fps_id=None, motion_bucket_id=None, cond_aug=None):
+        """SVD's image-to-video conditioning (Blattmann et al. 2023; sgm) of image (B, 3, H, W) in [-1, 1] -> dict:
+        image_embeds (B, D): CLIP embedding of the clean image; cond_latent (B, z, h, w): the cond encoder's mode of
+        image + cond_aug * eps, eps per sample from its generator; added_time_ids (B, 3), on the UNet's device and
+        dtype. Vector conditioning defaults to cfg's."""
+        c = self.cfg
+        cond_aug = c.cond_aug if cond_aug is None else cond_aug
+        device, dtype = _device_dtype(self.unet)
+        aug = seeded_randn(image.shape[1:], generators).to(image.device)               # (B, 3, H, W)
+        return {"image_embeds": self.encode_image(image).to(device, dtype),
+                "cond_latent": self.encode_cond(image + cond_aug * aug).to(device, dtype),
+                "added_time_ids": added_time_ids(c.fps_id if fps_id is None else fps_id,
+                                                 c.motion_bucket_id if motion_bucket_id is None else motion_bucket_id,
+                                                 cond_aug, len(image), device)}
+
+    def sample(self, cond, generators, num_frames=None, steps=None, min_cfg=None, max_cfg=None, counter=None):
+        """Latent videos (B, T, z, h, w) for SVD.condition's dict with this UNet (see sample_latents); missing
+        arguments come from cfg. Decode with self.vae.decode."""
+        c = self.cfg
+        return sample_latents(self.unet, cond, c.num_frames if num_frames is None else num_frames, generators,
+                      c.steps if steps is None else steps, c.min_cfg if min_cfg is None else min_cfg,
+                      c.max_cfg if max_cfg is None else max_cfg, counter=counter)
 
     def fit_linear_latent(self, frames):
-        """Toy latent: fit the VAE and the conditioning encoder (same encoder, as in SVD) on frames (N, 3, H, W)."""
+        """Toy latent: fit the vae and the cond_encoder (the same encoder, as in SVD) on frames (N, 3, H, W)."""
         for m in (self.vae, self.cond_encoder):
-            m.fit_linear_latent(frames)
+            m.fit(frames)
 
     def denoise(self, x, sigma, cond_latent, image_embeds, added_time_ids):
         return denoise(self.unet, x, sigma, cond_latent, image_embeds, added_time_ids)
@@ -842,17 +990,14 @@ CONFIGS = {
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2)),
         clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
         num_frames=4, steps=4, height=64, width=64),
-    # the toy reproduction (toy.py): tiny UNet on a linear latent of 64x64 synthetic videos: 4x4 patches -> their top 12
-    # principal components, whitened (fit_linear_latent; 35 dB reconstruction). The plain 4x4 space-to-depth latent (48
-    # channels, 3 of them carrying 96% of the variance) made the teacher spend its whole budget removing noise from
-    # near-empty channels.
-    # 8 norm groups (4-8 channels each): with SVD's 32, every 32-channel GroupNorm is an InstanceNorm that erases each
-    # channel's per-frame level (e.g. a frame's mean colour) before the output conv.
+    # the toy reproduction (toy.py): a tiny UNet on the LinearPatchLatent of 64x64 synthetic videos (4x4 patches -> 12
+    # whitened principal components, 35 dB reconstruction), 8 frames; 8 norm groups (4-8 channels each), since with 32
+    # every 32-channel GroupNorm is an InstanceNorm that erases each channel's per-frame level (a frame's mean colour)
     "toy": SVDConfig(
         unet=UNetConfig(in_channels=24, out_channels=12, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
                         attention_levels=(1, 2), head_dim=16, context_dim=32, addition_time_embed_dim=32,
                         num_groups=8),
-        vae=VAEConfig(z_channels=12, space_to_depth=4, scale_factor=1.0),
+        vae=VAEConfig(z_channels=12, linear_patch_size=4, scale_factor=1.0),
         clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
         num_frames=8, steps=25, min_cfg=1.0, max_cfg=2.5, fps_id=6, height=64, width=64),
 }

@@ -97,7 +97,7 @@ def ref_clip(cfg=TINY.clip):
     return _randomize(CLIPVisionModelWithProjection(c), 3).eval()
 
 # -----------------------------------------------------------------------------
-# an independent diffusers -> sgm renaming (written from the notes' rules, not from load_svd.py) used to
+# an independent diffusers -> sgm renaming (written from the two libraries' module trees, not from load_svd.py) used to
 # write the official single-file layout from the reference weights
 
 
@@ -329,7 +329,7 @@ def test_denoiser_parity(refs, loaded, sigma):
     emb = torch.randn(B, 32, generator=g)
     ids = torch.tensor([[6.0, 127.0, 0.02]] * B)
     s = torch.full((B,), sigma)
-    # EDM v-prediction, written out from the notes: c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_in = 1/sqrt(s^2+1)
+    # EDM v-prediction (Karras et al. 2022, Table 1; SVD's sgm VScalingWithEDMcNoise): c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_in = 1/sqrt(s^2+1)
     c_in, c_out, c_skip = 1 / (sigma ** 2 + 1) ** 0.5, -sigma / (sigma ** 2 + 1) ** 0.5, 1 / (sigma ** 2 + 1)
     inp = torch.cat([c_in * x, cond[:, None].expand(-1, T, -1, -1, -1)], dim=2)
     with torch.no_grad():
@@ -462,16 +462,43 @@ class _Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-def test_pickle_refused_or_weights_only(tmp_path, single_sd):
-    evil = tmp_path / "evil.ckpt"
-    with open(evil, "wb") as f:
-        pickle.dump({"state_dict": {"x": _Evil()}}, f)
-    with pytest.raises(LoadError, match=r"^refusing to load .*evil\.ckpt: not a plain tensor checkpoint"):
-        load_svd.load(evil, config=TINY)
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_legacy_checkpoints_load_weights_only(tmp_path, single_sd, fmt):
+    """.ckpt of plain tensors in both torch.save formats loads; the same file with code in it is refused, naming it."""
     plain = tmp_path / "svd_tiny.ckpt"
-    torch.save({"state_dict": single_sd}, plain)       # a legacy checkpoint of plain tensors loads (weights_only)
+    torch.save({"state_dict": single_sd}, plain, _use_new_zipfile_serialization=fmt == "zip")
     svd = load_svd.load(plain, config=TINY)
     torch.testing.assert_close(svd.unet.out[2].bias, single_sd["model.diffusion_model.out.2.bias"])
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": _Evil()}}, evil, _use_new_zipfile_serialization=fmt == "zip")
+    with pytest.raises(LoadError) as e:
+        load_svd.load(evil, config=TINY)
+    assert str(e.value) == (f"refusing to load {evil}: it imports Python objects ({os.system.__module__}.system) that "
+                            f"would run when unpickled; only plain tensor checkpoints are loaded (torch.load "
+                            f"weights_only=True): convert a checkpoint you trust to .safetensors")
+
+
+def test_pickle_and_damaged_torch_files_refused(tmp_path, single_sd):
+    evil = tmp_path / "evil.ckpt"                              # a raw pickle, not even a torch.save file
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": {"x": _Evil()}}, f)
+    with pytest.raises(LoadError, match=rf"^refusing to load .*evil\.ckpt: it imports Python objects "
+                                        rf"\({os.system.__module__}\.system\) that would run when unpickled; "):
+        load_svd.load(evil, config=TINY)
+    for fmt in ("zip", "legacy"):
+        good = tmp_path / f"good_{fmt}.pt"
+        torch.save({"state_dict": single_sd}, good, _use_new_zipfile_serialization=fmt == "zip")
+        cut = tmp_path / f"cut_{fmt}.pt"
+        cut.write_bytes(good.read_bytes()[:4000])
+        with pytest.raises(LoadError, match=rf"^{re.escape(str(cut))} is not a readable PyTorch checkpoint \(.*\); it may "
+                                            rf"be truncated or not a checkpoint: download it again or convert it to "
+                                            rf"\.safetensors$"):
+            load_svd.load(cut, config=TINY)
+
+
+def test_user_error_hierarchy():
+    assert issubclass(LoadError, load_svd.UserError) and issubclass(LoadError, ValueError)
+    assert issubclass(sample.SampleError, load_svd.UserError) and issubclass(E.EvalError, load_svd.UserError)
 
 
 def test_error_not_found_and_bad_folder(tmp_path):
@@ -497,13 +524,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # helpers: a tiny random checkpoint in each layout, test images
 
 
-def make_tiny_checkpoint(folder, layout="bundle", seed=0, extra_metadata=None):
+def make_tiny_checkpoint(folder, layout="bundle", seed=0, extra_metadata=None, cfg=TINY):
     """A tiny random SVD saved as our bundle, an sgm-keyed single file or a diffusers folder -> its path.
-    The single file and the folder need --config tiny; the bundle carries its config."""
+    The single file and the folder need --config tiny; the bundle carries its config (cfg)."""
     torch.manual_seed(seed)
     os.makedirs(folder, exist_ok=True)
     if layout == "bundle":
-        return load_svd.save(SVD(TINY), os.path.join(folder, "tiny_bundle.safetensors"), extra_metadata)
+        return load_svd.save(SVD(cfg), os.path.join(folder, "tiny_bundle.safetensors"), extra_metadata)
     if layout == "single":
         sd = SVD(TINY).state_dict()
         state = {load_svd.SGM_PREFIX[k.split(".", 1)[0]] + k.split(".", 1)[1]: v.contiguous() for k, v in sd.items()}
@@ -582,30 +609,32 @@ def run_main(argv, capsys):
     return rc, out, err
 
 # -----------------------------------------------------------------------------
-# sampler maths
+# sampler maths (model.py)
+
+import model
 
 
 def test_karras_sigmas():
-    s = sample.karras_sigmas(25)
+    s = model.karras_sigmas(25)
     assert s.shape == (26,) and s[-1] == 0
     assert torch.allclose(s[[0, -2]], torch.tensor([700.0, 0.002]), rtol=1e-5)
     assert (s[1:] < s[:-1]).all()
     i = torch.arange(25, dtype=torch.float64) / 24   # (max^(1/7) + i/(n-1) (min^(1/7) - max^(1/7)))^7
     ref = (700 ** (1 / 7) + i * (0.002 ** (1 / 7) - 700 ** (1 / 7))) ** 7
     assert torch.allclose(s[:-1].double(), ref, rtol=1e-6)
-    assert sample.karras_sigmas(1).tolist() == [700.0, 0.0]   # SF-V: one step from sigma_max
+    assert model.karras_sigmas(1).tolist() == [700.0, 0.0]   # SF-V: one step from sigma_max
 
 
 def test_euler_with_true_x0_denoiser_recovers_x0():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(1, 3, 4, 5, 5, generator=g, dtype=torch.float64), torch.randn(1, 3, 4, 5, 5, generator=g, dtype=torch.float64)
-    sigmas = sample.karras_sigmas(10).double()
+    sigmas = model.karras_sigmas(10).double()
     seen = []
 
     def oracle(x, s):
         seen.append((x.clone(), s))
         return x0
-    out = sample.euler_sample(oracle, x0 + sigmas[0] * eps, sigmas)
+    out = model.euler_sample(oracle, x0 + sigmas[0] * eps, sigmas)
     assert torch.allclose(out, x0, atol=1e-9)
     assert len(seen) == 10
     for (x, s), ref in zip(seen, sigmas[:-1].tolist()):   # each iterate lies on the true path x0 + sigma_i eps
@@ -614,9 +643,9 @@ def test_euler_with_true_x0_denoiser_recovers_x0():
 
 
 def test_cfg_weights_per_frame_follow_linspace():
-    sc = sample.cfg_scales(1.5, 3.0, 25)
+    sc = model.cfg_scales(1.5, 3.0, 25)
     assert torch.allclose(sc, torch.tensor(np.linspace(1.5, 3.0, 25), dtype=torch.float32))
-    out = sample.cfg_combine(torch.zeros(1, 25, 4, 2, 2), torch.ones(1, 25, 4, 2, 2), sc)
+    out = model.cfg_combine(torch.zeros(1, 25, 4, 2, 2), torch.ones(1, 25, 4, 2, 2), sc)
     assert torch.allclose(out[0, :, 0, 0, 0], sc)
     # through the batched denoiser: a UNet whose output depends on whether the branch is conditional
     T, calls = 5, []
@@ -631,13 +660,56 @@ def test_cfg_weights_per_frame_follow_linspace():
             cond = (image_embeds.abs().sum(1) > 0).float().view(-1, 1, 1, 1, 1)      # 0 = uncond, 1 = cond
             return torch.ones_like(x[:, :, :4]) * (1 + 2 * cond)                       # F_u = 1, F_c = 3
     ids = torch.tensor([[6.0, 127.0, 0.02]])
-    scales = sample.cfg_scales(1.0, 2.5, T)
-    D = sample.make_denoiser(FakeUNet(), torch.randn(1, 4, 2, 2), torch.randn(1, 8), ids, scales)
+    scales = model.cfg_scales(1.0, 2.5, T)
+    D = model.make_denoiser(FakeUNet(), torch.randn(1, 4, 2, 2), torch.randn(1, 8), ids, scales)
     x, s = torch.randn(1, T, 4, 2, 2), 3.0
     c_skip, c_out, _, _ = edm_precondition(torch.tensor(s))
     ref = c_skip * x + c_out * (1 + 2 * scales.view(1, T, 1, 1, 1))   # D_u + s_t (D_c - D_u)
     assert torch.allclose(D(x, s), ref, atol=1e-5)
     assert calls == [2]                                                  # cond + uncond in one call
+
+def test_condition_and_sample_per_sample_seeds_batch_independent():
+    """SVD.condition + SVD.sample: each sample's noise comes from its own generator, so a batch of 3 equals the
+    three samples run one by one (up to batched-kernel round-off), and sample 0 equals sample_video's recipe."""
+    torch.manual_seed(0)
+    svd = SVD(TINY).eval()
+    imgs = torch.rand(3, 3, 64, 64) * 2 - 1
+    seeds = [11, 12, 13]
+
+    def run(i, j, steps, **kw):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:j]]
+        cond = svd.condition(imgs[i:j], gens)
+        return cond, svd.sample(cond, gens, num_frames=2, steps=steps, **kw)
+    for steps, kw in ((1, {}), (3, dict(min_cfg=1.0, max_cfg=2.5))):
+        cond, batch = run(0, 3, steps, **kw)
+        assert batch.shape == (3, 2, 4, 8, 8)
+        assert cond["added_time_ids"].tolist() == [[TINY.fps_id, TINY.motion_bucket_id, pytest.approx(TINY.cond_aug)]] * 3
+        between = (batch[0] - batch[1]).abs().mean()                    # two seeds: O(1) apart
+        for i in range(3):
+            alone = run(i, i + 1, steps, **kw)[1][0]
+            assert (alone - batch[i]).abs().mean() < 1e-2 * between      # the same sample, up to kernel round-off
+            if steps == 1:
+                torch.testing.assert_close(alone, batch[i], atol=1e-3, rtol=1e-3)
+    # one generator per sample: first the cond-aug noise, then the initial latent (what sample_video draws)
+    g = torch.Generator().manual_seed(11)
+    aug, noise = torch.randn(3, 64, 64, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        cl = svd.encode_cond(imgs[:1] + TINY.cond_aug * aug[None])
+        ref = svd.denoise(noise[None] * (1 + 700.0 ** 2) ** 0.5, torch.tensor([700.0]), cl, svd.encode_image(imgs[:1]),
+                          model.added_time_ids(TINY.fps_id, TINY.motion_bucket_id, TINY.cond_aug))
+    torch.testing.assert_close(run(0, 1, 1)[1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_edm_input_and_added_time_ids():
+    x, cl = torch.randn(2, 3, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    c_in = torch.tensor([0.5, 2.0])
+    inp = model.edm_input(x, c_in, cl)
+    assert inp.shape == (2, 3, 8, 5, 5)
+    torch.testing.assert_close(inp[1, 2, :4], 2.0 * x[1, 2])
+    torch.testing.assert_close(inp[0, 1, 4:], cl[0])                  # the cond latent repeated over frames
+    assert model.edm_input(x, c_in, cl, torch.bfloat16).dtype == torch.bfloat16
+    ids = model.added_time_ids(6, 127, 0.02, batch=2)
+    assert ids.shape == (2, 3) and ids.dtype == torch.float32 and ids[1].tolist() == pytest.approx([6, 127, 0.02])
 
 # -----------------------------------------------------------------------------
 # images in
@@ -773,14 +845,15 @@ def test_same_seed_same_frames(tmp_path, ckpts, img, capsys):
     assert not np.array_equal(a, c)
 
 
-def test_defaults_from_bundle_metadata_gif_frames_dir(tmp_path, img, capsys):
-    ck = make_tiny_checkpoint(str(tmp_path / "ck"), "bundle", extra_metadata={"steps": "1", "num_frames": "3", "fps_id": "9"})
+def test_defaults_from_bundle_config_gif_frames_dir(tmp_path, img, capsys):
+    ck = make_tiny_checkpoint(str(tmp_path / "ck"), "bundle", extra_metadata={"steps": "5"},   # metadata: not a default
+                              cfg=replace(TINY, steps=1, num_frames=3, fps_id=9))
     out = str(tmp_path / "o.mp4")
     rc, so, err = run_main([img, "--ckpt", ck, "--out", out, "--gif", "--frames-dir", str(tmp_path / "fr"),
                             "--height", "70", "--width", "100"], capsys)
     assert rc == 0, err
     assert "note: 70x100 is not a multiple of 64; using 64x128" in so
-    assert "(1 UNet evals)" in so                                   # steps=1 from the metadata
+    assert "(1 UNet evals)" in so                                   # steps=1 from the config
     frames, fps, _, _ = decode(out)
     assert frames.shape == (3, 64, 128, 3) and fps == 10         # num_frames 3, fps_id 9 -> 10 fps
     gif, _, codec, _ = decode(str(tmp_path / "o.gif"))
@@ -818,6 +891,36 @@ def test_write_video_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         sample.write_video(torch.rand(3, 3, 64, 64), str(tmp_path / "new.mp4"), fps=7)
     assert os.listdir(tmp_path) == ["v.mp4"]                              # no new file, no temp file left
+
+
+def test_atomic_write_and_stale_temps(tmp_path):
+    p = tmp_path / "a.bin"
+    with pytest.raises(RuntimeError):
+        load_svd.atomic_write(p, lambda tmp: (open(tmp, "wb").write(b"half"), (_ for _ in ()).throw(RuntimeError("x"))))
+    assert os.listdir(tmp_path) == []                                  # nothing under the name, no temp file
+    assert load_svd.atomic_write(p, lambda tmp: open(tmp, "wb").write(b"ok")) == str(p) and p.read_bytes() == b"ok"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / f".a.bin.tmp-{int(dead.stdout)}", tmp_path / f".b.bin.tmp-{os.getppid()}"
+    other = tmp_path / "notes.tmp-1"                                   # not our pattern (no leading dot): kept
+    for f in (stale, live, other):
+        f.write_bytes(b"x")
+    assert load_svd.remove_stale_temps(str(tmp_path)) == [str(stale)]
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.bin", live.name, other.name])
+
+
+def test_read_video_frames_stride_and_errors(tmp_path):
+    path = str(tmp_path / "v.mp4")
+    frames = torch.stack([torch.full((3, 64, 64), 16.0 * i / 255) for i in range(12)])   # frame i is grey 16 i
+    sample.write_video(frames, path, fps=12)
+    v = sample.read_video(path, 4, start=3, stride=2)
+    assert v.shape == (4, 3, 64, 64) and 0 <= v.min() and v.max() <= 1
+    assert torch.allclose(v.mean((1, 2, 3)) * 255 / 16, torch.tensor([3.0, 5.0, 7.0, 9.0]), atol=0.2)
+    with pytest.raises(sample.SampleError, match=re.escape(f"video {path} is too short: 12 of 13 frames decoded; use a longer clip")):
+        sample.read_video(path, 13)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(os.urandom(500))
+    with pytest.raises(sample.SampleError, match=rf"^cannot decode video {re.escape(str(junk))} \(\w+\); check or replace the file$"):
+        sample.read_video(str(junk), 2)
 
 
 # -----------------------------------------------------------------------------
@@ -868,6 +971,71 @@ def test_errors(tmp_path, ckpts, img, capsys, monkeypatch):
     assert [f for f in os.listdir(tmp_path) if f.endswith(".mp4")] == []      # nothing half-written
 
 
+def test_errors_checked_before_any_work(tmp_path, img, capsys):
+    """Bad flags and outputs fail in one line before the checkpoint is even looked at (it does not exist here)."""
+    missing = str(tmp_path / "nope.safetensors")
+
+    def err(argv):
+        rc, so, e = run_main([img, "--ckpt", missing] + argv, capsys)
+        lines = e.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and so == "", (so, e)
+        return lines[0]
+
+    assert err(["--device", "nonsense"]) == ("error: bad --device 'nonsense': not a device; use auto, cpu, cuda, "
+                                             "cuda:N or mps")
+    if not torch.cuda.is_available():
+        assert err(["--device", "cuda"]) == ("error: --device cuda: CUDA is not available on this machine; use "
+                                             "--device cpu (or auto)")
+    assert err(["--fps", "nan"]) == "error: bad --fps nan: must be a finite number"
+    assert err(["--fps", "inf"]) == "error: bad --fps inf: must be a finite number"
+    assert err(["--fps", "0"]) == "error: bad --fps 0: must be positive"
+    assert err(["--min-cfg", "nan"]) == "error: bad --min-cfg nan: must be a finite number"
+    assert err(["--cond-aug", "-1"]) == "error: bad --cond-aug -1: must be at least 0 (it is a noise level)"
+    assert err(["--seed", str(2 ** 64)]) == f"error: bad --seed {2 ** 64}: must be an integer from 0 to 2^64-1"
+    assert err(["--seed", "-1"]) == "error: bad --seed -1: must be an integer from 0 to 2^64-1"
+    for name in ("x.txt", "x"):
+        out = str(tmp_path / name)
+        ext = "'.txt'" if name == "x.txt" else "'(no extension)'"
+        assert err(["--out", out]) == f"error: cannot write {out}: unsupported output type {ext}; name it .mp4 or .gif"
+    assert not os.path.exists(tmp_path / "x.txt")
+    # a damaged image of a known type: say so, not "use a PNG"
+    good = open(img, "rb").read()
+    for cut in (len(good) // 2, 20):
+        bad = tmp_path / "cut.png"
+        bad.write_bytes(good[:cut])
+        rc, _, e = run_main([str(bad), "--ckpt", missing], capsys)
+        assert rc == 2 and e.strip() == (f"error: {bad} is a damaged or truncated PNG file (it cannot be decoded); "
+                                         f"export or download it again")
+
+
+def test_seed_at_the_64_bit_limit_and_gif_output(tmp_path, ckpts, img, capsys):
+    out = str(tmp_path / "v.gif")
+    rc, so, err = run_main([img, "--ckpt", ckpts["bundle"], "--out", out, "--steps", "1", "--frames", "2",
+                            "--seed", str(2 ** 64 - 1)], capsys)
+    assert rc == 0, err
+    frames, _, codec, _ = decode(out)
+    assert codec == "gif" and frames.shape == (2, 64, 64, 3)
+    assert not os.path.exists(tmp_path / "v.mp4")
+
+
+def test_one_step_with_guidance_defaults_says_guidance_is_ignored(tmp_path, ckpts, img, capsys):
+    """Plain SVD weights (guidance 1 -> 2.5 by default) sampled with --steps 1: one note; an SF-V bundle: none."""
+    base = [img, "--ckpt", ckpts["single"], "--config", "tiny", "--frames", "2", "--out", str(tmp_path / "v.mp4")]
+    rc, so, err = run_main(base + ["--steps", "1"], capsys)
+    assert rc == 0, err
+    notes = [l for l in so.splitlines() if l.startswith("note: one step")]
+    assert notes == ["note: one step samples without guidance; --min-cfg/--max-cfg (1/2.5) are ignored (pass "
+                     "--steps 25 for guided SVD sampling)"]
+    assert "(1 UNet evals)" in so
+    rc, so, err = run_main(base + ["--steps", "1", "--max-cfg", "3"], capsys)
+    assert rc == 0 and "--min-cfg/--max-cfg (1/3) are ignored" in so
+    rc, so, err = run_main(base + ["--steps", "2"], capsys)
+    assert rc == 0 and "note: one step" not in so and "(4 UNet evals)" in so
+    sfv = make_tiny_checkpoint(str(tmp_path / "sfv"), cfg=replace(TINY, steps=1, min_cfg=1.0, max_cfg=1.0))
+    rc, so, err = run_main([img, "--ckpt", sfv, "--frames", "2", "--out", str(tmp_path / "w.mp4")], capsys)
+    assert rc == 0 and "note: one step" not in so and "(1 UNet evals)" in so
+
+
 def test_cli_error_exit_code_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), str(tmp_path / "missing.png")],
                        capture_output=True, text=True, cwd=str(tmp_path))
@@ -882,27 +1050,27 @@ def test_find_checkpoint_order(tmp_path, monkeypatch, capsys, img):
     d = tmp_path / "checkpoints"
     toy = tmp_path / "toy.safetensors"
     env = {}
-    with pytest.raises(sample.SampleError, match=r"no weights found .* pass --ckpt PATH or run: python sample.py --download svd_xt"):
-        sample.find_checkpoint(None, env, [str(d)], str(toy))
+    with pytest.raises(LoadError, match=r"no weights found .* pass --ckpt PATH or run: python sample.py --download svd_xt"):
+        load_svd.find_checkpoint(None, env, [str(d)], str(toy))
     bundle = make_tiny_checkpoint(str(tmp_path / "b"), "bundle")
     os.replace(bundle, toy)
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
     d.mkdir()
     (d / "svd_xt.safetensors.part").write_bytes(b"x")                   # partial downloads are not candidates
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
     (d / "svd.safetensors").write_bytes(b"x")
     (d / "svd_xt_1_1.safetensors").write_bytes(b"x")
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd_xt_1_1.safetensors"), False)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd_xt_1_1.safetensors"), False)
     make_tiny_checkpoint(str(d), "bundle")                             # an SF-V bundle beats the official files
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "tiny_bundle.safetensors"), False)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "tiny_bundle.safetensors"), False)
     env = {"SFV_CKPT": str(d / "svd.safetensors")}
-    assert sample.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd.safetensors"), False)
-    assert sample.find_checkpoint("x.safetensors", env, [str(d)], str(toy)) == ("x.safetensors", False)
-    with pytest.raises(sample.SampleError, match=r"\$SFV_CKPT points to a missing checkpoint"):
-        sample.find_checkpoint(None, {"SFV_CKPT": str(tmp_path / "gone")}, [str(d)], str(toy))
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd.safetensors"), False)
+    assert load_svd.find_checkpoint("x.safetensors", env, [str(d)], str(toy)) == ("x.safetensors", False)
+    with pytest.raises(LoadError, match=r"\$SFV_CKPT points to a missing checkpoint"):
+        load_svd.find_checkpoint(None, {"SFV_CKPT": str(tmp_path / "gone")}, [str(d)], str(toy))
     # the CLI falls back to the toy model and says so in one line
-    monkeypatch.setattr(sample, "CKPT_DIRS", [str(tmp_path / "empty")])
-    monkeypatch.setattr(sample, "TOY_CKPT", str(toy))
+    monkeypatch.setattr(load_svd, "CKPT_DIRS", [str(tmp_path / "empty")])
+    monkeypatch.setattr(load_svd, "TOY_CKPT", str(toy))
     monkeypatch.delenv("SFV_CKPT", raising=False)
     rc, so, e = run_main([img, "--steps", "1", "--frames", "2", "--out", str(tmp_path / "t.mp4")], capsys)
     assert rc == 0, e
@@ -958,7 +1126,7 @@ def test_download_resume_and_checks(tmp_path, server):
     os.makedirs(os.path.dirname(dest))
     with open(dest + ".part", "wb") as f:                  # an interrupted earlier download
         f.write(blob[:123_456])
-    assert sample.download(server, dest, token="tok", chunk_size=10_000, progress=False) == dest
+    assert load_svd.download(server, dest, token="tok", chunk_size=10_000, progress=False) == dest
     assert open(dest, "rb").read() == blob and not os.path.exists(dest + ".part")
     (method, h), (method2, h2) = _RangeHandler.seen
     assert (method, method2) == ("HEAD", "GET")
@@ -967,19 +1135,19 @@ def test_download_resume_and_checks(tmp_path, server):
     # a corrupt file fails the sha256 check and is removed
     _RangeHandler.etag = hashlib.sha256(b"something else").hexdigest()
     dest2 = str(tmp_path / "ck" / "svd_xt.safetensors")
-    with pytest.raises(sample.SampleError, match="sha256 mismatch .* the corrupt file was removed"):
-        sample.download(server, dest2, progress=False)
+    with pytest.raises(LoadError, match="sha256 mismatch .* the corrupt file was removed"):
+        load_svd.download(server, dest2, progress=False)
     assert not os.path.exists(dest2) and not os.path.exists(dest2 + ".part")
     # no token -> no Authorization header
     _RangeHandler.etag, _RangeHandler.seen = None, []
     dest3 = str(tmp_path / "ck" / "svd3.safetensors")
-    sample.download(server, dest3, progress=False)
+    load_svd.download(server, dest3, progress=False)
     assert open(dest3, "rb").read() == blob and all("Authorization" not in h for _, h in _RangeHandler.seen)
 
 
 def test_download_errors(tmp_path):
-    with pytest.raises(sample.SampleError, match=r"network error for http://127\.0\.0\.1:9/x"):
-        sample.download("http://127.0.0.1:9/x", str(tmp_path / "x"), progress=False)
+    with pytest.raises(LoadError, match=r"network error for http://127\.0\.0\.1:9/x"):
+        load_svd.download("http://127.0.0.1:9/x", str(tmp_path / "x"), progress=False)
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -1041,7 +1209,7 @@ def test_sigma_samplers_match_targets():
     assert torch.allclose(freq, torch.full((3,), 1 / 3), atol=0.015)
 
     sd = train.sample_disc_sigma(50000, g)
-    grid = sample.karras_sigmas(1000)[:-1]
+    grid = model.karras_sigmas(1000)[:-1]
     assert torch.isin(sd, grid).all()                                    # snapped onto the 1000-level grid
     log_s = sd.log()
     # quantiles of log sigma' vs N(-1, 1): z = -1.2816, -0.6745, 0, 0.6745, 1.2816
@@ -1403,7 +1571,7 @@ def test_synthetic_videos():
 def write_test_video(path, n, fps, size=(80, 96)):
     # frame i is uniform grey 16 * i, so the frame index can be read back
     frames = torch.stack([torch.full((3, *size), 16.0 * i / 127.5 - 1) for i in range(n)])
-    train.write_video(frames, str(path), fps)
+    sample.write_video((frames + 1) / 2, str(path), fps)
 
 
 def test_video_folder_skips_corrupt_and_short(tmp_path):
@@ -1823,9 +1991,9 @@ def test_toy_fd_command(tmp_path, capsys):
 
 def test_toy_linear_latent():
     import train
-    from model import SVD, CONFIGS, VAEConfig, TemporalVAE
+    from model import SVD, CONFIGS, VAEConfig, LinearPatchLatent
     x = torch.rand(6, 3, 16, 24) * 2 - 1
-    plain = TemporalVAE(VAEConfig(z_channels=48, space_to_depth=4, scale_factor=1.0))   # unfitted: pixel_unshuffle
+    plain = LinearPatchLatent(VAEConfig(z_channels=48, linear_patch_size=4, scale_factor=1.0))   # unfitted: pixel_unshuffle
     z = plain.encode(x)[0]
     assert torch.equal(z, torch.nn.functional.pixel_unshuffle(x, 4))
     assert torch.equal(plain.decode(z.reshape(2, 3, 48, 4, 6)).flatten(0, 1), x)
@@ -1856,6 +2024,24 @@ def test_toy_latent_fitted_by_train_and_kept_in_bundle(tmp_path):
     for name, buf in ref.vae.named_buffers():
         assert torch.allclose(dict(svd.vae.named_buffers())[name], buf), name
     assert not torch.equal(svd.vae.proj, torch.eye(48)[:12])
+
+def test_bundled_toy_model_loads_and_samples():
+    """assets/toy_sfv.safetensors (written with the older config name space_to_depth) loads as the LinearPatchLatent
+    toy and samples a plausible clip in one step."""
+    from model import LinearPatchLatent, SVDConfig
+    svd = load_svd.load(os.path.join(HERE, "assets", "toy_sfv.safetensors"))
+    assert isinstance(svd.vae, LinearPatchLatent) and isinstance(svd.cond_encoder, LinearPatchLatent)
+    assert svd.cfg.vae.linear_patch_size == 4 and svd.cfg.steps == 1 and svd.cfg.num_frames == 8
+    old = svd.cfg.to_dict()
+    old["vae"]["space_to_depth"] = old["vae"].pop("linear_patch_size")
+    assert SVDConfig.from_dict(old) == svd.cfg
+    img = sample.read_image(os.path.join(HERE, "assets", "example.png"))
+    video, st = sample.sample_video(svd, img, seed=0)
+    assert video.shape == (8, 3, 64, 64) and st["unet_evals"] == 1
+    psnr = 10 * torch.log10(1 / (video[0] - img).square().mean()).item()    # frame 0 follows the image
+    assert psnr > 15, psnr
+    assert (video[1:] - video[:-1]).abs().mean() > 1e-3                     # and the clip moves
+
 
 # -----------------------------------------------------------------------------
 # toy pipeline smoke run (CI): every stage for a few steps, then the table

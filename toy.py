@@ -13,8 +13,7 @@ Stages (each is `python train.py ...` called in-process, the same code path as f
   2. SF-V:    --mode sfv --init <teacher bundle>, discriminator with both head types, and the two Table 2 ablations
      (--disc-heads spatial: no temporal heads; --disc-heads temporal: no spatial heads)
   3. evaluation on held-out synthetic clips (another dataset seed), every row conditioned on the same first frames
-     with the same noise, sampled with sample.py's functions (karras_sigmas, make_denoiser, euler_sample);
-     metrics from evaluate.py. The reference row compares a second, independent set of real clips.
+     with the same noise, sampled with SVD.condition and SVD.sample (model.py); metrics from evaluate.py. The reference row compares a second, independent set of real clips.
 Outputs: <out>/table.md, <out>/compare.png (rows: real, teacher 25 steps, teacher 1 step, SF-V 1 step, SF-V without
 temporal heads, SF-V without spatial heads; columns: frames), and with --assets: assets/toy_sfv.safetensors (the SF-V
 EMA bundle, sample.py's fallback), assets/example.png (a first frame from the toy generator) and
@@ -34,7 +33,8 @@ import torch
 import evaluate
 import load_svd
 import train
-from sample import cfg_scales, euler_sample, karras_sigmas, make_denoiser, to_uint8, write_png
+from load_svd import pick_device
+from sample import to_uint8, write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,30 +93,20 @@ def train_all(a, r):
     return paths, secs
 
 # -----------------------------------------------------------------------------
-# stage 3: sampling (sample.py's functions, batched) and evaluation
+# stage 3: sampling (SVD.condition and SVD.sample, batched) and evaluation
 
 
 @torch.no_grad()
 def generate(svd, images, seeds, steps, cfg, batch=32):
-    """images (N, 3, H, W) in [-1, 1] -> videos (N, T, 3, H, W) in [-1, 1], SVD conditioning exactly as
-    sample.sample_video (CLIP of the clean image, cond latent of image + cond_aug * noise, per-frame linear CFG
-    min_cfg..max_cfg when cfg), clip i's noise from its own generator seeded seeds[i]."""
+    """images (N, 3, H, W) in [-1, 1] -> videos (N, T, 3, H, W) in [-1, 1]: the conditioning and sampler of
+    sample.sample_video (per-frame linear CFG min_cfg..max_cfg when cfg), clip i's noise from its own generator
+    seeded seeds[i], so a clip's video does not depend on the batch."""
     c = svd.cfg
-    dev = next(svd.unet.parameters()).device
-    shape = svd.latent_shape(c.num_frames, c.height, c.width)
     out = []
     for i in range(0, len(images), batch):
-        img, sd = images[i:i + batch], seeds[i:i + batch]
-        gens = [torch.Generator().manual_seed(int(s)) for s in sd]
-        aug = torch.stack([torch.randn(img.shape[1:], generator=g) for g in gens])
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        emb = svd.encode_image(img.to(dev))
-        cond = svd.encode_cond((img + c.cond_aug * aug).to(dev))
-        ids = torch.tensor([[c.fps_id, c.motion_bucket_id, c.cond_aug]], dtype=torch.float32, device=dev).expand(len(img), -1)
-        sigmas = karras_sigmas(steps)
-        scales = cfg_scales(c.min_cfg, c.max_cfg, c.num_frames).to(dev) if cfg and steps > 1 else None
-        x = (noise * (1.0 + sigmas[0] ** 2).sqrt()).to(dev)
-        x = euler_sample(make_denoiser(svd.unet, cond, emb, ids, scales), x, sigmas)
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch]]
+        cond = svd.condition(images[i:i + batch], gens)
+        x = svd.sample(cond, gens, steps=steps, min_cfg=c.min_cfg if cfg else 1.0, max_cfg=c.max_cfg if cfg else 1.0)
         out.append(svd.vae.decode(x).float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
@@ -146,8 +136,7 @@ def evaluate_all(a, r, paths):
              **evaluate.evaluate_videos(ref, real, None, rf)}]
     pics = {"real": real[:a.pic_clips]}
     models = {}
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)
+    device = pick_device(a.device)
     for name, key, steps, cfg in ROWS:
         if key not in models:
             models[key] = load_svd.load(paths[key], device=device).eval()

@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 import load_svd
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
-from model import CONFIGS, SVD, UNet, denoise
-from sample import euler_sample, karras_sigmas, make_denoiser, resize_center_crop, write_video as write_mp4
+from model import CONFIGS, SVD, UNet, added_time_ids, denoise, karras_sigmas, sample_latents
+from sample import VIDEO_EXTS, read_video, resize_center_crop, write_video
 
 # -----------------------------------------------------------------------------
 # default config values, each overridable by a flag (--name-with-dashes); `--help` lists them all
@@ -315,9 +315,6 @@ class SyntheticVideos:
         return {"video": self.video(i), "skipped": []}
 
 
-VIDEO_EXTS = (".mp4", ".webm", ".mov")
-
-
 def video_paths(root):
     return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(VIDEO_EXTS))
 
@@ -381,28 +378,7 @@ class VideoFolder:
 
     def read(self, path, start, stride, src_fps):
         """Decode frames start, start+stride, ... (frame index from the pts) -> (T, 3, H, W) in [-1, 1]."""
-        import av
-        want = [start + j * stride for j in range(self.frames)]
-        out = []
-        with av.open(path) as c:
-            s = c.streams.video[0]
-            t0 = s.start_time or 0
-            if start / src_fps > 1.0:                                      # seek to the keyframe before the clip
-                c.seek(t0 + int((start / src_fps - 0.5) / s.time_base), stream=s, backward=True)
-            count = None
-            for frame in c.decode(s):
-                if frame.pts is None:
-                    count = 0 if count is None else count + 1
-                    idx = count
-                else:
-                    idx = round(float((frame.pts - t0) * s.time_base) * src_fps)
-                if idx >= want[len(out)]:
-                    out.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
-                    if len(out) == len(want):
-                        break
-        if len(out) < len(want):
-            raise ValueError(f"only {len(out)} of {len(want)} frames decoded")
-        x = torch.stack(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = read_video(path, self.frames, start, stride, src_fps) * 2 - 1
         return resize_center_crop(x, self.height, self.width, mode="bilinear")
 
     def get(self, i, seed):
@@ -572,8 +548,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.G).requires_grad_(False).eval()
         self.opt_g = make_optimizer(args, self.G.parameters(), args.lr_g)
         self.step_num, self.skipped_run = 0, 0
-        fps_id = args.fps - 1
-        self.ids = torch.tensor([[float(fps_id), float(args.motion_bucket_id), args.cond_aug]], device=device)
+        self.ids = added_time_ids(args.fps - 1, args.motion_bucket_id, args.cond_aug, device=device)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
@@ -758,8 +733,6 @@ class Trainer:
                           **(dict(steps=1, min_cfg=1.0, max_cfg=1.0) if sfv else {}))
         try:
             meta = {"train_step": self.step_num, "mode": self.args.mode}
-            if sfv:
-                meta.update(steps=1, sigma=self.args.sigma_max)
             load_svd.save(svd, os.path.join(out, "model.safetensors"), meta)
         finally:
             svd.unet, svd.cfg = unet, cfg
@@ -775,18 +748,16 @@ def move_frozen(svd, device, dtype):
 
 @torch.no_grad()
 def encode_videos(svd, video, args, keys, seed_keys, device):
-    """video (B, T, 3, H, W) in [-1, 1] -> latents (B,T,4,h,w) (posterior mean * scale), cond (B,4,h,w) of the
-    noise-augmented first frame, image_embeds (B, D) of the clean first frame (SVD's conditioning, Blattmann et al. 2023)."""
+    """video (B, T, 3, H, W) in [-1, 1] -> latents (B,T,4,h,w) (posterior mean * scale), and SVD.condition of the
+    first frame: cond (B,4,h,w) of the noise-augmented frame, image_embeds (B, D) of the clean frame."""
     B, T = video.shape[:2]
     dt = svd.clip.conv1.weight.dtype
     video = video.to(device)
-    first = video[:, 0]
-    noise = torch.stack([torch.randn(first.shape[1:], generator=torch.Generator().manual_seed(sample_seed(*seed_keys, k, 4)))
-                         for k in keys]).to(device)
+    gens = [torch.Generator().manual_seed(sample_seed(*seed_keys, k, 4)) for k in keys]
+    cond = svd.condition(video[:, 0], gens, cond_aug=args.cond_aug)
     lat = torch.cat([svd.vae.encode(c.to(dt))[0] for c in video.flatten(0, 1).split(16)])
     return {"latents": (lat.float() * svd.cfg.vae.scale_factor).reshape(B, T, *lat.shape[1:]),
-            "cond": svd.encode_cond(first + args.cond_aug * noise).float(),
-            "image_embeds": svd.encode_image(first).float()}
+            "cond": cond["cond_latent"].float(), "image_embeds": cond["image_embeds"].float()}
 
 
 def build_cache(source, svd, args, root, rank, world, device):
@@ -806,19 +777,6 @@ def build_cache(source, svd, args, root, rank, world, device):
             json.dump({"n": len(source), "skipped": getattr(source, "skipped", [])}, f)
         os.replace(os.path.join(root, "index.json.tmp"), os.path.join(root, "index.json"))
     barrier(world)
-
-
-@torch.no_grad()
-def sample_latents(unet, cond, emb, ids, shape, seeds, steps, args):
-    """sfv: one evaluation at sigma_max from pure noise; diffusion: `steps` Euler steps on a Karras grid (no CFG)."""
-    sig = karras_sigmas(steps, args.sigma_min, args.sigma_max, args.rho)
-    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(cond.device)
-    return euler_sample(make_denoiser(unet, cond, emb, ids), x * (1 + sig[0] ** 2).sqrt().item(), sig)
-
-
-def write_video(frames, path, fps):
-    """frames (T, 3, H, W) in [-1, 1] -> H.264 mp4, atomically (sample.py's writer)."""
-    return write_mp4((frames.detach().float().cpu() + 1) / 2, path, fps)
 
 # -----------------------------------------------------------------------------
 # memory benchmark (needs a GPU)
@@ -919,7 +877,7 @@ def main(argv=None):
             with open(index_path + ".tmp", "w") as f:
                 json.dump(source.index, f)
             os.replace(index_path + ".tmp", index_path)
-    if args.init in CONFIGS and cfg.vae.space_to_depth:   # a fresh toy latent: fit its linear autoencoder on the data
+    if args.init in CONFIGS and cfg.vae.linear_patch_size:   # a fresh toy latent: fit it on the data
         svd.fit_linear_latent(torch.cat([source.get(i, args.seed)["video"] for i in range(min(64, len(source)))]))
     if args.cache:
         if not os.path.exists(os.path.join(args.cache, "index.json")):
@@ -967,16 +925,18 @@ def main(argv=None):
         tr.ema.eval()
         c = sample_cond
         B = c["cond"].shape[0]
-        with tr.autocast():
-            z = sample_latents(tr.ema, c["cond"], c["image_embeds"], tr.ids.expand(B, -1), c["latents"].shape[1:],
-                               [1000 + i for i in range(B)], 1 if args.mode == "sfv" else args.sample_steps, args)
+        cond = {"cond_latent": c["cond"], "image_embeds": c["image_embeds"], "added_time_ids": tr.ids.expand(B, -1)}
+        gens = [torch.Generator().manual_seed(1000 + i) for i in range(B)]
+        with tr.autocast():   # sfv: one evaluation at sigma_max; diffusion: sample_steps Euler steps (no CFG)
+            z = sample_latents(tr.ema, cond, c["latents"].shape[1], gens, 1 if args.mode == "sfv" else args.sample_steps,
+                               sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
         vdev = svd.clip.conv1.weight.device                           # cached run: the VAE visits the GPU briefly
         svd.vae.to(device, dtype_frozen)
         video = svd.vae.decode(z.to(dtype_frozen))
         svd.vae.to(vdev, torch.float32 if vdev.type == "cpu" else dtype_frozen)
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
         for i, v in enumerate(video):
-            write_video(v, os.path.join(args.out, "samples", f"step{step:07d}_{i}.mp4"), args.fps)
+            write_video((v.detach().float().cpu() + 1) / 2, os.path.join(args.out, "samples", f"step{step:07d}_{i}.mp4"), args.fps)
 
     # ---- loop
     sampler = StepBatches(len(source), args.seed, args.batch_size, args.grad_accum, world, rank, tr.step_num, args.max_steps)
