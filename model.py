@@ -322,8 +322,8 @@ class SpatialVideoTransformer(nn.Module):
             x = block(x, context)
             x_t = time_block(x + pos, t_ctx, T)
             x = mix(self.time_mixer.mix_factor, x, x_t)
-        x = self.proj_out(x).transpose(1, 2).reshape(BT, C, H, W)
-        return x + x_in
+        # x_in first: the sum takes x_in's contiguous layout, not proj_out's channels-last view
+        return x_in + self.proj_out(x).transpose(1, 2).view(BT, C, H, W)
 
 # -----------------------------------------------------------------------------
 # UNet
