@@ -136,9 +136,28 @@ class LayerNorm(nn.LayerNorm):
 
 
 def mix(alpha_param, x_a, x_b):
-    """AlphaBlender ('learned' at inference): sigmoid(mix_factor) * x_a + (1 - sigmoid) * x_b."""
-    a = torch.sigmoid(alpha_param.float()).to(x_a.dtype)
-    return a * x_a + (1 - a) * x_b
+    """AlphaBlender ('learned' at inference): sigmoid(mix_factor) * x_a + (1 - sigmoid) * x_b, as one lerp
+    (x_b + a (x_a - x_b)); the result takes x_b's memory layout."""
+    return torch.lerp(x_b, x_a, torch.sigmoid(alpha_param.float()).to(x_a.dtype))
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d. On CPU, a conv whose weights are >= 16x its input (SVD's 1280-channel 2x2 and 4x4 levels) runs as
+    unfold + one GEMM over all frames: each weight is read once, where mkldnn re-lays out the whole weight tensor
+    on every call and the 1x1 path re-reads it per frame, which at these sizes costs more than the arithmetic."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or self.weight.numel() < 16 * x.numel() or self.groups != 1 \
+                or isinstance(self.padding, str) or self.padding_mode != "zeros":
+            return super().forward(x)
+        N, _, H, W = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)     # (N, Cin*kh*kw, Ho*Wo)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], N * Ho * Wo)                     # (Cin*kh*kw, N*Ho*Wo)
+        w = self.weight.reshape(self.out_channels, -1)
+        out = torch.mm(w, cols) if self.bias is None else torch.addmm(self.bias[:, None], w, cols)
+        return out.view(-1, N, Ho, Wo).transpose(0, 1).contiguous()                         # (N, Cout, Ho, Wo)
 
 # -----------------------------------------------------------------------------
 # UNet: res blocks (sgm openaimodel.ResBlock, video_model.VideoResBlock)
@@ -149,7 +168,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels, out_channels, emb_channels, dims=2, groups=32, eps=1e-5):
         super().__init__()
-        Conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        Conv = Conv2d if dims == 2 else nn.Conv3d
         k, p = (3, 1) if dims == 2 else ((3, 1, 1), (1, 0, 0))
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels, eps=eps), nn.SiLU(), Conv(channels, out_channels, k, padding=p))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels)) if emb_channels else None
@@ -190,7 +209,7 @@ class VideoResBlock(ResBlock):
 class Downsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -199,7 +218,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -221,15 +240,14 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
-        # x (N, L, C), context (N, S, Cc)
+        # x (N, L, C), context (N, S, Cc) -> (N, L, C), or (N, 1, C) to broadcast over L when S == 1
         ctx = x if context is None else context
+        if ctx.shape[1] == 1:   # one key (the CLIP token): softmax is exactly 1, every query gets the same v
+            return self.to_out(self.to_v(ctx))
         N, L, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
         q, k, v = (t.view(N, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
-        if k.shape[2] == 1:   # one key (the CLIP token): softmax is exactly 1, output = v
-            out = v.expand(-1, -1, L, -1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)          # (N, heads, L, d)
+        out = F.scaled_dot_product_attention(q, k, v)              # (N, heads, L, d)
         return self.to_out(out.transpose(1, 2).reshape(N, L, -1))
 
 
@@ -351,7 +369,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, E), nn.SiLU(), nn.Linear(E, E))
         self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(3 * cfg.addition_time_embed_dim, E), nn.SiLU(), nn.Linear(E, E)))
 
-        self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepBlock([Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         chans, ch = [mc], mc
         self.level_ends = []                                        # input_blocks index ending each level
         for level, mult in enumerate(cfg.channel_mult):
@@ -380,7 +398,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(layers))
 
-        self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def _embed(self, x, c_noise, image_embeds, added_time_ids):
         B, T = x.shape[:2]
