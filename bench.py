@@ -89,8 +89,11 @@ class LiveTensorPeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output sharing an argument's storage (a view, an in-place or out= op) allocated nothing: skipping it
+        # keeps views of the weights (w.t() in every linear) from counting as new memory
+        ins = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
         for o in tree_flatten(out)[0]:
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in self.seen:
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in self.seen | ins:
                 key, n = o.untyped_storage().data_ptr(), o.untyped_storage().nbytes()
                 self.seen.add(key)
                 self.live += n
