@@ -159,6 +159,22 @@ class Conv2d(nn.Conv2d):
         out = torch.mm(w, cols) if self.bias is None else torch.addmm(self.bias[:, None], w, cols)
         return out.view(-1, N, Ho, Wo).transpose(0, 1).contiguous()                         # (N, Cout, Ho, Wo)
 
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d. On CPU, a (k, 1, 1) kernel (a conv over frames only) runs as a 2D (k, 1) conv over (T, H*W), which
+    mkldnn does directly where a CPU Conv3d unfolds the input (k x its size) for one GEMM. The unfold path stays where
+    the weights are >= 16x the input (SVD's 2x2 and 4x4 levels): there reading each weight once matters more."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or isinstance(self.padding, str) or self.kernel_size[1:] != (1, 1) \
+                or self.stride[1:] != (1, 1) or self.padding[1:] != (0, 0) or self.padding_mode != "zeros" \
+                or self.weight.numel() >= 16 * x.numel():
+            return super().forward(x)
+        B, C, T, H, W = x.shape
+        out = F.conv2d(x.reshape(B, C, T, H * W), self.weight[..., 0], self.bias, (self.stride[0], 1),
+                       (self.padding[0], 0), (self.dilation[0], 1), self.groups)                 # (B, Cout, T', H*W)
+        return out.view(*out.shape[:3], H, W)
+
 # -----------------------------------------------------------------------------
 # UNet: res blocks (sgm openaimodel.ResBlock, video_model.VideoResBlock)
 
@@ -168,7 +184,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels, out_channels, emb_channels, dims=2, groups=32, eps=1e-5):
         super().__init__()
-        Conv = Conv2d if dims == 2 else nn.Conv3d
+        Conv = Conv2d if dims == 2 else Conv3d
         k, p = (3, 1) if dims == 2 else ((3, 1, 1), (1, 0, 0))
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels, eps=eps), nn.SiLU(), Conv(channels, out_channels, k, padding=p))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels)) if emb_channels else None
@@ -577,7 +593,7 @@ class TimeMixConv(nn.Conv2d):
 
     def __init__(self, cin, cout):
         super().__init__(cin, cout, 3, padding=1)
-        self.time_mix_conv = nn.Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
+        self.time_mix_conv = Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x, T):
         x = super().forward(x)
