@@ -136,9 +136,44 @@ class LayerNorm(nn.LayerNorm):
 
 
 def mix(alpha_param, x_a, x_b):
-    """AlphaBlender ('learned' at inference): sigmoid(mix_factor) * x_a + (1 - sigmoid) * x_b."""
-    a = torch.sigmoid(alpha_param.float()).to(x_a.dtype)
-    return a * x_a + (1 - a) * x_b
+    """AlphaBlender ('learned' at inference): sigmoid(mix_factor) * x_a + (1 - sigmoid) * x_b, as one lerp
+    (x_b + a (x_a - x_b)); the result takes x_b's memory layout."""
+    return torch.lerp(x_b, x_a, torch.sigmoid(alpha_param.float()).to(x_a.dtype))
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d. On CPU, a conv whose weights are >= 16x its input (SVD's 1280-channel 2x2 and 4x4 levels) runs as
+    unfold + one GEMM over all frames: each weight is read once, where mkldnn re-lays out the whole weight tensor
+    on every call and the 1x1 path re-reads it per frame, which at these sizes costs more than the arithmetic."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or self.weight.numel() < 16 * x.numel() or self.groups != 1 \
+                or isinstance(self.padding, str) or self.padding_mode != "zeros":
+            return super().forward(x)
+        N, _, H, W = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)     # (N, Cin*kh*kw, Ho*Wo)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], N * Ho * Wo)                     # (Cin*kh*kw, N*Ho*Wo)
+        w = self.weight.reshape(self.out_channels, -1)
+        out = torch.mm(w, cols) if self.bias is None else torch.addmm(self.bias[:, None], w, cols)
+        return out.view(-1, N, Ho, Wo).transpose(0, 1).contiguous()                         # (N, Cout, Ho, Wo)
+
+
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d. On CPU, a (k, 1, 1) kernel (a conv over frames only) runs as a 2D (k, 1) conv over (T, H*W), which
+    mkldnn does directly where a CPU Conv3d unfolds the input (k x its size) for one GEMM. The unfold path stays where
+    the weights are >= 16x the input (SVD's 2x2 and 4x4 levels): there reading each weight once matters more."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or isinstance(self.padding, str) or self.kernel_size[1:] != (1, 1) \
+                or self.stride[1:] != (1, 1) or self.padding[1:] != (0, 0) or self.padding_mode != "zeros" \
+                or self.weight.numel() >= 16 * x.numel():
+            return super().forward(x)
+        B, C, T, H, W = x.shape
+        out = F.conv2d(x.reshape(B, C, T, H * W), self.weight[..., 0], self.bias, (self.stride[0], 1),
+                       (self.padding[0], 0), (self.dilation[0], 1), self.groups)                 # (B, Cout, T', H*W)
+        return out.view(*out.shape[:3], H, W)
 
 # -----------------------------------------------------------------------------
 # UNet: res blocks (sgm openaimodel.ResBlock, video_model.VideoResBlock)
@@ -149,7 +184,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels, out_channels, emb_channels, dims=2, groups=32, eps=1e-5):
         super().__init__()
-        Conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        Conv = Conv2d if dims == 2 else Conv3d
         k, p = (3, 1) if dims == 2 else ((3, 1, 1), (1, 0, 0))
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels, eps=eps), nn.SiLU(), Conv(channels, out_channels, k, padding=p))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels)) if emb_channels else None
@@ -190,7 +225,7 @@ class VideoResBlock(ResBlock):
 class Downsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -199,7 +234,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -221,15 +256,14 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
-        # x (N, L, C), context (N, S, Cc)
+        # x (N, L, C), context (N, S, Cc) -> (N, L, C), or (N, 1, C) to broadcast over L when S == 1
         ctx = x if context is None else context
+        if ctx.shape[1] == 1:   # one key (the CLIP token): softmax is exactly 1, every query gets the same v
+            return self.to_out(self.to_v(ctx))
         N, L, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
         q, k, v = (t.view(N, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
-        if k.shape[2] == 1:   # one key (the CLIP token): softmax is exactly 1, output = v
-            out = v.expand(-1, -1, L, -1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)          # (N, heads, L, d)
+        out = F.scaled_dot_product_attention(q, k, v)              # (N, heads, L, d)
         return self.to_out(out.transpose(1, 2).reshape(N, L, -1))
 
 
@@ -244,13 +278,25 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """GEGLU MLP. On CPU it runs 512 tokens at a time: the (tokens, 8 dim) GEGLU intermediate then stays in cache
+    and never exists whole (147 MB at SVD's first level for a 14 x 32 x 32 latent); each token is independent."""
+
+    chunk = 512
+
     def __init__(self, dim, dim_out=None, mult=4):
         super().__init__()
         inner = int(dim * mult)
         self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim))
 
     def forward(self, x):
-        return self.net(x)
+        # x (..., dim) -> (..., dim_out)
+        rows = x.reshape(-1, x.shape[-1])                            # (N, dim)
+        if x.device.type != "cpu" or rows.shape[0] <= 2 * self.chunk:
+            return self.net(x)
+        out = rows.new_empty(rows.shape[0], self.net[-1].out_features)
+        for i in range(0, rows.shape[0], self.chunk):
+            out[i:i + self.chunk] = self.net(rows[i:i + self.chunk])
+        return out.view(*x.shape[:-1], -1)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -322,8 +368,8 @@ class SpatialVideoTransformer(nn.Module):
             x = block(x, context)
             x_t = time_block(x + pos, t_ctx, T)
             x = mix(self.time_mixer.mix_factor, x, x_t)
-        x = self.proj_out(x).transpose(1, 2).reshape(BT, C, H, W)
-        return x + x_in
+        # x_in first: the sum takes x_in's contiguous layout, not proj_out's channels-last view
+        return x_in + self.proj_out(x).transpose(1, 2).view(BT, C, H, W)
 
 # -----------------------------------------------------------------------------
 # UNet
@@ -351,7 +397,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, E), nn.SiLU(), nn.Linear(E, E))
         self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(3 * cfg.addition_time_embed_dim, E), nn.SiLU(), nn.Linear(E, E)))
 
-        self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepBlock([Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         chans, ch = [mc], mc
         self.level_ends = []                                        # input_blocks index ending each level
         for level, mult in enumerate(cfg.channel_mult):
@@ -380,7 +426,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(layers))
 
-        self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def _embed(self, x, c_noise, image_embeds, added_time_ids):
         B, T = x.shape[:2]
@@ -547,7 +593,7 @@ class TimeMixConv(nn.Conv2d):
 
     def __init__(self, cin, cout):
         super().__init__(cin, cout, 3, padding=1)
-        self.time_mix_conv = nn.Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
+        self.time_mix_conv = Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x, T):
         x = super().forward(x)
