@@ -8,6 +8,7 @@ forward per implementation (tensor copies, time inside the conv modules), so a l
   python bench.py --cases svd:14x16x16 --rounds 3
   python bench.py --device cuda        # GPU: the real 14 x 72 x 128 latent (576 x 1024 video) in bf16
   python bench.py --sample             # end to end (sample.sample_video): SF-V's 1 step vs SVD's 25 steps with CFG
+  python bench.py --train-memory --device cuda   # peak GPU memory of one SF-V training step at 14x448x768
 The UNet benchmark needs diffusers (pip install -r requirements-dev.txt); it is only the reference here, never a
 runtime dependency. Set OMP_NUM_THREADS to fix the CPU thread count (children inherit it).
 """
@@ -261,6 +262,48 @@ def sample_main(args):
               f"the 1-step time")
 
 
+# -----------------------------------------------------------------------------
+# training memory: peak GPU memory of one SF-V step (train.Trainer), as SF-V trains it (Zhang et al. 2024, sec. 4)
+
+
+def train_memory(config="svd", shape="14x448x768", device="cuda", train_flags=()):
+    """Two SF-V steps of a randomly initialised UNet (`config`) at `shape` (TxHxW pixels) from random cached latents
+    (VAE/CLIP never touch the GPU), with train.py's memory flags as given in train_flags (default: bf16 autocast,
+    gradient checkpointing, SM3). The second step has optimiser state and logs the per-term gradient norms (the
+    costliest step). -> {"peak_gib": torch.cuda.max_memory_allocated in GiB, losses...}; on CPU peak_gib is None
+    (there is no per-step peak to read, only the process's lifetime RSS): a CPU run only checks that the step runs."""
+    import load_svd
+    import train
+    from model import CONFIGS, SVD, UNet
+    T, H, W = (int(v) for v in shape.split("x"))
+    args = train.parse_args([*train_flags, "--mode", "sfv"])
+    dev = load_svd.pick_device(device)
+    cfg = CONFIGS[config]
+    with torch.device("meta"):
+        svd = SVD(cfg)                                                     # VAE/CLIP stay on meta: never used
+    torch.manual_seed(args.seed)
+    with torch.device(dev):
+        svd.unet = UNet(cfg.unet)
+    tr = train.Trainer(args, svd, dev)
+    B, h, w = args.batch_size, H // 8, W // 8
+    batch = {"latents": torch.randn(B, T, 4, h, w), "cond": torch.randn(B, 4, h, w),
+             "image_embeds": torch.randn(B, cfg.unet.context_dim), "keys": list(range(B))}
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(2):                                                     # step 2: optimiser state exists
+        t = time.time()
+        m = tr.step([batch] * args.grad_accum, log_terms=i == 1)
+        if cuda:
+            torch.cuda.synchronize()
+        print(f"step {i}: {time.time() - t:.2f} s, " + (f"peak {train.peak_memory_gb(dev):.2f} GiB, " if cuda else "")
+              + f"loss_g {m['loss_g']:.4g}, loss_d {m['loss_d']:.4g}, r1_share {m['r1_share']:.3g}", flush=True)
+    peak = train.peak_memory_gb(dev) if cuda else None
+    print(f"peak GPU memory (torch.cuda.max_memory_allocated) of one SF-V step, {config} UNet, {T}x{H}x{W}, "
+          f"batch {B}: " + (f"{peak:.2f} GiB (target on one GPU: < 40 GB)" if cuda else "not measured (CPU run)"))
+    return {"peak_gib": peak, **m}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
@@ -274,6 +317,12 @@ def main():
     p.add_argument("--steps", type=int, default=25, help="--sample: steps of the multi-step run")
     p.add_argument("--sample-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--sample: dtype")
     p.add_argument("--repeats", type=int, default=2, help="--sample: per-stage minimum over this many runs")
+    p.add_argument("--train-memory", action="store_true", help="peak GPU memory of one SF-V training step instead "
+                   "(train.Trainer, random UNet, random cached latents); use with --device cuda")
+    p.add_argument("--memory-config", default="svd", help="--train-memory: model.CONFIGS preset (tiny runs on CPU)")
+    p.add_argument("--memory-shape", default="14x448x768", help="--train-memory: TxHxW in pixels (SF-V: 14x448x768)")
+    p.add_argument("--train-flags", default="", help="--train-memory: train.py flags, e.g. '--batch-size 2 "
+                   "--no-grad-ckpt --optimizer adamw' (default: train.py's memory defaults)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-preset", default="svd", help=argparse.SUPPRESS)
     p.add_argument("--child-shape", default=None, help=argparse.SUPPRESS)
@@ -286,6 +335,8 @@ def main():
                      args.child_profile)
     if args.sample:
         return sample_main(args)
+    if args.train_memory:
+        return train_memory(args.memory_config, args.memory_shape, args.device, args.train_flags.split())
     unet_main(args)
 
 

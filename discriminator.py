@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Downsample, UNet, edm_precondition, timestep_embedding
+from model import Downsample, UNet, edm_input, edm_precondition, timestep_embedding
 
 # -----------------------------------------------------------------------------
 # frozen backbone
@@ -140,8 +140,7 @@ class Discriminator(nn.Module):
         x (B, T, 4, h, w) noisy latents x0 + sigma' eps'; sigma (B,); cond_latent (B, 4, h, w)."""
         B, T = x.shape[:2]
         _, _, c_in, c_noise = edm_precondition(sigma.float())
-        cond = cond_latent[:, None].expand(-1, T, -1, -1, -1) if cond_latent.ndim == 4 else cond_latent
-        inp = torch.cat([c_in.view(B, 1, 1, 1, 1).to(x.device) * x.float(), cond.float()], dim=2)
+        inp = edm_input(x, c_in, cond_latent, torch.float32)                     # (B, T, 8, h, w), as the generator's
         bb = self.backbone
         feats = bb.encode_levels(inp, c_noise.to(x.device), image_embeds, added_time_ids)  # before the downsample
         if self.tap == "after":

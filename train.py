@@ -6,7 +6,8 @@ spatial and temporal heads (discriminator.py). Also a plain SVD-style diffusion 
     python train.py --init tiny --data synthetic --max-steps 200                     # toy run on CPU
     python train.py --init svd_xt.safetensors --data /videos --cache /cache/latents   # one GPU
     torchrun --nproc_per_node=8 train.py --init svd_xt.safetensors --data /videos ... # data parallel
-    python train.py --bench-memory                                                    # peak GPU memory of one step
+    python train.py ... --resume                     # continue from <out>/train_state.pt (a note if there is none)
+Peak GPU memory of one training step: `python bench.py --train-memory` (bench.py).
 
 The objective (paper sec. 3.3, Eq. 1-3; every number is a flag below):
   generator:     s ~ uniform over the 3 largest levels of a 4-level Karras grid; x_t = x0 + s eps;
@@ -22,8 +23,12 @@ Choices the paper leaves open, each a flag (defaults follow the paper's wording 
       r1_share every logged step). --r1 exact (forward-mode AD) and --r1 fd estimate the same quantity.
   --huber-form norm (the paper's ||.||) | mean; --disc-tap after ("after each downsampling block") | before;
   --sm3-variant plain (the reference SM3) | debiased.
-One iteration: G step first (one G forward, its fakes are reused detached for the D step, as in ADD), then D step.
-The D step runs the frozen backbone without a graph (nothing upstream of the heads needs a gradient there).
+One iteration (Trainer.step): each micro-batch's noise is drawn once (Trainer.noise); the G step
+(sfv_generator_loss; diffusion mode: diffusion_loss) runs one G forward, whose fakes are reused detached by the D step
+(discriminator_loss), as in ADD (Sauer et al. 2023). The D step runs the frozen backbone without a graph (nothing
+upstream of the heads needs a gradient there).
+main -> run: check_args, prepare_out, read_state, probe_data, build_model_and_data (every bad input is one line
+`error: ...` before a model is built), then prepare_data, resume and train_loop.
 
 Reproducibility and scale-out: every random number of a training sample (clip choice, sigmas, noises, cond-aug,
 R1 perturbation) comes from a generator seeded by (seed, step, global slot in the batch), and the dataset order is
@@ -37,9 +42,12 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
+import pickle
 import resource
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import replace
@@ -52,6 +60,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import load_svd
+from load_svd import UserError, atomic_write
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
 from model import CONFIGS, SVD, UNet, added_time_ids, denoise, karras_sigmas, sample_latents
 from sample import VIDEO_EXTS, read_video, resize_center_crop, write_video
@@ -64,13 +73,16 @@ DEFAULTS = [
     ("mode", "sfv", "sfv: adversarial single-step fine-tuning; diffusion: plain SVD-style EDM training (stage 1)"),
     ("init", "tiny", "generator init: a model.CONFIGS preset name (tiny, toy: random weights) or a checkpoint for "
                      "load_svd.load (official single file, diffusers folder, our bundle)"),
-    ("data", "synthetic", "'synthetic' (SyntheticVideos) or a folder of videos (mp4/webm/mov, searched recursively)"),
+    ("data", "synthetic", "'synthetic' (SyntheticVideos) or a folder of videos (" + ", ".join(e[1:] for e in VIDEO_EXTS)
+                          + "; searched recursively; corrupt or too-short files are skipped and counted)"),
     ("out", "out/sfv", "output dir: model.safetensors (EMA bundle), train_state.pt, log.jsonl, samples/"),
-    ("resume", False, "continue from <out>/train_state.pt (optimisers, EMA, step, RNG, data position)"),
+    ("resume", False, "continue from <out>/train_state.pt (optimisers, EMA, step, RNG, data position) and say so; "
+                      "if there is none yet, a one-line note and a fresh start. Without --resume an existing state "
+                      "is overwritten at the first save (a note says so)"),
     ("resume_any_args", False, "--resume even if the model-defining arguments (init, mode, D heads/sizes/tap, bf16, "
                                "optimizer) differ from the saved run's"),
     ("seed", 0, "seed of the init and of every sample's randomness"),
-    ("device", "auto", "auto | cpu | cuda"),
+    ("device", "auto", "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps; under torchrun cuda means cuda:LOCAL_RANK"),
     ("max_steps", 50000, "optimiser steps (the paper: 50K)"),
     # data
     ("frames", 0, "frames per clip T (0: the config's num_frames, 14 for svd)"),
@@ -140,10 +152,6 @@ DEFAULTS = [
     ("sample_every", 1000, "write sample videos every N steps (0: never)"),
     ("num_samples", 2, "sample videos per round (fixed seeds and conditioning images)"),
     ("sample_steps", 25, "diffusion mode: Euler steps for the sample videos (sfv mode always samples in 1 step)"),
-    # benchmark
-    ("bench_memory", False, "measure one SF-V step's peak GPU memory at --bench-shape with the svd config and exit"),
-    ("bench_shape", "14x448x768", "TxHxW of the memory benchmark"),
-    ("bench_config", "svd", "model config of the memory benchmark (tiny: runs on CPU, no memory figure)"),
 ]
 
 
@@ -162,8 +170,56 @@ def parse_args(argv=None):
             p.add_argument(flag, default=default, type=type(default), help=help_, choices=CHOICES.get(name))
     return p.parse_args(argv)
 
+
+# flag -> (lowest allowed value, whether it is allowed itself, what the flag is); every other number: finite
+LIMITS = {"max_steps": (1, True, ""), "batch_size": (1, True, ""), "grad_accum": (1, True, ""), "workers": (0, True, ""),
+          "frames": (0, True, "0: the config's"), "height": (0, True, "0: the config's"),
+          "width": (0, True, "0: the config's"), "fps": (1, True, ""), "motion_bucket_id": (0, True, ""),
+          "cond_aug": (0, True, "a noise level"), "synthetic_size": (1, True, ""), "seed": (0, True, ""),
+          "lr_g": (0, True, ""), "lr_d": (0, True, ""), "beta1": (0, True, ""), "beta2": (0, True, ""),
+          "weight_decay": (0, True, ""), "warmup": (0, True, ""), "grad_clip": (0, True, "0: off"), "ema": (0, True, ""),
+          "gen_levels": (2, True, ""), "sigma_min": (0, False, ""), "rho": (0, False, ""), "p_std": (0, True, ""),
+          "disc_levels": (2, True, ""), "r1_gamma": (0, True, ""), "r1_fd_eps": (0, False, ""),
+          "recon_weight": (0, True, ""), "huber_c": (0, True, ""), "head_channels": (1, True, ""),
+          "cmap_dim": (1, True, ""), "cond_embed_dim": (1, True, ""), "train_p_std": (0, True, ""),
+          "cond_drop": (0, True, "a probability"), "dist_timeout": (1, True, "minutes"), "log_every": (1, True, ""),
+          "save_every": (1, True, ""), "sample_every": (0, True, "0: never"), "num_samples": (1, True, ""),
+          "sample_steps": (1, True, "")}
+BELOW_ONE = ("beta1", "beta2")                        # [0, 1)
+AT_MOST_ONE = ("ema", "cond_drop")                    # [0, 1]
+
+
+def check_args(args):
+    """Every flag value, before anything expensive: UserError "bad --flag v: must be ...; <fix>"."""
+    for name, _, _ in DEFAULTS:
+        v = getattr(args, name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"bad --{name.replace('_', '-')} {v}: must be a finite number")
+    for name, (low, inclusive, what) in LIMITS.items():
+        v, flag = getattr(args, name), "--" + name.replace("_", "-")
+        note = f" ({what})" if what else ""
+        if v < low or (v == low and not inclusive):
+            raise UserError(f"bad {flag} {v}: must be {'at least' if inclusive else 'greater than'} {low}{note}")
+        if name in BELOW_ONE and v >= 1 or name in AT_MOST_ONE and v > 1:
+            raise UserError(f"bad {flag} {v}: must be {'below' if name in BELOW_ONE else 'at most'} 1{note}")
+    if args.init not in CONFIGS and not os.path.exists(args.init):
+        raise UserError(f"--init {args.init}: no such file or folder, and not a model.CONFIGS preset "
+                        f"({', '.join(CONFIGS)}); pass a checkpoint path or a preset name")
+    if args.seed >= 2 ** 63:
+        raise UserError(f"bad --seed {args.seed}: must be an integer from 0 to 2^63-1")
+    if args.sigma_max <= args.sigma_min:
+        raise UserError(f"bad --sigma-max {args.sigma_max:g}: must be greater than --sigma-min {args.sigma_min:g}")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v % 64:
+            raise UserError(f"bad --{name} {v}: must be a multiple of 64 (the UNet halves the latent three times); "
+                            f"try --{name} {max(64, round(v / 64) * 64)}")
+    if args.data == "synthetic" and args.height != args.width:
+        raise UserError(f"--data synthetic makes square videos, but --height {args.height} != --width {args.width}; "
+                        f"pass equal sizes (or 0 for the config's)")
+
 # -----------------------------------------------------------------------------
-# noise levels and losses (paper sec. 3.3)
+# noise levels and losses (SF-V: Zhang et al. 2024, sec. 3.3)
 
 
 def sample_generator_sigma(n, generator=None, levels=4, sigma_min=0.002, sigma_max=700.0, rho=7.0):
@@ -188,6 +244,57 @@ def pseudo_huber(x, y, c, form="norm"):
     d = (x.float() - y.float()).flatten(1).square()
     d = d.sum(1) if form == "norm" else d.mean(1)
     return ((d + c * c).sqrt() - c).mean()
+
+
+# -----------------------------------------------------------------------------
+# the objectives, one function each: x0 (B, T, 4, h, w) clean latents, cond (B, 4, h, w) cond latent, emb (B, D) CLIP
+# image embedding, ids (B, 3) added_time_ids, nz the micro-batch's noise (Trainer.noise). Each returns
+# (loss, {metric name: scalar tensor}, ...)
+
+
+def sfv_generator_loss(G, D, x0, cond, emb, ids, nz, args):
+    """SF-V generator loss (Zhang et al. 2024, sec. 3.3): x0_hat = D_G(x0 + s eps, s) in one evaluation, then
+    L_G = -mean D(x0_hat + s' eps') + recon_weight * pseudo-Huber(x0_hat, x0). -> (L_G, terms, x0_hat (B,T,4,h,w))"""
+    B = x0.shape[0]
+    s, sd = nz["s_g"], nz["s_d"]
+    x0_hat = denoise(G, x0 + s.view(B, 1, 1, 1, 1) * nz["eps"], s, cond, emb, ids).float()
+    adv = hinge_g_loss(D(x0_hat + sd.view(B, 1, 1, 1, 1) * nz["eps_d"], sd, cond, emb, ids))
+    rec = pseudo_huber(x0_hat, x0, args.huber_c, args.huber_form)
+    loss = adv + args.recon_weight * rec
+    return loss, {"loss_g": loss, "adv_g": adv, "recon": rec}, x0_hat
+
+
+def discriminator_loss(D, x0, fake, cond, emb, ids, nz, r1_dirs, args, amp=False):
+    """SF-V discriminator loss (Zhang et al. 2024, sec. 3.3): real x0 and the generator's detached `fake` noised
+    with the SAME s' and eps'; L_D = hinge(real, fake) + r1_gamma * R1(real) on the heads. The frozen backbone runs
+    without a graph (under bf16 autocast if amp); the heads run in fp32. r1_dirs(features) -> the R1 directions per
+    level. -> (L_D + gamma R1, metrics)"""
+    T = x0.shape[1]
+    s = nz["s_d"]
+    sd = s.view(-1, 1, 1, 1, 1)
+    with torch.no_grad(), torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp):
+        f_real = D.features(x0 + sd * nz["eps_d"], s, cond, emb, ids)
+        f_fake = D.features(fake + sd * nz["eps_d"], s, cond, emb, ids)
+    c = D.condition(emb, s, T)
+    r1, logits_r = r1_penalty(D, f_real, c, r1_dirs(f_real) if args.r1 != "off" else None, args.r1, args.r1_fd_eps)
+    logits_f = D.heads(f_fake, c)
+    ld = hinge_d_loss(logits_r, logits_f)
+    return ld + args.r1_gamma * r1, {"loss_d": ld, "r1": r1, "d_real": score(logits_r).mean(),
+                                     "d_fake": score(logits_f).mean()}
+
+
+def diffusion_loss(G, x0, cond, emb, ids, nz, args):
+    """Plain diffusion training as SVD does it (Blattmann et al. 2023) in the EDM framework (Karras et al. 2022, sec. 5,
+    Table 1): log s ~ N(train_p_mean, train_p_std^2), the image conditioning dropped with probability cond_drop (for
+    CFG), loss weight (s^2 + 1) / s^2 (EDM's lambda with sigma_data = 1). -> (loss, {"loss"}, x0_hat)"""
+    B = x0.shape[0]
+    s = nz["s_g"]
+    keep = 1 - nz["drop"]                                                   # (B,)
+    emb, cond = emb * keep.view(B, 1), cond * keep.view(B, 1, 1, 1)
+    x0_hat = denoise(G, x0 + s.view(B, 1, 1, 1, 1) * nz["eps"], s, cond, emb, ids).float()
+    w = (s ** 2 + 1) / s ** 2
+    loss = (w * (x0_hat - x0).square().flatten(1).mean(1)).mean()
+    return loss, {"loss": loss}, x0_hat
 
 # -----------------------------------------------------------------------------
 # SM3 optimiser (Anil et al. 2019, SM3-II)
@@ -316,7 +423,25 @@ class SyntheticVideos:
 
 
 def video_paths(root):
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(VIDEO_EXTS))
+    """Every video file (VIDEO_EXTS) under root, sorted; UserError if root is not a folder or holds none."""
+    if not os.path.exists(root):
+        raise UserError(f"--data {root} does not exist; pass a folder of videos or --data synthetic")
+    if not os.path.isdir(root):
+        raise UserError(f"--data {root} is a file, not a folder; pass the folder that holds the videos")
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(VIDEO_EXTS))
+    if not paths:
+        raise UserError(f"no videos in {root} (searched recursively for {', '.join(VIDEO_EXTS)}); add videos or "
+                        f"pass another --data")
+    return paths
+
+
+def unusable_videos(root, skipped, frames, fps):
+    """The UserError for a folder whose every video was skipped: [(path, reason)] counted as corrupt / too short."""
+    short = sum(r.startswith("too short") for _, r in skipped)
+    parts = [f"{len(skipped) - short} corrupt"] * (short < len(skipped)) + \
+            [f"{short} too short for {frames} frames at {fps} fps"] * (short > 0)
+    return UserError(f"no usable videos in {root}: {', '.join(parts)}; add readable videos" +
+                     (", or lower --frames (or raise --fps: a smaller frame stride)" if short else ""))
 
 
 def probe_videos(root, index, rank=0, world=1):
@@ -351,7 +476,7 @@ class VideoFolder:
         self.index = {**(index or {}), **{p: {"n": n, "fps": f} for p, n, f in self.items},
                       **{p: {"error": r} for p, r in self.skipped}}
         if not self.items:
-            raise ValueError(f"no usable videos in {root} ({len(self.skipped)} skipped)")
+            raise unusable_videos(root, self.skipped, frames, fps)
 
     def __len__(self):
         return len(self.items)
@@ -471,9 +596,10 @@ def dist_setup(device_arg, timeout_min=120):
     """torchrun env:// init with a `timeout_min` collective timeout (rank 0 alone saves/samples meanwhile)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available() and device_arg != "cpu"
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    device = load_svd.pick_device(device_arg)
+    cuda = device.type == "cuda"
     if cuda:
+        device = torch.device(f"cuda:{local}") if device.index is None else device    # torchrun: one GPU per rank
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
@@ -521,12 +647,6 @@ def barrier(world):
 # the trainer
 
 
-def atomic_torch_save(obj, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
     """Holds G (svd.unet), its EMA, D (sfv mode) and the optimisers; step() runs one optimiser step on a list of
     micro-batches (dicts with latents (B,T,4,h,w), cond (B,4,h,w), image_embeds (B,D), keys)."""
@@ -555,6 +675,8 @@ class Trainer:
 
     # ---- per-sample randomness: a generator per (seed, step, global slot)
     def noise(self, step, keys, shape):
+        """The noise of one micro-batch, drawn once per step and shared by its G and D step: sfv: s_g, s_d (B,), eps,
+        eps_d (B, *shape); diffusion: s_g, drop (B,), eps. Sample k's values depend only on (seed, step, k)."""
         a = self.args
         out = {n: [] for n in ("s_g", "s_d", "eps", "eps_d", "drop")}
         for k in keys:
@@ -600,42 +722,35 @@ class Trainer:
         w = self.args.warmup
         return base * min(1.0, (self.step_num + 1) / w) if w > 0 else base
 
-    def g_step(self, micros, log_terms=False):
-        """Generator step (the D heads frozen; gradients flow through D to x0_hat). Returns (metrics, detached fakes).
-        log_terms (sfv): also the gradient norms of the adversarial and the weighted reconstruction term."""
+    def inputs(self, mb):
+        """A micro-batch's latents (B,T,4,h,w) fp32, cond (B,4,h,w), image_embeds (B,D), added_time_ids (B,3)."""
+        x0 = mb["latents"].to(self.device).float()
+        return x0, mb["cond"].to(self.device), mb["image_embeds"].to(self.device), self.ids.expand(x0.shape[0], -1)
+
+    def g_step(self, micros, noises, log_terms=False):
+        """Generator step on the mode's objective (sfv_generator_loss: the D heads frozen, gradients flow through D to
+        x0_hat; diffusion_loss). noises: one Trainer.noise per micro-batch. Returns (metrics, detached x0_hat per
+        micro-batch). log_terms (sfv): also the gradient norms of the adversarial and the weighted recon term."""
         a, n_micro = self.args, len(micros)
-        m = {}
-        add = lambda k, v: m.__setitem__(k, m.get(k, 0.0) + float(v) / n_micro)
-        fakes = []
+        m, fakes = {}, []
         if self.D is not None:
             self.D.requires_grad_(False)
         params = list(self.G.parameters())
         term = [torch.zeros_like(p) for p in params] if log_terms and a.log_term_grads and self.D is not None else None
-        for mb in micros:
-            x0, cond, emb = mb["latents"].to(self.device).float(), mb["cond"].to(self.device), mb["image_embeds"].to(self.device)
-            B = x0.shape[0]
-            nz = self.noise(self.step_num, mb["keys"], x0.shape[1:])
-            ids = self.ids.expand(B, -1)
-            s = nz["s_g"]
-            if a.mode == "diffusion":
-                keep = (1 - nz["drop"]).view(B, 1)
-                emb, cond = emb * keep, cond * keep.view(B, 1, 1, 1)
+        for mb, nz in zip(micros, noises):
+            x0, cond, emb, ids = self.inputs(mb)
             with self.autocast():
-                x0_hat = denoise(self.G, x0 + s.view(B, 1, 1, 1, 1) * nz["eps"], s, cond, emb, ids).float()
-                if a.mode == "diffusion":
-                    w = (s ** 2 + 1) / s ** 2                              # EDM weighting, sigma_data = 1
-                    loss = (w * (x0_hat - x0).square().flatten(1).mean(1)).mean()
-                    add("loss", loss.item())
+                if self.D is not None:
+                    loss, logs, x0_hat = sfv_generator_loss(self.G, self.D, x0, cond, emb, ids, nz, a)
                 else:
-                    sd = nz["s_d"].view(B, 1, 1, 1, 1)
-                    logits_f = self.D(x0_hat + sd * nz["eps_d"], nz["s_d"], cond, emb, ids)
-                    adv = hinge_g_loss(logits_f)
-                    rec = pseudo_huber(x0_hat, x0, a.huber_c, a.huber_form)
-                    loss = adv + a.recon_weight * rec
-                    add("loss_g", loss.item()), add("adv_g", adv.item()), add("recon", rec.item())
-                    fakes.append(x0_hat.detach())
+                    loss, logs, x0_hat = diffusion_loss(self.G, x0, cond, emb, ids, nz, a)
+            for k, v in logs.items():
+                m[k] = m.get(k, 0.0) + v.item() / n_micro
+            if self.D is not None:
+                fakes.append(x0_hat.detach())
             if term is not None:
-                grads = torch.autograd.grad(a.recon_weight * rec / n_micro, params, retain_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(a.recon_weight * logs["recon"] / n_micro, params, retain_graph=True,
+                                            allow_unused=True)
                 for t, g in zip(term, grads):
                     if g is not None:
                         t.add_(g)
@@ -648,40 +763,31 @@ class Trainer:
         m["lr_g"] = self.lr(a.lr_g)
         return m, fakes
 
-    def d_step(self, micros, fakes):
-        """Discriminator step on the heads: hinge on real and fake (the same sigma' and eps') + gamma * R1(real).
-        The frozen backbone runs without a graph; the generator is not touched. Returns metrics."""
+    def d_step(self, micros, noises, fakes):
+        """Discriminator step on the heads (discriminator_loss) with the G step's noises and fakes; the generator is
+        not touched. Returns metrics."""
         a, n_micro = self.args, len(micros)
         m = {}
-        add = lambda k, v: m.__setitem__(k, m.get(k, 0.0) + float(v) / n_micro)
         for p in self.D.head_parameters():
             p.requires_grad_(True)
-        for mb, fake in zip(micros, fakes):
-            x0, cond, emb = mb["latents"].to(self.device).float(), mb["cond"].to(self.device), mb["image_embeds"].to(self.device)
-            B, T = x0.shape[:2]
-            nz = self.noise(self.step_num, mb["keys"], x0.shape[1:])
-            ids = self.ids.expand(B, -1)
-            sd = nz["s_d"].view(B, 1, 1, 1, 1)
-            with torch.no_grad(), self.autocast():
-                f_real = self.D.features(x0 + sd * nz["eps_d"], nz["s_d"], cond, emb, ids)
-                f_fake = self.D.features(fake + sd * nz["eps_d"], nz["s_d"], cond, emb, ids)
-            c = self.D.condition(emb, nz["s_d"], T)
-            n = self.r1_noise(self.step_num, mb["keys"], f_real) if a.r1 != "off" else None
-            r1, logits_r = r1_penalty(self.D, f_real, c, n, a.r1, a.r1_fd_eps)
-            logits_f = self.D.heads(f_fake, c)
-            ld = hinge_d_loss(logits_r, logits_f)
-            ((ld + a.r1_gamma * r1) / n_micro).backward()
-            add("loss_d", ld.item()), add("r1", r1.item())
-            add("d_real", score(logits_r).mean().item()), add("d_fake", score(logits_f).mean().item())
+        for mb, nz, fake in zip(micros, noises, fakes):
+            x0, cond, emb, ids = self.inputs(mb)
+            r1_dirs = lambda feats: self.r1_noise(self.step_num, mb["keys"], feats)
+            loss, logs = discriminator_loss(self.D, x0, fake, cond, emb, ids, nz, r1_dirs, a, self.amp)
+            (loss / n_micro).backward()
+            for k, v in logs.items():
+                m[k] = m.get(k, 0.0) + v.item() / n_micro
         m["grad_norm_d"] = self._finish(self.opt_d, self.D.head_parameters(), self.lr(a.lr_d))[""]
         m["lr_d"] = self.lr(a.lr_d)
         return m
 
     def step(self, micros, log_terms=False):
-        """One iteration: G step, then (sfv) D step on the G step's fakes. Returns rank-averaged metrics."""
-        m, fakes = self.g_step(micros, log_terms)
+        """One iteration: the noise of every micro-batch (drawn once, shared by both steps), the G step, then (sfv)
+        the D step on the G step's fakes. Returns rank-averaged metrics."""
+        noises = [self.noise(self.step_num, mb["keys"], mb["latents"].shape[1:]) for mb in micros]
+        m, fakes = self.g_step(micros, noises, log_terms)
         if self.D is not None:
-            m.update(self.d_step(micros, fakes))
+            m.update(self.d_step(micros, noises, fakes))
         self.step_num += 1
         # global metrics: average over ranks (gradient norms are global already)
         keys = sorted(k for k in m if not k.startswith(("lr_", "grad_norm")))
@@ -723,7 +829,8 @@ class Trainer:
     def save(self, out, frames, height, width):
         """Atomic: train_state.pt (everything to resume) and model.safetensors (EMA generator in our bundle format,
         config set to the training size; sfv: steps=1 and no CFG, so `sample.py --ckpt` samples in one step)."""
-        atomic_torch_save(self.state_dict(), os.path.join(out, "train_state.pt"))
+        st = self.state_dict()
+        atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(st, tmp))
         svd, unet, cfg = self.svd, self.svd.unet, self.svd.cfg
         sfv = self.args.mode == "sfv"
         svd.unet = self.ema
@@ -739,6 +846,18 @@ class Trainer:
 
 # -----------------------------------------------------------------------------
 # encoding, latent cache, sample videos
+
+
+def write_text(path, text):
+    """Atomic text file (load_svd.atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj))
 
 
 def move_frozen(svd, device, dtype):
@@ -768,57 +887,15 @@ def build_cache(source, svd, args, root, rank, world, device):
     for i in tqdm(todo, desc="caching latents", disable=rank != 0):
         item = source.get(i, sample_seed(args.seed, i, 5))
         enc = encode_videos(svd, item["video"][None], args, [i], (args.seed, -1), device)
-        path = os.path.join(root, f"{i:08d}.safetensors")
-        save_file({k: v[0].cpu().contiguous() for k, v in enc.items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tensors = {k: v[0].cpu().contiguous() for k, v in enc.items()}
+        atomic_write(os.path.join(root, f"{i:08d}.safetensors"), lambda tmp: save_file(tensors, tmp))
     barrier(world)
     if rank == 0:
-        with open(os.path.join(root, "index.json.tmp"), "w") as f:
-            json.dump({"n": len(source), "skipped": getattr(source, "skipped", [])}, f)
-        os.replace(os.path.join(root, "index.json.tmp"), os.path.join(root, "index.json"))
+        write_json(os.path.join(root, "index.json"), {"n": len(source), "skipped": getattr(source, "skipped", [])})
     barrier(world)
 
 # -----------------------------------------------------------------------------
-# memory benchmark (needs a GPU)
-
-
-def bench_memory(args):
-    """Two SF-V steps of a randomly initialised UNet (--bench-config) at --bench-shape from cached latents (VAE/CLIP
-    never touch the GPU), with the memory flags as given (default: bf16 autocast, gradient checkpointing, SM3). The
-    second step has optimiser state and logs the per-term gradient norms (the costliest step). On CUDA returns
-    {"peak_gib": torch.cuda.max_memory_allocated, losses...}; on CPU peak_gib is None (there is no per-step peak to
-    read, only the process's lifetime RSS), so a CPU run only checks that the benchmarked step runs."""
-    T, H, W = (int(v) for v in args.bench_shape.split("x"))
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    cfg = CONFIGS[args.bench_config]
-    with torch.device("meta"):
-        svd = SVD(cfg)                                                     # VAE/CLIP stay on meta: never used
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        svd.unet = UNet(cfg.unet)
-    args.mode = "sfv"
-    tr = Trainer(args, svd, device)
-    B, h, w = args.batch_size, H // 8, W // 8
-    batch = {"latents": torch.randn(B, T, 4, h, w), "cond": torch.randn(B, 4, h, w),
-             "image_embeds": torch.randn(B, cfg.unet.context_dim), "keys": list(range(B))}
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(2):                                                     # step 2: optimiser state exists
-        t = time.time()
-        m = tr.step([batch] * args.grad_accum, log_terms=i == 1)
-        if cuda:
-            torch.cuda.synchronize()
-        print(f"step {i}: {time.time() - t:.2f} s, " + (f"peak {peak_memory_gb(device):.2f} GiB, " if cuda else "")
-              + f"loss_g {m['loss_g']:.4g}, loss_d {m['loss_d']:.4g}, r1_share {m['r1_share']:.3g}")
-    peak = peak_memory_gb(device) if cuda else None
-    print(f"peak GPU memory (torch.cuda.max_memory_allocated) of one SF-V step, {args.bench_config} UNet, {T}x{H}x{W}, "
-          f"batch {B}: " + (f"{peak:.2f} GiB (target on one GPU: < 40 GB)" if cuda else "not measured (CPU run)"))
-    return {"peak_gib": peak, **m}
-
-
-# -----------------------------------------------------------------------------
-# main
+# main: checks (seconds, before any model is built), data, model, resume, the loop
 
 
 def peak_memory_gb(device):
@@ -829,6 +906,7 @@ def peak_memory_gb(device):
 
 MODEL_ARGS = ("mode", "init", "disc_heads", "head_channels", "cmap_dim", "cond_embed_dim", "disc_tap", "bf16",
               "optimizer", "sm3_variant")          # define the networks or the optimiser state; a resume must keep them
+STATE_KEYS = {"step", "unet", "ema", "opt_g", "rng_torch", "skipped_run"}
 
 
 def resume_mismatch(saved_json, args):
@@ -842,109 +920,211 @@ def resume_mismatch(saved_json, args):
     return None
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.bench_memory:
-        return bench_memory(args)
-    rank, world, device = dist_setup(args.device, args.dist_timeout)
-    master = rank == 0
-    os.makedirs(args.out, exist_ok=True)
-    state_path, log_path = os.path.join(args.out, "train_state.pt"), os.path.join(args.out, "log.jsonl")
-    st = None
-    if args.resume and os.path.exists(state_path):                     # refuse a changed model before building it
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+def prepare_out(args, master):
+    """Check that --out (and --cache) can be written, create --out, remove stale temp files of interrupted writes
+    (load_svd.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). -> the folders created now (removed
+    again if the start fails)."""
+    for flag, path in (("--out", args.out), ("--cache", args.cache)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a file; pass a folder (it is created if missing)")
+    created, p = [], os.path.abspath(args.out)
+    while not os.path.exists(p):
+        created.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UserError(f"cannot create --out {args.out}: {p} is a file; pass another --out")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):                         # writable, not just present
+            pass
+    except OSError as e:
+        remove_created(created)
+        raise UserError(f"cannot write to --out {args.out} ({e.strerror or e}); pass a writable folder") from None
+    if master:
+        for d in (args.out, os.path.join(args.out, "samples"), args.cache):
+            for path in load_svd.remove_stale_temps(d) if d else []:
+                print(f"removed {path} (left by an interrupted write)")
+    return created
+
+
+def remove_created(created):
+    for d in created:                                                      # deepest first; only if still empty
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+def read_state(args, master):
+    """The --resume state: <out>/train_state.pt (torch.load weights_only=True), or None (fresh start, with a note).
+    UserError if it is damaged, unsafe, not a training state, or from a run with other model-defining arguments."""
+    path = os.path.join(args.out, "train_state.pt")
+    if not os.path.exists(path):
+        if args.resume and master:
+            print(f"note: --resume: no {path} yet; starting fresh")
+        return None
+    if not args.resume:
+        if master:
+            print(f"note: {path} exists but --resume is not given; starting fresh (the state is overwritten at the "
+                  f"first save)")
+        return None
+    fix = "delete it to start fresh, or restore an intact copy"
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise UserError(f"cannot resume from {path}: it is damaged ({str(e).strip().splitlines()[0][:100]}); "
+                            f"{fix}") from None
+        raise UserError(f"refusing to resume from {path}: it holds pickled Python objects, not only tensors (it is "
+                        f"read with torch.load weights_only=True); {fix}") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+        raise UserError(f"cannot resume from {path}: it is damaged or truncated ({type(e).__name__}: {first}); "
+                        f"{fix}") from None
+    if not isinstance(st, dict) or not STATE_KEYS <= set(st) or not isinstance(st.get("args", ""), str):
+        raise UserError(f"cannot resume from {path}: it is not a train.py training state; {fix}")
+    try:
         diff = resume_mismatch(st.get("args"), args)
-        if diff and not args.resume_any_args:
-            raise SystemExit(f"train.py: error: --resume: {diff} (start a new --out, or pass --resume-any-args)")
+    except ValueError:
+        raise UserError(f"cannot resume from {path}: its saved arguments are not readable; {fix}") from None
+    if diff and not args.resume_any_args:
+        raise UserError(f"--resume: {diff}; start a new --out, or pass --resume-any-args")
+    return st
 
-    # ---- models (same seed on every rank: identical init; the resume state overrides it)
-    torch.manual_seed(args.seed)
-    svd = SVD(CONFIGS[args.init]) if args.init in CONFIGS else load_svd.load(args.init)
-    cfg = svd.cfg
-    T, H, W = args.frames or cfg.num_frames, args.height or cfg.height, args.width or cfg.width
-    dtype_frozen = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
 
-    # ---- data
+def probe_data(args, rank, world):
+    """--data's probe index {path: {n, fps} | {error}} (kept in <out>/video_index.json, so resumes skip the scan);
+    None for synthetic data. UserError if the folder is missing, holds no videos, or only unreadable ones."""
     if args.data == "synthetic":
-        assert H == W, "synthetic videos are square"
+        return None
+    index_path = os.path.join(args.out, "video_index.json")
+    try:
+        with open(index_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = {}
+    index = probe_videos(args.data, old if isinstance(old, dict) else {}, rank, world)
+    skipped = [(p, index[p]["error"]) for p in video_paths(args.data) if "error" in index[p]]
+    if len(skipped) == len(video_paths(args.data)):
+        raise unusable_videos(args.data, skipped, 0, args.fps)
+    return index
+
+
+def build_model_and_data(args, index, rank, world):
+    """The generator init (a CONFIGS preset: random weights, seeded; or load_svd.load: LoadError, one line) and the
+    data source at the training size (VideoFolder: UserError if every video is too short). For a preset the data
+    is checked before the model is built. -> (svd, source, (T, H, W))"""
+    cfg = CONFIGS.get(args.init)
+    torch.manual_seed(args.seed)                       # same seed on every rank: identical init
+    svd = None if cfg is not None else load_svd.load(args.init)
+    cfg = cfg or svd.cfg
+    T, H, W = args.frames or cfg.num_frames, args.height or cfg.height, args.width or cfg.width
+    if index is None:
+        if H != W:
+            raise UserError(f"--data synthetic makes square videos, but the training size is {H}x{W}; pass equal "
+                            f"--height and --width")
         source = SyntheticVideos(args.synthetic_size, T, H, args.seed)
     else:
-        index_path = os.path.join(args.out, "video_index.json")   # probe results, so resumes skip the scan
-        index = probe_videos(args.data, json.load(open(index_path)) if os.path.exists(index_path) else {}, rank, world)
         source = VideoFolder(args.data, T, args.fps, H, W, index)
         barrier(world)                                            # every rank has read the old index file
-        if master:
-            with open(index_path + ".tmp", "w") as f:
-                json.dump(source.index, f)
-            os.replace(index_path + ".tmp", index_path)
-    if args.init in CONFIGS and cfg.vae.linear_patch_size:   # a fresh toy latent: fit it on the data
+        if rank == 0:
+            write_json(os.path.join(args.out, "video_index.json"), source.index)
+    if svd is None:
+        svd = SVD(cfg)
+    return svd, source, (T, H, W)
+
+
+def prepare_data(args, svd, source, device, dtype_frozen, rank, world):
+    """Fit a fresh toy latent on the data; with --cache train from pre-encoded latents (built on first use; VAE/CLIP
+    then stay on the CPU), else place VAE/CLIP on the device. -> (source, videos skipped at scan time)"""
+    if args.init in CONFIGS and svd.cfg.vae.linear_patch_size:            # a fresh toy latent: fit it on the data
         svd.fit_linear_latent(torch.cat([source.get(i, args.seed)["video"] for i in range(min(64, len(source)))]))
+    skipped_scan = getattr(source, "skipped", [])
     if args.cache:
         if not os.path.exists(os.path.join(args.cache, "index.json")):
             move_frozen(svd, device, dtype_frozen)
             build_cache(source, svd, args, args.cache, rank, world, device)
-        skipped_scan = getattr(source, "skipped", [])
         source = LatentCache(args.cache)
         skipped_scan = source.skipped or skipped_scan
         move_frozen(svd, "cpu", torch.float32)                             # VAE/CLIP off the GPU during training
     else:
-        skipped_scan = getattr(source, "skipped", [])
         move_frozen(svd, device, dtype_frozen)
+    return source, skipped_scan
 
-    # ---- trainer, resume
-    tr = Trainer(args, svd, device, rank, world)
-    skipped_run = 0
-    if st is not None:
+
+def resume(tr, st, args, master):
+    """Load the --resume state into the trainer and drop log lines after its step; without one, a fresh log."""
+    log_path = os.path.join(args.out, "log.jsonl")
+    if st is None:
+        if master and os.path.exists(log_path):
+            os.remove(log_path)
+        return
+    path = os.path.join(args.out, "train_state.pt")
+    try:
         tr.load_state_dict(st)
-        del st
-        skipped_run = tr.skipped_run
-        if master and os.path.exists(log_path):                          # drop log lines after the checkpoint
-            lines = [l for l in open(log_path) if l.strip() and json.loads(l)["step"] <= tr.step_num]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(log_path + ".tmp", log_path)
-        if master:
-            print(f"resumed from {state_path} at step {tr.step_num}")
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)
+    except (KeyError, RuntimeError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+        raise UserError(f"cannot resume from {path} with these arguments ({type(e).__name__}: {first}); pass the "
+                        f"saved run's arguments, or start a new --out") from None
+    if master and os.path.exists(log_path):                              # drop log lines after the checkpoint
+        with open(log_path) as f:
+            lines = [l for l in f if logged_step(l) <= tr.step_num]
+        write_text(log_path, "".join(lines))
+    if master:
+        print(f"resuming from {path} at step {tr.step_num}")
 
-    tr.broadcast_from_rank0()                                         # every rank starts from rank 0's weights
 
-    # ---- fixed sample conditioning: the first num_samples items, fixed seeds
-    sample_cond = None
-    if args.sample_every > 0 and master:
-        items = [source.get(i % len(source), sample_seed(args.seed, i, 6)) for i in range(args.num_samples)]
-        if "video" in items[0]:
-            enc = encode_videos(svd, torch.stack([it["video"] for it in items]), args, list(range(len(items))), (args.seed, -2),
-                                svd.clip.conv1.weight.device)
-        else:
-            enc = {k: torch.stack([it[k] for it in items]) for k in ("latents", "cond", "image_embeds")}
-        sample_cond = {k: v.to(device) for k, v in enc.items()}
+def logged_step(line):
+    """The step of a log.jsonl line; infinity for a blank or damaged line (e.g. cut by a kill)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
-    def save_samples(step):
-        tr.ema.eval()
-        c = sample_cond
-        B = c["cond"].shape[0]
-        cond = {"cond_latent": c["cond"], "image_embeds": c["image_embeds"], "added_time_ids": tr.ids.expand(B, -1)}
-        gens = [torch.Generator().manual_seed(1000 + i) for i in range(B)]
-        with tr.autocast():   # sfv: one evaluation at sigma_max; diffusion: sample_steps Euler steps (no CFG)
-            z = sample_latents(tr.ema, cond, c["latents"].shape[1], gens, 1 if args.mode == "sfv" else args.sample_steps,
-                               sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
-        vdev = svd.clip.conv1.weight.device                           # cached run: the VAE visits the GPU briefly
-        svd.vae.to(device, dtype_frozen)
-        video = svd.vae.decode(z.to(dtype_frozen))
-        svd.vae.to(vdev, torch.float32 if vdev.type == "cpu" else dtype_frozen)
-        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        for i, v in enumerate(video):
-            write_video((v.detach().float().cpu() + 1) / 2, os.path.join(args.out, "samples", f"step{step:07d}_{i}.mp4"), args.fps)
 
-    # ---- loop
-    sampler = StepBatches(len(source), args.seed, args.batch_size, args.grad_accum, world, rank, tr.step_num, args.max_steps)
-    loader = torch.utils.data.DataLoader(ItemDataset(source), batch_sampler=sampler, num_workers=args.workers, collate_fn=collate)
+def sample_conditioning(args, svd, source, device):
+    """The fixed conditioning of the sample videos: the first num_samples items, fixed seeds."""
+    items = [source.get(i % len(source), sample_seed(args.seed, i, 6)) for i in range(args.num_samples)]
+    if "video" in items[0]:
+        enc = encode_videos(svd, torch.stack([it["video"] for it in items]), args, list(range(len(items))),
+                            (args.seed, -2), svd.clip.conv1.weight.device)
+    else:
+        enc = {k: torch.stack([it[k] for it in items]) for k in ("latents", "cond", "image_embeds")}
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def save_samples(tr, svd, c, args, step, dtype_frozen):
+    """Sample videos of the EMA generator: sfv: one evaluation at sigma_max; diffusion: sample_steps Euler steps
+    (no CFG). -> <out>/samples/step<step>_<i>.mp4"""
+    tr.ema.eval()
+    B = c["cond"].shape[0]
+    cond = {"cond_latent": c["cond"], "image_embeds": c["image_embeds"], "added_time_ids": tr.ids.expand(B, -1)}
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(B)]
+    with tr.autocast():
+        z = sample_latents(tr.ema, cond, c["latents"].shape[1], gens, 1 if args.mode == "sfv" else args.sample_steps,
+                           sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
+    vdev = svd.clip.conv1.weight.device                           # cached run: the VAE visits the GPU briefly
+    svd.vae.to(tr.device, dtype_frozen)
+    video = svd.vae.decode(z.to(dtype_frozen))
+    svd.vae.to(vdev, torch.float32 if vdev.type == "cpu" else dtype_frozen)
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    for i, v in enumerate(video):
+        write_video((v.detach().float().cpu() + 1) / 2, os.path.join(args.out, "samples", f"step{step:07d}_{i}.mp4"),
+                    args.fps)
+
+
+def train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen):
+    """Optimiser steps from tr.step_num to --max-steps: batches from StepBatches, logging, checkpoints, samples."""
+    master, world, device = tr.rank == 0, tr.world, tr.device
+    sample_cond = sample_conditioning(args, svd, source, device) if args.sample_every > 0 and master else None
+    sampler = StepBatches(len(source), args.seed, args.batch_size, args.grad_accum, world, tr.rank, tr.step_num,
+                          args.max_steps)
+    loader = torch.utils.data.DataLoader(ItemDataset(source), batch_sampler=sampler, num_workers=args.workers,
+                                         collate_fn=collate)
     it = iter(loader)
     pbar = tqdm(total=args.max_steps, initial=tr.step_num, disable=not master, dynamic_ncols=True)
-    log = open(log_path, "a") if master else None
-    t_last, steps_since = time.time(), 0
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    skipped_run, t_last, steps_since = tr.skipped_run, time.time(), 0
     while tr.step_num < args.max_steps:
         micros = []
         for _ in range(args.grad_accum):
@@ -960,8 +1140,8 @@ def main(argv=None):
             n_skip = torch.tensor([float(skipped_run)], device=device)
             all_reduce_mean([n_skip], world)
             if master:
-                dt = time.time() - t_last
-                rec = {"step": step, **m, "it_s": steps_since / dt, "peak_mem_gb": peak_memory_gb(device),
+                rec = {"step": step, **m, "it_s": steps_since / (time.time() - t_last),
+                       "peak_mem_gb": peak_memory_gb(device),
                        "skipped_videos": len(skipped_scan) + int(round(n_skip.item() * world))}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -969,16 +1149,50 @@ def main(argv=None):
             t_last, steps_since = time.time(), 0
         pbar.update(1)
         if master and (step % args.save_every == 0 or step == args.max_steps):
-            tr.save(args.out, T, H, W)
+            tr.save(args.out, *size)
         if master and sample_cond is not None and step % args.sample_every == 0:
-            save_samples(step)
+            save_samples(tr, svd, sample_cond, args, step, dtype_frozen)
         barrier(world)                                                    # others wait here (--dist-timeout)
     pbar.close()
     if log:
         log.close()
+
+
+def run(args):
+    """The training command: every check first (UserError, one line), then data, model, resume and the loop.
+    -> the Trainer."""
+    check_args(args)
+    rank, world, device = dist_setup(args.device, args.dist_timeout)
+    master = rank == 0
+    created = prepare_out(args, master)
+    try:
+        st = read_state(args, master)                                  # refuse a changed model before building it
+        index = probe_data(args, rank, world)
+        svd, source, size = build_model_and_data(args, index, rank, world)
+    except UserError:
+        remove_created(created)
+        raise
+    dtype_frozen = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
+    source, skipped_scan = prepare_data(args, svd, source, device, dtype_frozen, rank, world)
+    tr = Trainer(args, svd, device, rank, world)
+    resume(tr, st, args, master)
+    del st
+    tr.broadcast_from_rank0()                                         # every rank starts from rank 0's weights
+    train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen)
     if world > 1:
         dist.destroy_process_group()
     return tr
+
+
+def main(argv=None):
+    """CLI entry: an expected failure (UserError) is one line `error: <what>; <how to fix>` on stderr and exit
+    status 2; tracebacks are for bugs only. -> the Trainer."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
