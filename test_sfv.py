@@ -1657,6 +1657,11 @@ def test_latent_cache(tmp_path):
     item = train.LatentCache(str(tmp_path / "cache")).get(1, 0)
     assert item["latents"].shape == (4, 4, 8, 8) and item["cond"].shape == (4, 8, 8) and item["image_embeds"].shape == (32,)
     assert [r["step"] for r in read_log(out)] == [1, 2]
+    (tmp_path / "cache" / "index.json").write_text('{"n": 3')                # damaged
+    with pytest.raises(load_svd.UserError) as e:
+        train.LatentCache(str(tmp_path / "cache"))
+    assert str(e.value) == (f"cannot read the latent cache {tmp_path / 'cache' / 'index.json'} (JSONDecodeError); "
+                            f"delete the --cache folder to rebuild it")
 
 # -----------------------------------------------------------------------------
 # checkpoints, resume, EMA, samples, distributed

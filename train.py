@@ -62,7 +62,7 @@ from tqdm import tqdm
 import load_svd
 from load_svd import UserError, atomic_write
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
-from model import CONFIGS, SVD, UNet, added_time_ids, denoise, karras_sigmas, sample_latents
+from model import CONFIGS, SVD, added_time_ids, denoise, karras_sigmas, sample_latents
 from sample import VIDEO_EXTS, read_video, resize_center_crop, write_video
 
 # -----------------------------------------------------------------------------
@@ -528,9 +528,13 @@ class LatentCache:
 
     def __init__(self, root):
         self.root = root
-        with open(os.path.join(root, "index.json")) as f:
-            meta = json.load(f)
-        self.n, self.skipped = meta["n"], [tuple(s) for s in meta["skipped"]]
+        try:
+            with open(os.path.join(root, "index.json")) as f:
+                meta = json.load(f)
+            self.n, self.skipped = int(meta["n"]), [tuple(s) for s in meta["skipped"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot read the latent cache {os.path.join(root, 'index.json')} ({type(e).__name__}); "
+                            f"delete the --cache folder to rebuild it") from None
 
     def __len__(self):
         return self.n
@@ -1148,10 +1152,14 @@ def train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen):
                 pbar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss_g", "loss_d", "recon", "loss") if k in m})
             t_last, steps_since = time.time(), 0
         pbar.update(1)
-        if master and (step % args.save_every == 0 or step == args.max_steps):
-            tr.save(args.out, *size)
-        if master and sample_cond is not None and step % args.sample_every == 0:
-            save_samples(tr, svd, sample_cond, args, step, dtype_frozen)
+        try:
+            if master and (step % args.save_every == 0 or step == args.max_steps):
+                tr.save(args.out, *size)
+            if master and sample_cond is not None and step % args.sample_every == 0:
+                save_samples(tr, svd, sample_cond, args, step, dtype_frozen)
+        except OSError as e:                                              # e.g. disk full: the old files stay intact
+            raise UserError(f"cannot write to --out {args.out} at step {step} ({e.strerror or e}); free some space, "
+                            f"then continue with --resume") from None
         barrier(world)                                                    # others wait here (--dist-timeout)
     pbar.close()
     if log:
@@ -1186,13 +1194,18 @@ def run(args):
 
 def main(argv=None):
     """CLI entry: an expected failure (UserError) is one line `error: <what>; <how to fix>` on stderr and exit
-    status 2; tracebacks are for bugs only. -> the Trainer."""
+    status 2 (out of memory: 1); tracebacks are for bugs only. -> the Trainer."""
     args = parse_args(argv)
     try:
         return run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of memory ({str(e).strip().splitlines()[0][:100]}); try a smaller --batch-size (with a larger "
+              f"--grad-accum), --grad-ckpt, --bf16, --cache, or fewer --frames / a smaller --height/--width",
+              file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
