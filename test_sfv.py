@@ -1830,6 +1830,7 @@ def test_diffusion_mode_end_to_end(tmp_path):
     (["--height", "128"], "--data synthetic makes square videos, but --height 128 != --width 0; pass equal sizes (or 0 "
                           "for the config's)"),
     (["--device", "nonsense"], "bad --device 'nonsense': not a device; use auto, cpu, cuda, cuda:N or mps"),
+    (["--out", ""], "bad --out '': pass the folder for checkpoints, logs and samples, e.g. --out out/sfv"),
     (["--init", "missing.safetensors"], "--init missing.safetensors: no such file or folder, and not a model.CONFIGS "
                                         "preset (svd, svd_xt, tiny, toy); pass a checkpoint path or a preset name"),
 ])

@@ -202,6 +202,8 @@ def check_args(args):
             raise UserError(f"bad {flag} {v}: must be {'at least' if inclusive else 'greater than'} {low}{note}")
         if name in BELOW_ONE and v >= 1 or name in AT_MOST_ONE and v > 1:
             raise UserError(f"bad {flag} {v}: must be {'below' if name in BELOW_ONE else 'at most'} 1{note}")
+    if not args.out.strip():
+        raise UserError("bad --out '': pass the folder for checkpoints, logs and samples, e.g. --out out/sfv")
     if args.init not in CONFIGS and not os.path.exists(args.init):
         raise UserError(f"--init {args.init}: no such file or folder, and not a model.CONFIGS preset "
                         f"({', '.join(CONFIGS)}); pass a checkpoint path or a preset name")
