@@ -2228,10 +2228,13 @@ def test_toy_smoke(tmp_path):
     import toy
     rows = toy.main(["--smoke", "--out", str(tmp_path / "toy")])
     names = [r["name"] for r in rows]
-    assert names[1:] == [name for name, *_ in toy.ROWS] and len(names) == 6
+    assert [r["row"] for r in rows] == ["real", "teacher_25", "teacher_1", "sfv_1", "sfv_no_temporal", "sfv_no_spatial"]
     for r in rows[1:]:
         for k in ("fd", "fd_app", "fd_motion", "psnr0", "motion", "warp", "drift", "s_clip"):
             assert math.isfinite(r[k]), (r["name"], k)
+    for r in rows:                                                   # bootstrap interval around the point estimate
+        lo, hi = r["fd_ci"]
+        assert lo <= hi and lo <= r["fd"] * 1.5 + 1e-9, (r["row"], lo, r["fd"], hi)
     table = (tmp_path / "toy" / "table.md").read_text()
     for name in names:
         assert f"| {name} |" in table

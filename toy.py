@@ -34,6 +34,7 @@ import evaluate
 import load_svd
 import train
 from load_svd import pick_device
+from model import CONFIGS
 from sample import to_uint8, write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,13 +52,14 @@ SMOKE = dict(FULL, teacher_steps=4, teacher_batch=4, sfv_steps=2, sfv_batch=2, n
 HELD_OUT_SEED = 10_000                       # held-out clips: SyntheticVideos(seed=HELD_OUT_SEED + seed), never trained on
 REFERENCE_SEED = 20_000                      # a second, independent real set for the reference row
 
-ROWS = [  # (name, model, steps, CFG)
-    ("teacher, 25 steps + CFG", "teacher", 25, True),
-    ("teacher, 1 step", "teacher", 1, False),
-    ("SF-V, 1 step", "sfv_both", 1, False),
-    ("SF-V w/o temporal heads, 1 step", "sfv_spatial", 1, False),
-    ("SF-V w/o spatial heads, 1 step", "sfv_temporal", 1, False),
+ROWS = [  # (row key in toy_results.json, table name, model, steps, CFG)
+    ("teacher_25", "teacher, 25 steps + CFG", "teacher", 25, True),
+    ("teacher_1", "teacher, 1 step", "teacher", 1, False),
+    ("sfv_1", "SF-V, 1 step", "sfv_both", 1, False),
+    ("sfv_no_temporal", "SF-V w/o temporal heads, 1 step", "sfv_spatial", 1, False),
+    ("sfv_no_spatial", "SF-V w/o spatial heads, 1 step", "sfv_temporal", 1, False),
 ]
+N_BOOT = 200                                 # bootstrap resamples of the held-out clips for the FD intervals
 
 # -----------------------------------------------------------------------------
 # stages 1 and 2: train.py
@@ -121,35 +123,56 @@ def latency(svd, images, steps, cfg):
     return float(np.median(ts))
 
 
-def held_out(n, seed, T=8, size=64):
+def held_out(n, seed, T, size):
     ds = train.SyntheticVideos(n, T, size, seed)
     return torch.stack([ds.video(i) for i in range(n)])
 
 
-def evaluate_all(a, r, paths):
-    """-> (rows of metric dicts, sample videos for the picture {name: (k, T, 3, H, W)}, real videos)."""
-    real = held_out(r["n_eval"], HELD_OUT_SEED + a.seed)
-    ref = held_out(r["n_eval"], REFERENCE_SEED + a.seed)
+def bootstrap_fd(rf, ff, generator, dims=slice(None), n_boot=N_BOOT):
+    """95% percentile interval of evaluate.toy_fd over clips resampled with replacement (the same clip indices for
+    the real and the generated set: clip i of both shares its first frame). -> [lo, hi]."""
+    n = len(rf)
+    fds = []
+    for _ in range(n_boot):
+        i = torch.randint(0, n, (n,), generator=generator)
+        fds.append(evaluate.toy_fd(rf[i], ff[i], dims))
+    return [float(np.percentile(fds, 2.5)), float(np.percentile(fds, 97.5))]
+
+
+def metrics_with_intervals(fake, real, images, rf, seed):
+    """evaluate.evaluate_videos plus bootstrap intervals of fd, fd_app and fd_motion (same resamples for every row)."""
+    m = evaluate.evaluate_videos(fake, real, images, rf)
+    ff = evaluate.video_features(fake)
+    for key, dims in (("fd", slice(None)), ("fd_app", slice(0, evaluate.APPEARANCE_DIMS)),
+                      ("fd_motion", slice(evaluate.APPEARANCE_DIMS, None))):
+        m[key + "_ci"] = bootstrap_fd(rf, ff, torch.Generator().manual_seed(seed), dims)
+    return m
+
+
+def evaluate_all(a, r, paths, T, size):
+    """-> (rows of metric dicts, sample videos for the pictures {row: (k, T, 3, H, W)}, real videos)."""
+    real = held_out(r["n_eval"], HELD_OUT_SEED + a.seed, T, size)
+    ref = held_out(r["n_eval"], REFERENCE_SEED + a.seed, T, size)
     images, seeds = real[:, 0], [HELD_OUT_SEED + i for i in range(len(real))]
     rf = evaluate.video_features(real)
-    rows = [{"name": "real clips (independent set)", "evals": "", "s_clip": float("nan"),
-             **evaluate.evaluate_videos(ref, real, None, rf)}]
+    rows = [{"row": "real", "name": "real clips (independent set)", "evals": "", "s_clip": float("nan"),
+             **metrics_with_intervals(ref, real, None, rf, a.seed)}]
     pics = {"real": real[:a.pic_clips]}
     models = {}
     device = pick_device(a.device)
-    for name, key, steps, cfg in ROWS:
+    for row, name, key, steps, cfg in ROWS:
         if key not in models:
             models[key] = load_svd.load(paths[key], device=device).eval()
         svd = models[key]
         t = time.perf_counter()
         fake = generate(svd, images, seeds, steps, cfg)
         t_batch = (time.perf_counter() - t) / len(images)
-        m = evaluate.evaluate_videos(fake, real, images, rf)
+        m = metrics_with_intervals(fake, real, images, rf, a.seed)
         evals = steps * (2 if cfg and steps > 1 else 1)
-        rows.append({"name": name, "evals": evals, "s_clip": latency(svd, images[:r["n_latency"]], steps, cfg),
-                     "s_clip_batched": t_batch, **m})
-        pics[name] = fake[:a.pic_clips]
-        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()), flush=True)
+        rows.append({"row": row, "name": name, "evals": evals,
+                     "s_clip": latency(svd, images[:r["n_latency"]], steps, cfg), "s_clip_batched": t_batch, **m})
+        pics[row] = fake[:a.pic_clips]
+        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if not k.endswith("_ci")), flush=True)
     return rows, pics, real
 
 # -----------------------------------------------------------------------------
@@ -219,7 +242,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     paths, secs = train_all(a, r)
     t1 = time.perf_counter()
-    rows, pics, real = evaluate_all(a, r, paths)
+    c = CONFIGS["toy"]
+    rows, pics, real = evaluate_all(a, r, paths, c.num_frames, c.height)
     t2 = time.perf_counter()
     picture(pics, os.path.join(a.out, "compare.png"))
     cmd = "python toy.py" + (" --smoke" if a.smoke else "") + (f" --scale {a.scale:g}" if a.scale != 1 else "")
@@ -235,6 +259,8 @@ def main(argv=None):
     if a.assets:
         os.makedirs(a.assets, exist_ok=True)
         shutil.copyfile(paths["sfv_both"], os.path.join(a.assets, "toy_sfv.safetensors"))
+        with open(os.path.join(a.assets, "toy_results.json"), "w") as f:
+            json.dump({"rows": rows, "train_seconds": secs, "eval_seconds": t2 - t1, "recipe": r}, f, indent=1)
         write_png(to_uint8((real[0, 0] + 1) / 2), os.path.join(a.assets, "example.png"))
         shutil.copyfile(os.path.join(a.out, "compare.png"), os.path.join(a.assets, "toy_compare.png"))
         print(f"wrote {a.assets}/toy_sfv.safetensors, example.png and toy_compare.png (the README picture)")
