@@ -1467,7 +1467,8 @@ def test_gradient_isolation():
     seen = []
     finish = tr._finish
     tr._finish = lambda opt, params, *a: (seen.append([p.grad is not None for p in params]), finish(opt, params, *a))[1]
-    _, fakes = tr.g_step([mb])
+    noises = [tr.noise(0, mb["keys"], mb["latents"].shape[1:])]
+    _, fakes = tr.g_step([mb], noises)
     tr._finish = finish
     # (cross-attention over one context token gets no q/k gradient, nor the 1x1 middle self-attention)
     assert len(seen) == 1 and len(seen[0]) == len(list(tr.G.parameters())) and sum(seen[0]) > 0.8 * len(seen[0])
@@ -1481,7 +1482,7 @@ def test_gradient_isolation():
         p.grad = torch.full_like(p, 3.0)
     g0 = {k: v.clone() for k, v in tr.G.state_dict().items()}
     h0 = [p.detach().clone() for p in heads]
-    tr.d_step([mb], fakes)
+    tr.d_step([mb], noises, fakes)
     assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in tr.G.parameters())
     assert all(torch.equal(g0[k], v) for k, v in tr.G.state_dict().items())
     assert sum(not torch.equal(a, p.detach()) for a, p in zip(h0, heads)) > 0.9 * len(heads)
