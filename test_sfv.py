@@ -34,11 +34,31 @@ import sample
 import train
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
 from load_svd import LoadError
-from model import CONFIGS, SVD, edm_precondition
 import evaluate as E
+import model
+from model import CONFIGS, SVD, edm_precondition
 
-torch.set_num_threads(min(4, os.cpu_count() or 1))
+# 2 shared cores: every test runs single-threaded (OpenMP spinning on 2 threads is ~20x slower for these tiny ops);
+# subprocesses get OMP_NUM_THREADS=1 through ENV
+torch.set_num_threads(1)
+HERE = ROOT = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 TINY = CONFIGS["tiny"]
+SMALL_D = ["--head-channels", "32", "--cmap-dim", "16", "--cond-embed-dim", "32"]     # small D heads for speed
+DEFAULT_D = ["--head-channels", "256", "--cmap-dim", "64", "--cond-embed-dim", "128"]   # train.py's defaults
+COMMON = ["--init", "tiny", "--data", "synthetic", "--workers", "0", "--log-every", "1", "--sample-every", "0"] + SMALL_D
+LOSS_KEYS = ["loss_g", "adv_g", "recon", "loss_d", "r1", "d_real", "d_fake", "grad_norm_g", "grad_norm_d"]
+
+
+def write_mp4(path, frames, fps=8):
+    """The tests' one video writer: frames (T, H, W, 3) uint8 -> an MPEG-4 Part 2 mp4 (deterministic, unlike x264)."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+        c.mux(s.encode())
+    return str(path)
 
 # -----------------------------------------------------------------------------
 # reference models (diffusers / transformers) with tiny configs and random non-zero weights
@@ -516,10 +536,6 @@ def test_official_shapes_recognised_without_config(refs):
 # =============================================================================
 # sample.py: image -> video
 
-torch.set_num_threads(min(4, os.cpu_count() or 1))
-TINY = CONFIGS["tiny"]
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 # -----------------------------------------------------------------------------
 # helpers: a tiny random checkpoint in each layout, test images
 
@@ -610,8 +626,6 @@ def run_main(argv, capsys):
 
 # -----------------------------------------------------------------------------
 # sampler maths (model.py)
-
-import model
 
 
 def test_karras_sigmas():
@@ -1154,23 +1168,6 @@ def test_download_errors(tmp_path):
 # =============================================================================
 # discriminator.py and train.py
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-SMALL_D = ["--head-channels", "32", "--cmap-dim", "16", "--cond-embed-dim", "32"]
-DEFAULT_D = ["--head-channels", "256", "--cmap-dim", "64", "--cond-embed-dim", "128"]   # train.py's defaults
-COMMON = ["--init", "tiny", "--data", "synthetic", "--workers", "0", "--log-every", "1", "--sample-every", "0"] + SMALL_D
-LOSS_KEYS = ["loss_g", "adv_g", "recon", "loss_d", "r1", "d_real", "d_fake", "grad_norm_g", "grad_norm_d"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: OpenMP spinning with 2 threads is ~20x slower for these tiny ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_trainer(extra=()):
     args = train.parse_args(["--workers", "0", *SMALL_D, *extra])
     torch.manual_seed(0)
@@ -1608,8 +1605,7 @@ def test_synthetic_videos():
 
 def write_test_video(path, n, fps, size=(80, 96)):
     # frame i is uniform grey 16 * i, so the frame index can be read back
-    frames = torch.stack([torch.full((3, *size), 16.0 * i / 127.5 - 1) for i in range(n)])
-    sample.write_video((frames + 1) / 2, str(path), fps)
+    write_mp4(path, np.stack([np.full((*size, 3), 16 * i, np.uint8) for i in range(n)]), fps)
 
 
 def test_video_folder_skips_corrupt_and_short(tmp_path):
@@ -2088,17 +2084,6 @@ class _FakeI3D(torch.nn.Module):
         return torch.cat([m, dt], 1)
 
 
-def _write_mp4(path, frames):
-    """frames (T, H, W, 3) uint8 -> mpeg4 mp4 via av."""
-    import av
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=8)
-        s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
-        for f in frames:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
-        c.mux(s.encode())
-
-
 def _video_dir(root, n, seed, moving=True, T=16):
     root.mkdir()
     rng = np.random.default_rng(seed)
@@ -2108,7 +2093,7 @@ def _video_dir(root, n, seed, moving=True, T=16):
         for t in range(T):
             x = 8 + (2 * t if moving else 0)
             frames[t, 16:32, x:x + 16] = col
-        _write_mp4(root / f"v{i}.mp4", frames)
+        write_mp4(root / f"v{i}.mp4", frames)
     return str(root)
 
 
