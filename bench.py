@@ -531,16 +531,16 @@ def _train_args(ckpt, bf16, fused):
 
 
 def sim_train(cfg, T, H, W, ckpt=True, bf16=True, ema_cpu=False, fused=False, bf16_state=False, log_terms=False,
-              sample_chunk=None, fake=True, gpu_paths=True):
-    """Two SF-V steps of train.Trainer (batch 1, cached latents: VAE/CLIP not resident, as train.py --bench-memory)
-    at T x H x W; the second (optimiser state exists) is measured. Memory options, emulated here (estimates):
+              sample_chunks=(), fake=True, gpu_paths=True):
+    """One SF-V step of train.Trainer (batch 1, cached latents: VAE/CLIP not resident, as train.py --bench-memory) at
+    T x H x W: two steps, the second measured (the optimiser state exists). Memory options, emulated here (estimates):
       ema_cpu: the EMA's storage is not counted (kept on the host; the per-step update's transfer not modelled);
       fused: the optimiser steps each parameter in its post-accumulate-grad hook and frees the gradient
              (register_post_accumulate_grad_hook; no grad accumulation or global-norm clipping);
       bf16_state: the SM3 momentum is held in bf16;
-      sample_chunk: then also the training run's sample videos (train.py save_samples: num_samples videos, one step
-             of the EMA, the VAE moved to the GPU in bf16, decoded `sample_chunk` frames at a time).
-    -> {flops (of the measured step), peak, base (live before it), breakdown {label: bytes}, sample_peak}."""
+      sample_chunks: then also the training run's sample videos for each chunk (train.py save_samples: num_samples
+             videos, one step of the EMA, the VAE moved to the GPU in bf16, decoded `chunk` frames at a time).
+    -> {flops (of the step), peak, base (live before it), breakdown {label: bytes}, sample_peak {chunk: bytes}}."""
     import train
     from model import SVD, UNet, TemporalVAE, sample_latents
     args = _train_args(ckpt, bf16, fused)
@@ -569,8 +569,9 @@ def sim_train(cfg, T, H, W, ckpt=True, bf16=True, ema_cpu=False, fused=False, bf
             p.register_post_accumulate_grad_hook(hook)
         batch = {"latents": torch.randn(1, T, 4, h, w), "cond": torch.randn(1, 4, h, w),
                  "image_embeds": torch.randn(1, cfg.unet.context_dim), "keys": [0]}
-        tr.step([batch])
-        states = [tr.opt_g.state] + [o.state for o in opts.values()]
+        tr.step([batch])                                              # the optimiser state of a running job
+        opt_list = list(opts.values()) or [tr.opt_g]
+        states = [o.state for o in opt_list]
         if bf16_state:
             for state in states:
                 for st in state.values():
@@ -581,29 +582,33 @@ def sim_train(cfg, T, H, W, ckpt=True, bf16=True, ema_cpu=False, fused=False, bf
         tr.step([batch], log_terms=log_terms)
         res.update(flops=s.total_flops() - f0, peak=s.mem.peak, base=base)
         s.mem.relabel(G, "G weights")
-        s.mem.relabel([*tr.ema.parameters(), *tr.ema.buffers()], "EMA") if not ema_cpu else None
+        if not ema_cpu:
+            s.mem.relabel([*tr.ema.parameters(), *tr.ema.buffers()], "EMA")
         s.mem.relabel([t for state in states for st in state.values() for t in st.values()
                        if isinstance(t, torch.Tensor)], "G optimiser state")
         s.mem.relabel(list(tr.D.backbone.parameters()), "D backbone (frozen)")
         s.mem.relabel(tr.D.head_parameters() + [t for st in tr.opt_d.state.values() for t in st.values()
                                                 if isinstance(t, torch.Tensor)], "D heads + optimiser")
         res["breakdown"] = s.mem.breakdown()
-        if sample_chunk:
+        res["sample_peak"] = {}
+        B = args.num_samples
+        dt = torch.bfloat16 if bf16 and gpu_paths else torch.float32
+        for c in sample_chunks:
             s.mem.reset_peak()
-            B = args.num_samples
-            dt = torch.bfloat16 if bf16 and gpu_paths else torch.float32
             cond = {"cond_latent": torch.randn(B, 4, h, w), "image_embeds": torch.randn(B, cfg.unet.context_dim),
                     "added_time_ids": tr.ids.expand(B, -1)}
             gens = [torch.Generator().manual_seed(1000 + i) for i in range(B)]
             ema = tr.ema if not ema_cpu else _build(lambda: UNet(cfg.unet), fake, dt)   # a bf16 copy visits the GPU
             ema.eval()
-            with tr.autocast():
-                z = sample_latents(ema, cond, T, gens, 1, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
+            with torch.no_grad(), tr.autocast():
+                z = sample_latents(ema, cond, T, gens, 1, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                                   rho=args.rho)
             del ema
-            vae = _build(lambda: TemporalVAE(cfg.vae), fake, dt)
-            video = vae.decode(z.to(dt), chunk=sample_chunk)
+            vae = _build(lambda: TemporalVAE(cfg.vae), fake, dt)                         # svd.vae.to(device, bf16)
+            with torch.no_grad():
+                video = vae.decode(z.to(dt), chunk=c)
             del video, vae, z
-            res["sample_peak"] = s.mem.peak
+            res["sample_peak"][c] = s.mem.peak
     return res
 
 
@@ -650,6 +655,7 @@ def _bounds(flops):
     return "".join(f"{flops / peak * 1e3:>11.0f} ms" for _, peak in GPU_PEAKS)
 
 
+
 def simulate_main(args):
     from model import CONFIGS
     cfg = CONFIGS["svd"]
@@ -660,14 +666,15 @@ def simulate_main(args):
           "unchunked FeedForward);\nattention as one fused kernel (no L x L matrix). Peak = live tensor bytes, "
           "CUDA context and allocator\nfragmentation not included. Time bound = matmul/conv/attention FLOPs / dense "
           "bf16 peak (a lower bound).")
-    hdr = (f"{'row':<58}{'TFLOP':>8}" + "".join(f"{n + ' @' + format(p / 1e12, '.0f'):>14}" for n, p in GPU_PEAKS)
+    hdr = (f"{'row':<66}{'TFLOP':>8}" + "".join(f"{n + ' @' + format(p / 1e12, '.0f'):>14}" for n, p in GPU_PEAKS)
            + f"{'peak memory':>13}")
     print(hdr)
     rows = []
 
     def row(name, flops, peak):
         rows.append((name, flops, peak))
-        print(f"{name:<58}{flops / 1e12:>8.1f}{_bounds(flops)}{_gib(peak):>13}", flush=True)
+        f = f"{flops / 1e12:>8.1f}{_bounds(flops)}" if flops else f"{'-':>8}" + "".join(f"{'-':>14}" for _ in GPU_PEAKS)
+        print(f"{name:<66}{f}{_gib(peak):>13}", flush=True)
 
     for T in (14, 25):
         r = sim_unet_forward(cfg, T, 72, 128)
@@ -678,14 +685,36 @@ def simulate_main(args):
             what = "1 step (SF-V)" if steps == 1 else f"{steps} steps, CFG (SVD)"
             row(f"sample 14x576x1024, {what}, decode chunk {c}", r["flops"], r["peak"])
     if not args.sim_no_train:
-        train_main = [("14x448x768", dict()), ("14x448x768", dict(ckpt=False)),
-                      ("14x448x768", dict(log_terms=True)), ("14x576x1024", dict())]
-        for shape, kw in train_main:
+        opts24 = dict(ema_cpu=True, fused=True, bf16_state=True)
+        runs = {}
+        for shape, name, kw in [
+                ("14x448x768", "today's defaults", {}),
+                ("14x448x768", "defaults, checkpointing off", dict(ckpt=False)),
+                ("14x448x768", "defaults, a logged step (term grads)", dict(log_terms=True)),
+                ("14x448x768", "+ EMA on the host", dict(ema_cpu=True)),
+                ("14x448x768", "+ EMA on the host + fused optimiser step", dict(ema_cpu=True, fused=True)),
+                ("14x448x768", "24 GB options (+ bf16 optimiser state)", dict(opts24, sample_chunks=(14, 2))),
+                ("14x576x1024", "today's defaults", {}),
+                ("14x576x1024", "24 GB options", dict(opts24, sample_chunks=(14, 2)))]:
             T, H, W = map(int, shape.split("x"))
-            r = sim_train(cfg, T, H, W, **kw)
-            desc = ("checkpointing " + ("on" if kw.get("ckpt", True) else "off")
-                    + (", logged step (term grads)" if kw.get("log_terms") else ""))
-            row(f"SF-V train step {shape}, bf16 autocast, {desc}", r["flops"], r["peak"])
+            r = runs[shape, name] = sim_train(cfg, T, H, W, **kw)
+            row(f"SF-V step {shape}, {name}", r["flops"], r["peak"])
+            for c, pk in r["sample_peak"].items():
+                row(f"  + sample videos (2, 1 step, decode chunk {c})", 0, pk)
+        print("\nSF-V step 14x448x768, batch 1, bf16 autocast, checkpointing on: what is live at the peak (GiB; options "
+              "emulated in bench.py, estimates)")
+        labels = ["G weights", "EMA", "G optimiser state", "G gradients", "autocast weight copies",
+                  "D backbone (frozen)", "D heads + optimiser", "activations and temporaries"]
+        short = ["G weights", "EMA", "G opt state", "G grads", "autocast cp", "D backbone", "D heads+opt", "activations"]
+        print(f"{'options':<50}" + "".join(f"{l:>12}" for l in short) + f"{'peak':>11}")
+        for (shape, name), r in runs.items():
+            if shape == "14x448x768" and "checkpointing off" not in name:
+                b = r["breakdown"]
+                print(f"{name:<50}" + "".join(f"{b.get(l, 0) / GiB:>12.2f}" for l in labels) + f"{_gib(r['peak']):>11}")
+        print("EMA on the host: its update then copies each G weight to the host every step (not modelled). Fused step: "
+              "each parameter's\noptimiser step runs in its post-accumulate-grad hook and frees the gradient, so "
+              "gradients never coexist; it excludes\ngradient accumulation and global-norm clipping (clip per tensor "
+              "instead). bf16 optimiser state: the SM3 momentum in bf16.")
     if not args.sim_no_validate:
         validate()
     print(f"({time.time() - t_start:.0f} s)")
