@@ -9,6 +9,7 @@ forward per implementation (tensor copies, time inside the conv modules), so a l
   python bench.py --device cuda        # GPU: the real 14 x 72 x 128 latent (576 x 1024 video) in bf16
   python bench.py --sample             # end to end (sample.sample_video): SF-V's 1 step vs SVD's 25 steps with CFG
   python bench.py --train-memory --device cuda   # peak GPU memory of one SF-V training step at 14x448x768
+  python bench.py --simulate           # no GPU needed: FLOPs, GPU time bounds and peak memory at full SVD size
 The UNet benchmark needs diffusers (pip install -r requirements-dev.txt); it is only the reference here, never a
 runtime dependency. Set OMP_NUM_THREADS to fix the CPU thread count (children inherit it).
 """
