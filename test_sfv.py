@@ -1753,6 +1753,33 @@ def test_help_documents_every_flag():
         assert "--" + name.replace("_", "-") in r.stdout, name
 
 
+def test_simulator_tracker_counts_exact_bytes_and_flops():
+    # bench.py --simulate's tracker: storages counted from creation to free, views not counted, a matmul's FLOPs
+    import bench
+    with bench.LiveTensorPeak(flop_formulas=bench.flop_formulas()) as t:
+        a = torch.ones(1024, 256)                                       # 1 MiB
+        b = torch.ones(256, 512)                                        # 0.5 MiB
+        c = a @ b                                                       # 2 MiB; 2 * 1024 * 256 * 512 FLOPs
+        v = c.t()                                                       # a view: no new memory
+        del a
+        d = torch.ones(256, 256)                                        # 0.25 MiB, after a was freed
+    assert t.peak == (1024 * 256 + 256 * 512 + 1024 * 512) * 4
+    assert t.live == (256 * 512 + 1024 * 512 + 256 * 256) * 4
+    assert t.flops == 2 * 1024 * 256 * 512
+    del v, c, d
+
+
+def test_simulator_matches_a_real_run():
+    # the same code on fake tensors (shapes only) and on real ones: live-tensor peaks and FLOPs within 10%
+    import bench
+    fake, real = (bench.sim_unet_forward(CONFIGS["tiny"], 4, 16, 16, torch.float32, f) for f in (True, False))
+    assert fake["flops"] == real["flops"] > 1e9
+    assert fake["act"] == pytest.approx(real["act"], rel=0.1) and real["act"] > 1e6
+    fake, real = (bench.sim_train(CONFIGS["tiny"], 4, 64, 64, fake=f) for f in (True, False))
+    assert fake["peak"] - fake["base"] == pytest.approx(real["peak"] - real["base"], rel=0.1)
+    assert real["peak"] - real["base"] > 1e6
+
+
 def test_train_memory_benchmark_on_cpu_runs_the_full_step_and_invents_no_figure(capsys):
     # bench.py --train-memory. A CPU has no per-step peak to read (ru_maxrss is the process's lifetime maximum), so the
     # CPU run reports none and only proves that the benchmarked step is the full one (R1, per-term G gradients)
