@@ -55,6 +55,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -143,6 +144,29 @@ DEFAULTS = [
     # memory
     ("bf16", True, "bf16 autocast on CUDA (ignored on CPU); the frozen D backbone and VAE/CLIP are stored in bf16"),
     ("grad_ckpt", True, "gradient checkpointing of every UNet block (generator and D backbone)"),
+    ("ema_device", "cpu", "where the generator EMA lives on a CUDA run: cpu (host memory: frees one fp32 copy of G, "
+                          "5.7 GiB at SVD size; the same fp32 update, no accuracy cost, but every step copies G's "
+                          "weights to the host, ~5.7 GiB over PCIe, and updates the EMA on the CPU: ~0.5-2 s per step "
+                          "at SVD size) | same (on the training device). Ignored on CPU"),
+    ("autocast_cache", True, "keep autocast's bf16 copy of each weight until the forward ends (PyTorch's default); "
+                             "--no-autocast-cache recasts at each use: no accuracy cost, but it saves under 0.1 GiB at "
+                             "the peak of an SF-V step at SVD size (the cache is freed before the backward, where the "
+                             "peak is; simulated by bench.py --simulate)"),
+    ("fused_step", False, "step each generator weight inside the backward as soon as its gradient is complete "
+                          "(register_post_accumulate_grad_hook) and free that gradient: saves the G gradients (5.5 GiB "
+                          "at SVD size) on steps that do not log term gradients. Needs --grad-accum 1 and --grad-clip 0 "
+                          "(no global-norm clipping: a different, unclipped update); data parallel: one all-reduce per "
+                          "weight (slower than bucketed)"),
+    ("optim_state_dtype", "fp32", "dtype of the SM3 momentum buffer: fp32 | bf16 (halves it, 2.8 GiB saved at SVD "
+                                  "size; the update is computed in fp32, the stored momentum rounded to bf16's 8-bit "
+                                  "mantissa: a small accuracy cost). sm3 only"),
+    ("sample_decode_chunk", 2, "frames the VAE decodes at a time for the sample videos (a small chunk bounds the "
+                               "decode's transient memory; each chunk is decoded as its own video, so the temporal "
+                               "decoder sees fewer frames: sample videos only, training is unaffected)"),
+    ("max_memory", 0.0, "GiB the training step may use on a CUDA device (0: the device's total memory; ignored on "
+                        "CPU). A plan printed before the first step predicts the peak; a configuration predicted not "
+                        "to fit is refused, and the term-gradient logging is turned off (with a note) if only it does "
+                        "not fit"),
     # visibility
     ("log_every", 10, "log to log.jsonl and tqdm every N steps"),
     ("log_term_grads", True, "sfv: on logged steps also log the generator gradient norms of the adversarial and the "
@@ -157,7 +181,7 @@ DEFAULTS = [
 
 CHOICES = {"mode": ("sfv", "diffusion"), "optimizer": ("sm3", "adamw"), "sm3_variant": ("plain", "debiased"),
            "r1": ("exact", "fd", "off"), "huber_form": ("norm", "mean"), "disc_heads": ("both", "spatial", "temporal"),
-           "disc_tap": ("after", "before")}
+           "disc_tap": ("after", "before"), "ema_device": ("cpu", "same"), "optim_state_dtype": ("fp32", "bf16")}
 
 
 def parse_args(argv=None):
@@ -184,7 +208,8 @@ LIMITS = {"max_steps": (1, True, ""), "batch_size": (1, True, ""), "grad_accum":
           "cmap_dim": (1, True, ""), "cond_embed_dim": (1, True, ""), "train_p_std": (0, True, ""),
           "cond_drop": (0, True, "a probability"), "dist_timeout": (1, True, "minutes"), "log_every": (1, True, ""),
           "save_every": (1, True, ""), "sample_every": (0, True, "0: never"), "num_samples": (1, True, ""),
-          "sample_steps": (1, True, "")}
+          "sample_steps": (1, True, ""), "sample_decode_chunk": (1, True, ""),
+          "max_memory": (0, True, "GiB; 0: the CUDA device's total memory")}
 BELOW_ONE = ("beta1", "beta2")                        # [0, 1)
 AT_MOST_ONE = ("ema", "cond_drop")                    # [0, 1]
 
@@ -216,6 +241,15 @@ def check_args(args):
         if v % 64:
             raise UserError(f"bad --{name} {v}: must be a multiple of 64 (the UNet halves the latent three times); "
                             f"try --{name} {max(64, round(v / 64) * 64)}")
+    if args.fused_step and args.grad_accum > 1:
+        raise UserError(f"--fused-step steps each weight inside the backward, so it cannot accumulate gradients over "
+                        f"--grad-accum {args.grad_accum}; pass --grad-accum 1 (a larger --batch-size), or drop --fused-step")
+    if args.fused_step and args.grad_clip > 0:
+        raise UserError(f"--fused-step steps each weight inside the backward, so it cannot clip the global gradient "
+                        f"norm (--grad-clip {args.grad_clip:g}); pass --grad-clip 0, or drop --fused-step")
+    if args.optim_state_dtype != "fp32" and args.optimizer != "sm3":
+        raise UserError(f"--optim-state-dtype {args.optim_state_dtype} is implemented for --optimizer sm3 only; pass "
+                        f"--optim-state-dtype fp32 with --optimizer {args.optimizer}")
     if args.data == "synthetic" and args.height != args.width:
         raise UserError(f"--data synthetic makes square videos, but --height {args.height} != --width {args.width}; "
                         f"pass equal sizes (or 0 for the config's)")
@@ -310,14 +344,24 @@ class SM3(torch.optim.Optimizer):
             u = g / sqrt(nu + eps).
       debiased: nu as above, mu_r = max of nu over the other dims (may shrink), u = g / sqrt(nu / (1 - beta2^t) + eps)
             (Adam's bias correction).
-    Then momentum m = beta1 m + (1 - beta1) u (a full-size buffer), p -= lr (m + weight_decay p).
+    Then momentum m = beta1 m + (1 - beta1) u (a full-size buffer, stored in state_dtype: bf16 halves it; the update
+    is computed in fp32 and uses the unrounded m), p -= lr (m + weight_decay p).
     eps = 1e-16 under the square root (the reference uses 1e-30) keeps gradients that are pure rounding noise (e.g. a
     bias whose hinge terms cancel) from taking full-size sign steps."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.5, 0.999), eps=1e-16, weight_decay=0.0, variant="plain"):
+    def __init__(self, params, lr=1e-3, betas=(0.5, 0.999), eps=1e-16, weight_decay=0.0, variant="plain",
+                 state_dtype=torch.float32):
         if variant not in ("plain", "debiased"):
             raise ValueError(f"unknown SM3 variant {variant!r} (plain | debiased)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, variant=variant))
+        self.state_dtype = state_dtype
+
+    def load_state_dict(self, state_dict):
+        """torch.optim casts loaded state to each parameter's dtype; the momentum goes back to state_dtype."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            if "momentum" in st:
+                st["momentum"] = st["momentum"].to(self.state_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -336,7 +380,7 @@ class SM3(torch.optim.Optimizer):
                     for r, s in enumerate(shapes):
                         st[f"acc{r}"] = torch.zeros(s, dtype=torch.float32, device=p.device)
                     if beta1 > 0:
-                        st["momentum"] = torch.zeros_like(g)
+                        st["momentum"] = torch.zeros_like(g, dtype=self.state_dtype)
                 st["step"] += 1
                 accs = [st[f"acc{r}"] for r in range(max(1, g.ndim))]
                 nu = accs[0]
@@ -349,16 +393,24 @@ class SM3(torch.optim.Optimizer):
                 denom = nu if plain or beta2 == 0 else nu / (1 - beta2 ** st["step"].item())
                 u = g / (denom + group["eps"]).sqrt()
                 if beta1 > 0:
-                    u = st["momentum"].mul_(beta1).add_(u, alpha=1 - beta1)
+                    m = st["momentum"]
+                    if m.dtype == torch.float32:
+                        u = m.mul_(beta1).add_(u, alpha=1 - beta1)
+                    else:                                                   # fp32 math, rounded storage
+                        u = m.float().mul_(beta1).add_(u, alpha=1 - beta1)
+                        m.copy_(u)
                 if group["weight_decay"]:
                     u = u + group["weight_decay"] * p.float()
                 p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def make_optimizer(args, params, lr):
     if args.optimizer == "sm3":
         return SM3(params, lr=lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
-                   variant=args.sm3_variant)
+                   variant=args.sm3_variant, state_dtype=STATE_DTYPES[args.optim_state_dtype])
     if args.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     raise ValueError(f"unknown --optimizer {args.optimizer!r} (sm3 | adamw)")
@@ -623,9 +675,10 @@ def _buckets(tensors, bucket):
             group.append(t)
 
 
-def _collective_(tensors, fn, bucket):
+def _collective_(tensors, fn, bucket, device=None):
+    """fn on flat buckets of the tensors, moved to `device` for it (NCCL: host tensors, e.g. a host EMA)."""
     for group in _buckets(tensors, bucket):
-        flat = torch.cat([x.reshape(-1) for x in group])
+        flat = torch.cat([x.reshape(-1) for x in group]).to(device or group[0].device)
         fn(flat)
         o = 0
         for x in group:
@@ -639,15 +692,25 @@ def all_reduce_mean(tensors, world, bucket=1 << 26):
         _collective_(tensors, lambda flat: (dist.all_reduce(flat), flat.div_(world)), bucket)
 
 
-def broadcast_from_rank0(tensors, world, bucket=1 << 26):
-    """Overwrite tensors in place with rank 0's, in flat buckets."""
+def broadcast_from_rank0(tensors, world, bucket=1 << 26, device=None):
+    """Overwrite tensors in place with rank 0's, in flat buckets (sent from `device`)."""
     if world > 1:
-        _collective_(tensors, lambda flat: dist.broadcast(flat, src=0), bucket)
+        _collective_(tensors, lambda flat: dist.broadcast(flat, src=0), bucket, device)
 
 
 def barrier(world):
     if world > 1:
         dist.barrier()
+
+def copy_module(m, device, dtype=None):
+    """A deep copy of module m with every parameter and buffer copied to `device` (floating ones in `dtype`), tensor
+    by tensor through the deepcopy memo: no second full copy on m's own device."""
+    memo = {}
+    for t in [*m.parameters(), *m.buffers()]:
+        c = t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
+                          copy=True)
+        memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
+    return copy.deepcopy(m, memo)
 
 # -----------------------------------------------------------------------------
 # the trainer
@@ -671,13 +734,20 @@ class Trainer:
             self.D.backbone.gradient_checkpointing = args.grad_ckpt
             self.D.train()
             self.opt_d = make_optimizer(args, self.D.head_parameters(), args.lr_d)
-        self.ema = copy.deepcopy(self.G).requires_grad_(False).eval()
+        host = device.type == "cuda" and args.ema_device == "cpu"        # --ema-device: the EMA in host memory
+        self.ema = copy_module(self.G, "cpu") if host else copy.deepcopy(self.G)
+        self.ema.requires_grad_(False).eval()
         self.opt_g = make_optimizer(args, self.G.parameters(), args.lr_g)
+        self._fused = None                         # --fused-step: the running squared gradient norms during a backward
+        if args.fused_step:
+            for p in self.G.parameters():
+                p.register_post_accumulate_grad_hook(self._fused_hook)
         self.step_num, self.skipped_run = 0, 0
         self.ids = added_time_ids(args.fps - 1, args.motion_bucket_id, args.cond_aug, device=device)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+                              cache_enabled=self.args.autocast_cache)
 
     # ---- per-sample randomness: a generator per (seed, step, global slot)
     def noise(self, step, keys, shape):
@@ -724,6 +794,28 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return norms
 
+    def _fused_hook(self, p):
+        """--fused-step (post-accumulate-grad hook of every G weight): p's gradient is complete. All-reduce it (data
+        parallel), add its squares to the running norms (and the term norms, with self._fused["term"]), step p alone
+        (the optimiser's group narrowed to [p]) and free the gradient."""
+        f = self._fused
+        if f is None:                                                   # a backward outside g_step
+            return
+        all_reduce_mean([p.grad], self.world)
+        g = p.grad.float()
+        f[""] += g.square().sum()
+        t = f["term"].pop(p, None) if "term" in f else None
+        if t is not None:
+            f["_rec"] += t.square().sum()
+            f["_adv"] += (g - t).square().sum()
+        group = self.opt_g.param_groups[0]
+        params, group["params"] = group["params"], [p]
+        try:
+            self.opt_g.step()
+        finally:
+            group["params"] = params
+        p.grad = None
+
     def lr(self, base):
         w = self.args.warmup
         return base * min(1.0, (self.step_num + 1) / w) if w > 0 else base
@@ -742,7 +834,12 @@ class Trainer:
         if self.D is not None:
             self.D.requires_grad_(False)
         params = list(self.G.parameters())
-        term = [torch.zeros_like(p) for p in params] if log_terms and a.log_term_grads and self.D is not None else None
+        terms = log_terms and a.log_term_grads and self.D is not None
+        term = None                     # terms: the weighted recon term's gradient per weight (a G-sized buffer)
+        fused = a.fused_step
+        if fused:                       # the optimiser steps inside backward() (_fused_hook)
+            self.opt_g.param_groups[0]["lr"] = self.lr(a.lr_g)
+            self._fused = {k: torch.zeros((), device=self.device) for k in (("", "_rec", "_adv") if terms else ("",))}
         for mb, nz in zip(micros, noises):
             x0, cond, emb, ids = self.inputs(mb)
             with self.autocast():
@@ -754,18 +851,27 @@ class Trainer:
                 m[k] = m.get(k, 0.0) + v.item() / n_micro
             if self.D is not None:
                 fakes.append(x0_hat.detach())
-            if term is not None:
+            if terms:
                 grads = torch.autograd.grad(a.recon_weight * logs["recon"] / n_micro, params, retain_graph=True,
                                             allow_unused=True)
-                for t, g in zip(term, grads):
-                    if g is not None:
-                        t.add_(g)
+                grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+                term = grads if term is None else [t.add_(g) for t, g in zip(term, grads)]
+                del grads
+                if fused:                                               # n_micro is 1
+                    all_reduce_mean(term, self.world)
+                    self._fused["term"] = dict(zip(params, term))
+                    term = None
             (loss / n_micro).backward()
-        norms = self._finish(self.opt_g, params, self.lr(a.lr_g), term)
+        if fused:
+            norms = {k: v.sqrt().item() for k, v in self._fused.items() if k != "term"}
+            self._fused = None
+        else:
+            norms = self._finish(self.opt_g, params, self.lr(a.lr_g), term)
+        del term
         m.update({"grad_norm_g" + k: v for k, v in norms.items()})
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.G.parameters()):
-                e.lerp_(p.detach().to(e.dtype), 1 - a.ema)
+                e.lerp_(p.detach().to(e.device, e.dtype), 1 - a.ema)     # --ema-device cpu: a copy to the host
         m["lr_g"] = self.lr(a.lr_g)
         return m, fakes
 
@@ -810,7 +916,7 @@ class Trainer:
         ts = [*self.G.state_dict().values(), *self.ema.state_dict().values()]
         if self.D is not None:
             ts += list(self.D.head_state_dict().values())
-        broadcast_from_rank0(ts, self.world)
+        broadcast_from_rank0(ts, self.world, device=self.device)
 
     # ---- checkpoints
     def state_dict(self):
@@ -899,6 +1005,125 @@ def build_cache(source, svd, args, root, rank, world, device):
     if rank == 0:
         write_json(os.path.join(root, "index.json"), {"n": len(source), "skipped": getattr(source, "skipped", [])})
     barrier(world)
+
+# -----------------------------------------------------------------------------
+# memory plan: the predicted peak of one training step, before anything is on the device
+
+# Activations of one G step per unit B*T*h*w*model_channels*bytes-per-element (2 under bf16 autocast, else 4):
+# (live at the end of the G backward, when every gradient exists; the most live at any point of the step).
+# An estimate, calibrated by bench.py --simulate on SVD at 14x448x768, batch 1, bf16 (4.20 and 5.15 GiB with
+# checkpointing; 51.9 GiB without, the bf16 weight copies autograd then saves counted separately).
+ACTIVATION_UNITS = {True: (93.6, 114.8), False: (1156.0, 1156.0)}
+
+
+def _grad_params(unet_cfg, T, h, w):
+    """Which generator parameters a backward reaches at this latent size (one-key attention has no q/k gradient):
+    names, from a forward and backward on the meta device (shapes only, no memory, no arithmetic)."""
+    from model import UNet
+    with torch.device("meta"):
+        G = UNet(unet_cfg)
+        x = torch.zeros(1, T, unet_cfg.in_channels, h, w)
+        out = G(x, torch.zeros(1), torch.zeros(1, unet_cfg.context_dim), torch.zeros(1, 3))
+    out.sum().backward()
+    return {n for n, p in G.named_parameters() if p.grad is not None}
+
+
+def memory_plan(args, cfg, T, H, W, device):
+    """Predicted device memory of one training step of `cfg` (an SVDConfig) at T x H x W pixels on `device`:
+    {"items": [(label, bytes)], "peak", "term_grads" (bytes the --log-term-grads buffer adds on logged steps),
+    "limit" (bytes; None on CPU), "options"}. Weights, EMA, optimiser state, gradients and the frozen D backbone are
+    exact byte counts from the parameter shapes (built on the meta device); activations are an estimate
+    (ACTIVATION_UNITS). The D step and the sample videos (after the step, gradients freed) peak lower."""
+    from model import UNet
+    cuda = device.type == "cuda"
+    amp = args.bf16 and cuda
+    sfv = args.mode == "sfv"
+    with torch.device("meta"):
+        G = UNet(cfg.unet)
+        D = Discriminator(G, args.disc_heads, args.head_channels, args.cmap_dim, args.cond_embed_dim,
+                          args.disc_tap) if sfv else None
+    h, w = H // 8, W // 8
+    with_grad = _grad_params(cfg.unet, T, h, w)
+    named = list(G.named_parameters())
+    fp32 = 4
+    n_g = sum(p.numel() for _, p in named)
+    state_bytes = STATE_DTYPES[args.optim_state_dtype].itemsize
+
+    def opt_bytes(params):
+        out = 0
+        for p in params:
+            if args.optimizer == "adamw":
+                out += 2 * p.numel() * fp32 + 4                        # exp_avg, exp_avg_sq, step
+            else:
+                acc = p.numel() if p.ndim <= 1 else sum(p.shape)        # SM3: one accumulator per dimension
+                out += acc * fp32 + 4 + (p.numel() * state_bytes if args.beta1 > 0 else 0)
+        return out
+    g_train = [p for n, p in named if n in with_grad]
+    ema_host = cuda and args.ema_device == "cpu"
+    items = [("G weights (fp32)", n_g * fp32),
+             ("EMA (fp32" + (", on the host)" if ema_host else ")"), 0 if ema_host else n_g * fp32),
+             (f"G optimiser state ({args.optimizer}" + (f", {args.optim_state_dtype} momentum)" if args.optimizer == "sm3"
+                                                         else ")"), opt_bytes(g_train)),
+             ("G gradients" + (" (freed as produced: --fused-step)" if args.fused_step else ""),
+              0 if args.fused_step else sum(p.numel() for p in g_train) * fp32)]
+    if sfv:
+        heads = D.head_parameters()
+        items += [("D backbone (frozen" + (", bf16)" if amp else ")"),
+                   sum(p.numel() for p in D.backbone.parameters()) * (2 if amp else fp32)),
+                  ("D heads + gradients + optimiser", sum(p.numel() for p in heads) * 2 * fp32 + opt_bytes(heads))]
+    if amp and not args.grad_ckpt:
+        items.append(("bf16 weight copies saved for the backward", n_g * 2))
+    unit = args.batch_size * T * h * w * cfg.unet.model_channels * (2 if amp else 4)
+    end, most = ACTIVATION_UNITS[args.grad_ckpt]
+    state = sum(b for _, b in items)
+    grads = dict(items)[items[3][0]]
+    peak = max(state + end * unit, state - grads + most * unit)
+    items.append((f"activations (estimate: {end if grads else most:g} x B*T*h*w*C*bytes)",
+                  peak - state))
+    limit = None
+    if cuda:
+        limit = args.max_memory * 2 ** 30 if args.max_memory > 0 else torch.cuda.get_device_properties(device).total_memory
+    opts = (f"EMA on {'the host' if ema_host else 'the device'}, autocast cache {'on' if args.autocast_cache else 'off'}, "
+            f"fused step {'on' if args.fused_step else 'off'}, optimiser state {args.optim_state_dtype}, "
+            f"checkpointing {'on' if args.grad_ckpt else 'off'}, bf16 autocast {'on' if amp else 'off'}, "
+            f"sample decode chunk {args.sample_decode_chunk}")
+    term = n_g * fp32 if sfv and args.log_term_grads else 0
+    return {"items": items, "peak": peak, "term_grads": term, "limit": limit, "options": opts}
+
+
+def format_plan(plan, what):
+    """The plan as printed before the first step."""
+    gib = lambda b: f"{b / 2**30:6.2f} GiB"
+    lines = [f"memory plan ({what}): {plan['options']}"]
+    lines += [f"  {label:<58}{gib(b)}" for label, b in plan["items"]]
+    tail = f" of {plan['limit'] / 2**30:.1f} GiB (--max-memory)" if plan["limit"] else " (CPU: not checked)"
+    lines.append(f"  {'predicted peak of a training step':<58}{gib(plan['peak'])}{tail}")
+    if plan["term_grads"]:
+        lines.append(f"  {'  logged steps with --log-term-grads (a G-sized buffer)':<58}"
+                     f"{gib(plan['peak'] + plan['term_grads'])}")
+    return "\n".join(lines)
+
+
+def check_plan(plan, args):
+    """Refuse a plan predicted not to fit (UserError naming the biggest items and the flags that would help); turn
+    --log-term-grads off (a note) when only its buffer does not fit. -> the note or None."""
+    limit = plan["limit"]
+    if limit is None:
+        return None
+    if plan["peak"] > limit:
+        big = sorted(plan["items"], key=lambda it: -it[1])[:3]
+        fix = [f for f, on in (("--ema-device cpu", args.ema_device != "cpu"),
+                               ("--fused-step --grad-clip 0", not args.fused_step),
+                               ("--optim-state-dtype bf16", args.optimizer == "sm3" and args.optim_state_dtype == "fp32"),
+                               ("--grad-ckpt", not args.grad_ckpt)) if on]
+        raise UserError(f"predicted peak {plan['peak'] / 2**30:.1f} GiB does not fit in {limit / 2**30:.1f} GiB "
+                        f"(--max-memory); largest: " + ", ".join(f"{l.split(' (')[0]} {b / 2**30:.1f}" for l, b in big)
+                        + " GiB; try " + ", ".join(fix + ["fewer --frames or a smaller --height/--width"]))
+    if plan["term_grads"] and plan["peak"] + plan["term_grads"] > limit:
+        args.log_term_grads = False
+        return (f"note: --log-term-grads off: its G-sized buffer ({plan['term_grads'] / 2**30:.1f} GiB on logged steps) "
+                f"would exceed --max-memory ({(plan['peak'] + plan['term_grads']) / 2**30:.1f} > {limit / 2**30:.1f} GiB)")
+    return None
 
 # -----------------------------------------------------------------------------
 # main: checks (seconds, before any model is built), data, model, resume, the loop
@@ -1102,16 +1327,20 @@ def sample_conditioning(args, svd, source, device):
 def save_samples(tr, svd, c, args, step, dtype_frozen):
     """Sample videos of the EMA generator: sfv: one evaluation at sigma_max; diffusion: sample_steps Euler steps
     (no CFG). -> <out>/samples/step<step>_<i>.mp4"""
-    tr.ema.eval()
+    ema = tr.ema                                               # --ema-device cpu: a copy visits the GPU
+    if next(ema.parameters()).device != tr.device:
+        ema = copy_module(tr.ema, tr.device, dtype_frozen)
+    ema.eval()
     B = c["cond"].shape[0]
     cond = {"cond_latent": c["cond"], "image_embeds": c["image_embeds"], "added_time_ids": tr.ids.expand(B, -1)}
     gens = [torch.Generator().manual_seed(1000 + i) for i in range(B)]
     with tr.autocast():
-        z = sample_latents(tr.ema, cond, c["latents"].shape[1], gens, 1 if args.mode == "sfv" else args.sample_steps,
+        z = sample_latents(ema, cond, c["latents"].shape[1], gens, 1 if args.mode == "sfv" else args.sample_steps,
                            sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
     vdev = svd.clip.conv1.weight.device                           # cached run: the VAE visits the GPU briefly
     svd.vae.to(tr.device, dtype_frozen)
-    video = svd.vae.decode(z.to(dtype_frozen))
+    del ema
+    video = svd.vae.decode(z.to(dtype_frozen), chunk=args.sample_decode_chunk)
     svd.vae.to(vdev, torch.float32 if vdev.type == "cpu" else dtype_frozen)
     os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
     for i, v in enumerate(video):
@@ -1182,6 +1411,16 @@ def run(args):
     except UserError:
         remove_created(created)
         raise
+    try:
+        plan = memory_plan(args, svd.cfg, *size, device)
+        note = check_plan(plan, args)
+    except UserError:
+        remove_created(created)
+        raise
+    if master:
+        print(format_plan(plan, f"{device.type}, {'x'.join(map(str, size))}, batch {args.batch_size}"))
+        if note:
+            print(note)
     dtype_frozen = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
     source, skipped_scan = prepare_data(args, svd, source, device, dtype_frozen, rank, world)
     tr = Trainer(args, svd, device, rank, world)
