@@ -1835,6 +1835,128 @@ def test_diffusion_mode_end_to_end(tmp_path):
     assert os.listdir(out / "samples") == ["step0000002_0.mp4"]
 
 
+def _state_bytes(opt):
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+
+def test_fused_step_equals_the_unfused_update():
+    # --fused-step steps each weight in its post-accumulate-grad hook: the same update, gradient norms and per-term
+    # gradient norms as the plain path (grad clip off, one micro-batch), and no G gradient is left after the step
+    plain, svd, args = tiny_trainer(["--grad-clip", "0"])
+    fused, _, _ = tiny_trainer(["--grad-clip", "0", "--fused-step"])
+    mb = tiny_batch(svd, args)
+    for i in range(2):
+        a, b = plain.step([mb], log_terms=i == 1), fused.step([mb], log_terms=i == 1)
+        assert set(a) == set(b) and (i == 0 or b["grad_norm_g_adv"] > 0)
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (i, k)
+    assert all(p.grad is None for p in fused.G.parameters())
+    for (n, p), q in zip(plain.G.named_parameters(), fused.G.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), n
+    for e, f in zip(plain.ema.parameters(), fused.ema.parameters()):
+        assert torch.allclose(e, f, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_optimizer_state_and_host_ema_copy():
+    # --optim-state-dtype bf16: the SM3 momentum is stored in bf16 (also after a resume), the first step is the plain
+    # one, and three steps stay within bf16 rounding of the momentum (updates ~lr) of the fp32 run
+    plain, svd, args = tiny_trainer(["--lr-g", "1e-3"])
+    half, _, _ = tiny_trainer(["--lr-g", "1e-3", "--optim-state-dtype", "bf16"])
+    mb = tiny_batch(svd, args)
+    for i in range(3):
+        a, b = plain.step([mb]), half.step([mb])
+        for k in ("loss_g", "adv_g", "recon", "loss_d", "r1"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5 if i == 0 else 2e-2), (i, k)
+    moms = [st["momentum"] for st in half.opt_g.state.values()]
+    assert moms and all(m.dtype == torch.bfloat16 for m in moms)
+    assert _state_bytes(plain.opt_g) - _state_bytes(half.opt_g) == sum(m.numel() * 2 for m in moms)
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
+    torch.manual_seed(0)
+    moved = (flat(plain.G) - flat(SVD(CONFIGS["tiny"]).unet)).norm()      # the 3 updates of the fp32 run
+    d = (flat(plain.G) - flat(half.G)).norm()
+    assert 0 < d < 0.02 * moved, (d, moved)
+    resumed, _, _ = tiny_trainer(["--optim-state-dtype", "bf16"])
+    resumed.load_state_dict(plain.state_dict())                          # an fp32 state resumed with bf16 state
+    assert all(st["momentum"].dtype == torch.bfloat16 for st in resumed.opt_g.state.values())
+    # --ema-device cpu on a GPU run keeps the EMA as a host copy made tensor by tensor; sampling moves a copy back
+    ema = train.copy_module(plain.G, "cpu")
+    assert all(torch.equal(e, p) and e.data_ptr() != p.data_ptr() and e.requires_grad == p.requires_grad
+               for e, p in zip(ema.parameters(), plain.G.parameters()))
+    half_copy = train.copy_module(plain.ema, "cpu", torch.bfloat16)
+    assert all(e.dtype == torch.bfloat16 for e in half_copy.parameters())
+
+
+def test_memory_plan_counts_state_bytes_exactly():
+    # the plan's state items equal a direct count on the tiny config after a step (optimiser state exists); the
+    # gradients are counted where they exist (inside the G step)
+    tr, svd, args = tiny_trainer()
+    mb = tiny_batch(svd, args)
+    seen = []
+    finish = tr._finish
+    tr._finish = lambda opt, params, *a: (seen.append(sum(p.grad.numel() * 4 for p in params if p.grad is not None)),
+                                          finish(opt, params, *a))[1]
+    tr.step([mb])
+    plan = train.memory_plan(args, svd.cfg, 4, 64, 64, torch.device("cpu"))
+    items = dict(plan["items"])
+    n_g = sum(p.numel() for p in tr.G.parameters())
+    heads = tr.D.head_parameters()
+    assert items["G weights (fp32)"] == n_g * 4 == sum(p.numel() * 4 for p in tr.ema.parameters()) == items["EMA (fp32)"]
+    assert items["G optimiser state (sm3, fp32 momentum)"] == _state_bytes(tr.opt_g)
+    assert items["G gradients"] == seen[0] < n_g * 4                    # one-key attention: no q/k gradients
+    assert items["D backbone (frozen)"] == sum(p.numel() * 4 for p in tr.D.backbone.parameters())
+    assert items["D heads + gradients + optimiser"] == sum(p.numel() * 8 for p in heads) + _state_bytes(tr.opt_d)
+    assert plan["limit"] is None and plan["term_grads"] == n_g * 4
+    assert plan["peak"] == sum(items.values())
+    args2 = train.parse_args(["--workers", "0", *SMALL_D, "--optim-state-dtype", "bf16", "--fused-step", "--grad-clip", "0"])
+    items2 = dict(train.memory_plan(args2, svd.cfg, 4, 64, 64, torch.device("cpu"))["items"])
+    moms = sum(st["momentum"].numel() for st in tr.opt_g.state.values())
+    assert items2["G optimiser state (sm3, bf16 momentum)"] == _state_bytes(tr.opt_g) - 2 * moms
+    assert items2["G gradients (freed as produced: --fused-step)"] == 0
+
+
+def test_memory_plan_refuses_what_does_not_fit():
+    args = train.parse_args(["--workers", "0", *SMALL_D])
+    plan = train.memory_plan(args, CONFIGS["tiny"], 4, 64, 64, torch.device("cpu"))
+    assert train.check_plan(dict(plan), args) is None                   # CPU: not checked
+    big = sorted(plan["items"], key=lambda it: -it[1])[:3]
+    plan["limit"] = plan["peak"] - 1
+    with pytest.raises(load_svd.UserError) as e:
+        train.check_plan(plan, args)
+    assert str(e.value) == (
+        f"predicted peak {plan['peak'] / 2**30:.1f} GiB does not fit in {plan['limit'] / 2**30:.1f} GiB (--max-memory); "
+        f"largest: " + ", ".join(f"{l.split(' (')[0]} {b / 2**30:.1f}" for l, b in big) + " GiB; try --fused-step "
+        "--grad-clip 0, --optim-state-dtype bf16, fewer --frames or a smaller --height/--width")
+    assert "\n" not in str(e.value)
+    plan["limit"] = plan["peak"] + plan["term_grads"] // 2            # only the term-gradient buffer does not fit
+    note = train.check_plan(plan, args)
+    assert not args.log_term_grads and note == (
+        f"note: --log-term-grads off: its G-sized buffer ({plan['term_grads'] / 2**30:.1f} GiB on logged steps) would "
+        f"exceed --max-memory ({(plan['peak'] + plan['term_grads']) / 2**30:.1f} > {plan['limit'] / 2**30:.1f} GiB)")
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--fused-step", "--grad-accum", "2", "--grad-clip", "0"],
+     "--fused-step steps each weight inside the backward, so it cannot accumulate gradients over --grad-accum 2; pass "
+     "--grad-accum 1 (a larger --batch-size), or drop --fused-step"),
+    (["--fused-step"], "--fused-step steps each weight inside the backward, so it cannot clip the global gradient norm "
+                       "(--grad-clip 1); pass --grad-clip 0, or drop --fused-step"),
+    (["--optimizer", "adamw", "--optim-state-dtype", "bf16"],
+     "--optim-state-dtype bf16 is implemented for --optimizer sm3 only; pass --optim-state-dtype fp32 with --optimizer "
+     "adamw"),
+    (["--sample-decode-chunk", "0"], "bad --sample-decode-chunk 0: must be at least 1"),
+])
+def test_memory_option_conflicts_one_line(tmp_path, flags, msg):
+    assert train_error([*COMMON, "--out", str(tmp_path / "run"), *flags]) == "error: " + msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_printed_before_the_first_step(tmp_path, capsys):
+    train.main([*COMMON, "--out", str(tmp_path / "run"), "--max-steps", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("memory plan (cpu, 4x64x64, batch 1): EMA on the device, autocast cache on, fused step off, "
+                      "optimiser state fp32, checkpointing on, bf16 autocast off, sample decode chunk 2")
+    assert out[8].startswith("  predicted peak of a training step") and out[8].endswith("GiB (CPU: not checked)")
+
 # -----------------------------------------------------------------------------
 # bad training inputs: one line `error: <what>; <how to fix>`, exit status 2, checked before any model is built
 
