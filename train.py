@@ -774,12 +774,14 @@ class Trainer:
         gens = [torch.Generator().manual_seed(sample_seed(self.args.seed, step, k, 7)) for k in keys]
         return [torch.stack([torch.randn(f.shape[1:], generator=g) for g in gens]).to(self.device) for f in feats]
 
-    def _finish(self, opt, params, lr, term=None):
-        """All-reduce gradients, clip, step. Returns {"": global grad norm before clipping}; with `term` (one loss
-        term's gradient, aligned with params) also {"_rec": its global norm, "_adv": the norm of the rest}."""
+    def _finish(self, opt, params, lr, term=None, reduced=False):
+        """All-reduce gradients (unless `reduced` already), clip, step. Returns {"": global grad norm before
+        clipping}; with `term` (one loss term's gradient, aligned with params) also {"_rec": its global norm, "_adv":
+        the norm of the rest}."""
         keep = [i for i, p in enumerate(params) if p.grad is not None]
         params = [params[i] for i in keep]
-        all_reduce_mean([p.grad for p in params], self.world)
+        if not reduced:
+            all_reduce_mean([p.grad for p in params], self.world)
         norms = {}
         if term is not None:
             term = [term[i] for i in keep]
@@ -796,18 +798,14 @@ class Trainer:
 
     def _fused_hook(self, p):
         """--fused-step (post-accumulate-grad hook of every G weight): p's gradient is complete. All-reduce it (data
-        parallel), add its squares to the running norms (and the term norms, with self._fused["term"]), step p alone
-        (the optimiser's group narrowed to [p]) and free the gradient."""
+        parallel; unless _split_backward did), add its squares to the running norm, step p alone (the optimiser's
+        group narrowed to [p]) and free the gradient."""
         f = self._fused
         if f is None:                                                   # a backward outside g_step
             return
-        all_reduce_mean([p.grad], self.world)
-        g = p.grad.float()
-        f[""] += g.square().sum()
-        t = f["term"].pop(p, None) if "term" in f else None
-        if t is not None:
-            f["_rec"] += t.square().sum()
-            f["_adv"] += (g - t).square().sum()
+        if not f["reduced"]:
+            all_reduce_mean([p.grad], self.world)
+        f["sq"] += p.grad.float().square().sum()
         group = self.opt_g.param_groups[0]
         params, group["params"] = group["params"], [p]
         try:
@@ -815,6 +813,35 @@ class Trainer:
         finally:
             group["params"] = params
         p.grad = None
+
+    def _split_backward(self, adv, rec, params):
+        """backward() of adv + rec as two passes, for the gradient norm of each term of one micro-batch without a
+        G-sized buffer: pass 1 leaves the adversarial term's gradient in .grad (data parallel: all-reduced), pass 2
+        adds the reconstruction term's, whose norm a tensor hook on each weight takes before it is accumulated (data
+        parallel: all-reduced there, per weight). -> ({"_adv", "_rec"} norms, whether .grad is all-reduced)."""
+        fused, self._fused = self._fused, None                          # no fused step on a partial gradient
+        adv.backward(retain_graph=True)
+        live = [p for p in params if p.grad is not None]
+        all_reduce_mean([p.grad for p in live], self.world)
+        sq = {"_adv": torch.stack([p.grad.float().square().sum() for p in live]).sum(),
+              "_rec": torch.zeros((), device=self.device)}
+
+        def hook(g):
+            if self.world > 1:
+                g = g.clone()
+                all_reduce_mean([g], self.world)
+            sq["_rec"] += g.float().square().sum()
+            return g
+        handles = [p.register_hook(hook) for p in params]
+        if fused is not None:
+            fused["reduced"] = True
+        self._fused = fused
+        try:
+            rec.backward()
+        finally:
+            for h in handles:
+                h.remove()
+        return {k: v.sqrt().item() for k, v in sq.items()}
 
     def lr(self, base):
         w = self.args.warmup
@@ -835,11 +862,13 @@ class Trainer:
             self.D.requires_grad_(False)
         params = list(self.G.parameters())
         terms = log_terms and a.log_term_grads and self.D is not None
-        term = None                     # terms: the weighted recon term's gradient per weight (a G-sized buffer)
+        # per-term gradient norms: one micro-batch: _split_backward; more: the weighted recon term's gradient summed
+        # over the micro-batches in `term`, a G-sized buffer
+        term, norms, split = None, {}, terms and n_micro == 1
         fused = a.fused_step
         if fused:                       # the optimiser steps inside backward() (_fused_hook)
             self.opt_g.param_groups[0]["lr"] = self.lr(a.lr_g)
-            self._fused = {k: torch.zeros((), device=self.device) for k in (("", "_rec", "_adv") if terms else ("",))}
+            self._fused = {"sq": torch.zeros((), device=self.device), "reduced": False}
         for mb, nz in zip(micros, noises):
             x0, cond, emb, ids = self.inputs(mb)
             with self.autocast():
@@ -851,22 +880,21 @@ class Trainer:
                 m[k] = m.get(k, 0.0) + v.item() / n_micro
             if self.D is not None:
                 fakes.append(x0_hat.detach())
+            if split:
+                norms = self._split_backward(logs["adv_g"], a.recon_weight * logs["recon"], params)
+                continue
             if terms:
                 grads = torch.autograd.grad(a.recon_weight * logs["recon"] / n_micro, params, retain_graph=True,
                                             allow_unused=True)
                 grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
                 term = grads if term is None else [t.add_(g) for t, g in zip(term, grads)]
                 del grads
-                if fused:                                               # n_micro is 1
-                    all_reduce_mean(term, self.world)
-                    self._fused["term"] = dict(zip(params, term))
-                    term = None
             (loss / n_micro).backward()
         if fused:
-            norms = {k: v.sqrt().item() for k, v in self._fused.items() if k != "term"}
+            norms[""] = self._fused["sq"].sqrt().item()
             self._fused = None
         else:
-            norms = self._finish(self.opt_g, params, self.lr(a.lr_g), term)
+            norms.update(self._finish(self.opt_g, params, self.lr(a.lr_g), term, split))
         del term
         m.update({"grad_norm_g" + k: v for k, v in norms.items()})
         with torch.no_grad():
@@ -1030,7 +1058,7 @@ def _grad_params(unet_cfg, T, h, w):
 
 def memory_plan(args, cfg, T, H, W, device):
     """Predicted device memory of one training step of `cfg` (an SVDConfig) at T x H x W pixels on `device`:
-    {"items": [(label, bytes)], "peak", "term_grads" (bytes the --log-term-grads buffer adds on logged steps),
+    {"items": [(label, bytes)], "peak", "term_grads" (bytes a step that logs the per-term gradient norms adds),
     "limit" (bytes; None on CPU), "options"}. Weights, EMA, optimiser state, gradients and the frozen D backbone are
     exact byte counts from the parameter shapes (built on the meta device); activations are an estimate
     (ACTIVATION_UNITS). The D step and the sample videos (after the step, gradients freed) peak lower."""
@@ -1087,7 +1115,12 @@ def memory_plan(args, cfg, T, H, W, device):
             f"fused step {'on' if args.fused_step else 'off'}, optimiser state {args.optim_state_dtype}, "
             f"checkpointing {'on' if args.grad_ckpt else 'off'}, bf16 autocast {'on' if amp else 'off'}, "
             f"sample decode chunk {args.sample_decode_chunk}")
-    term = n_g * fp32 if sfv and args.log_term_grads else 0
+    term = 0                                   # what a step that logs the per-term gradient norms adds
+    if sfv and args.log_term_grads:
+        if args.grad_accum > 1:                                     # the G-sized buffer of the recon term's gradient
+            term = n_g * fp32
+        elif args.fused_step:                                       # the split backward keeps pass 1's gradients
+            term = max(0, state + sum(p.numel() for p in g_train) * fp32 + end * unit - peak)
     return {"items": items, "peak": peak, "term_grads": term, "limit": limit, "options": opts}
 
 
@@ -1099,7 +1132,7 @@ def format_plan(plan, what):
     tail = f" of {plan['limit'] / 2**30:.1f} GiB (--max-memory)" if plan["limit"] else " (CPU: not checked)"
     lines.append(f"  {'predicted peak of a training step':<58}{gib(plan['peak'])}{tail}")
     if plan["term_grads"]:
-        lines.append(f"  {'  logged steps with --log-term-grads (a G-sized buffer)':<58}"
+        lines.append(f"  {'  steps that log the term gradients (--log-term-grads)':<58}"
                      f"{gib(plan['peak'] + plan['term_grads'])}")
     return "\n".join(lines)
 
@@ -1121,8 +1154,8 @@ def check_plan(plan, args):
                         + " GiB; try " + ", ".join(fix + ["fewer --frames or a smaller --height/--width"]))
     if plan["term_grads"] and plan["peak"] + plan["term_grads"] > limit:
         args.log_term_grads = False
-        return (f"note: --log-term-grads off: its G-sized buffer ({plan['term_grads'] / 2**30:.1f} GiB on logged steps) "
-                f"would exceed --max-memory ({(plan['peak'] + plan['term_grads']) / 2**30:.1f} > {limit / 2**30:.1f} GiB)")
+        return (f"note: --log-term-grads off: the steps that log them need {plan['term_grads'] / 2**30:.1f} GiB more, "
+                f"over --max-memory ({(plan['peak'] + plan['term_grads']) / 2**30:.1f} > {limit / 2**30:.1f} GiB)")
     return None
 
 # -----------------------------------------------------------------------------
