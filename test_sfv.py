@@ -1920,8 +1920,10 @@ def test_memory_plan_counts_state_bytes_exactly():
     assert items["G optimiser state (sm3, fp32 momentum)"] == _state_bytes(tr.opt_g)
     assert items["G gradients"] == seen[0] < n_g * 4                    # one-key attention: no q/k gradients
     assert items["D backbone (frozen)"] == sum(p.numel() * 4 for p in tr.D.backbone.parameters())
-    assert items["D heads + gradients + optimiser"] == sum(p.numel() * 8 for p in heads) + _state_bytes(tr.opt_d)
-    assert plan["limit"] is None and plan["term_grads"] == 0         # one micro-batch: the split backward
+    assert items["D heads + optimiser"] == sum(p.numel() * 4 for p in heads) + _state_bytes(tr.opt_d)
+    assert plan["limit"] is None and 0 < plan["term_grads"] < n_g * 4  # one micro-batch: no G-sized buffer
+    args2 = train.parse_args(["--workers", "0", *SMALL_D, "--grad-accum", "2"])
+    assert train.memory_plan(args2, svd.cfg, 4, 64, 64, torch.device("cpu"))["term_grads"] == plan["term_grads"] + n_g * 4
     assert plan["peak"] == sum(items.values())
     args2 = train.parse_args(["--workers", "0", *SMALL_D, "--optim-state-dtype", "bf16", "--fused-step", "--grad-clip", "0"])
     items2 = dict(train.memory_plan(args2, svd.cfg, 4, 64, 64, torch.device("cpu"))["items"])
@@ -1971,7 +1973,7 @@ def test_plan_printed_before_the_first_step(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("memory plan (cpu, 4x64x64, batch 1): EMA on the device, autocast cache on, fused step off, "
                       "optimiser state fp32, checkpointing on, bf16 autocast off, sample decode chunk 2")
-    assert out[8].startswith("  predicted peak of a training step") and out[8].endswith("GiB (CPU: not checked)")
+    assert out[8].startswith("  predicted peak of a training step") and out[8].endswith("GiB (checked on CUDA only)")
 
 # -----------------------------------------------------------------------------
 # bad training inputs: one line `error: <what>; <how to fix>`, exit status 2, checked before any model is built

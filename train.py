@@ -163,8 +163,8 @@ DEFAULTS = [
     ("sample_decode_chunk", 2, "frames the VAE decodes at a time for the sample videos (a small chunk bounds the "
                                "decode's transient memory; each chunk is decoded as its own video, so the temporal "
                                "decoder sees fewer frames: sample videos only, training is unaffected)"),
-    ("max_memory", 0.0, "GiB the training step may use on a CUDA device (0: the device's total memory; ignored on "
-                        "CPU). A plan printed before the first step predicts the peak; a configuration predicted not "
+    ("max_memory", 0.0, "GiB the training step may use on a CUDA device (0: the device's total memory less 1 GiB for "
+                        "the CUDA context and allocator fragmentation; ignored on CPU). A plan printed before the first step predicts the peak; a configuration predicted not "
                         "to fit is refused, and the term-gradient logging is turned off (with a note) if only it does "
                         "not fit"),
     # visibility
@@ -209,7 +209,7 @@ LIMITS = {"max_steps": (1, True, ""), "batch_size": (1, True, ""), "grad_accum":
           "cond_drop": (0, True, "a probability"), "dist_timeout": (1, True, "minutes"), "log_every": (1, True, ""),
           "save_every": (1, True, ""), "sample_every": (0, True, "0: never"), "num_samples": (1, True, ""),
           "sample_steps": (1, True, ""), "sample_decode_chunk": (1, True, ""),
-          "max_memory": (0, True, "GiB; 0: the CUDA device's total memory")}
+          "max_memory": (0, True, "GiB; 0: the CUDA device's total memory less 1 GiB")}
 BELOW_ONE = ("beta1", "beta2")                        # [0, 1)
 AT_MOST_ONE = ("ema", "cond_drop")                    # [0, 1]
 
@@ -1037,11 +1037,13 @@ def build_cache(source, svd, args, root, rank, world, device):
 # -----------------------------------------------------------------------------
 # memory plan: the predicted peak of one training step, before anything is on the device
 
-# Activations of one G step per unit B*T*h*w*model_channels*bytes-per-element (2 under bf16 autocast, else 4):
-# (live at the end of the G backward, when every gradient exists; the most live at any point of the step).
-# An estimate, calibrated by bench.py --simulate on SVD at 14x448x768, batch 1, bf16 (4.20 and 5.15 GiB with
-# checkpointing; 51.9 GiB without, the bf16 weight copies autograd then saves counted separately).
-ACTIVATION_UNITS = {True: (93.6, 114.8), False: (1156.0, 1156.0)}
+# Activations of one G step per unit B*T*h*w*model_channels*bytes-per-element (2 under bf16 autocast, else 4), by
+# --grad-ckpt: (live at the peak with every gradient present; the most live at any point, gradients freed as they are
+# produced (--fused-step); on a step that logs the per-term gradient norms, whose first backward pass retains the
+# graph). An estimate: fitted so that the plan reproduces the peaks bench.py --simulate finds for SVD at 14x448x768,
+# batch 1, bf16 (checkpointing: 27.4 GiB, 17.4 fused with the EMA on the host, 23.9 logged with the EMA on the host;
+# without: 72.4, and 73.0 logged with the EMA on the host; the fused case without checkpointing is not simulated).
+ACTIVATION_UNITS = {True: (92.0, 117.2, 139.6), False: (1032.3, 1032.3, 1172.1)}
 
 
 def _grad_params(unet_cfg, T, h, w):
@@ -1098,11 +1100,11 @@ def memory_plan(args, cfg, T, H, W, device):
         heads = D.head_parameters()
         items += [("D backbone (frozen" + (", bf16)" if amp else ")"),
                    sum(p.numel() for p in D.backbone.parameters()) * (2 if amp else fp32)),
-                  ("D heads + gradients + optimiser", sum(p.numel() for p in heads) * 2 * fp32 + opt_bytes(heads))]
+                  ("D heads + optimiser", sum(p.numel() for p in heads) * fp32 + opt_bytes(heads))]
     if amp and not args.grad_ckpt:
         items.append(("bf16 weight copies saved for the backward", n_g * 2))
     unit = args.batch_size * T * h * w * cfg.unet.model_channels * (2 if amp else 4)
-    end, most = ACTIVATION_UNITS[args.grad_ckpt]
+    end, most, logged = ACTIVATION_UNITS[args.grad_ckpt]
     state = sum(b for _, b in items)
     grads = dict(items)[items[3][0]]
     peak = max(state + end * unit, state - grads + most * unit)
@@ -1110,17 +1112,17 @@ def memory_plan(args, cfg, T, H, W, device):
                   peak - state))
     limit = None
     if cuda:
-        limit = args.max_memory * 2 ** 30 if args.max_memory > 0 else torch.cuda.get_device_properties(device).total_memory
+        limit = (args.max_memory * 2 ** 30 if args.max_memory > 0
+                 else torch.cuda.get_device_properties(device).total_memory - 2 ** 30)
     opts = (f"EMA on {'the host' if ema_host else 'the device'}, autocast cache {'on' if args.autocast_cache else 'off'}, "
             f"fused step {'on' if args.fused_step else 'off'}, optimiser state {args.optim_state_dtype}, "
             f"checkpointing {'on' if args.grad_ckpt else 'off'}, bf16 autocast {'on' if amp else 'off'}, "
             f"sample decode chunk {args.sample_decode_chunk}")
     term = 0                                   # what a step that logs the per-term gradient norms adds
-    if sfv and args.log_term_grads:
-        if args.grad_accum > 1:                                     # the G-sized buffer of the recon term's gradient
-            term = n_g * fp32
-        elif args.fused_step:                                       # the split backward keeps pass 1's gradients
-            term = max(0, state + sum(p.numel() for p in g_train) * fp32 + end * unit - peak)
+    if sfv and args.log_term_grads:            # one micro-batch: Trainer._split_backward (every gradient present)
+        term = max(0, state - grads + sum(p.numel() for p in g_train) * fp32 + logged * unit - peak)
+        if args.grad_accum > 1:                # more: the G-sized buffer of the recon term's gradient
+            term += n_g * fp32
     return {"items": items, "peak": peak, "term_grads": term, "limit": limit, "options": opts}
 
 
@@ -1129,7 +1131,7 @@ def format_plan(plan, what):
     gib = lambda b: f"{b / 2**30:6.2f} GiB"
     lines = [f"memory plan ({what}): {plan['options']}"]
     lines += [f"  {label:<58}{gib(b)}" for label, b in plan["items"]]
-    tail = f" of {plan['limit'] / 2**30:.1f} GiB (--max-memory)" if plan["limit"] else " (CPU: not checked)"
+    tail = f" of {plan['limit'] / 2**30:.1f} GiB (--max-memory)" if plan["limit"] else " (checked on CUDA only)"
     lines.append(f"  {'predicted peak of a training step':<58}{gib(plan['peak'])}{tail}")
     if plan["term_grads"]:
         lines.append(f"  {'  steps that log the term gradients (--log-term-grads)':<58}"
