@@ -7,7 +7,8 @@ spatial and temporal heads (discriminator.py). Also a plain SVD-style diffusion 
     python train.py --init svd_xt.safetensors --data /videos --cache /cache/latents   # one GPU
     torchrun --nproc_per_node=8 train.py --init svd_xt.safetensors --data /videos ... # data parallel
     python train.py ... --resume                     # continue from <out>/train_state.pt (a note if there is none)
-Peak GPU memory of one training step: `python bench.py --train-memory` (bench.py).
+Peak GPU memory of one training step: `python bench.py --train-memory` (bench.py); before the first step train.py
+prints a memory plan (memory_plan: exact state bytes, estimated activations) and refuses one over --max-memory.
 
 The objective (paper sec. 3.3, Eq. 1-3; every number is a flag below):
   generator:     s ~ uniform over the 3 largest levels of a 4-level Karras grid; x_t = x0 + s eps;
@@ -164,14 +165,15 @@ DEFAULTS = [
                                "decode's transient memory; each chunk is decoded as its own video, so the temporal "
                                "decoder sees fewer frames: sample videos only, training is unaffected)"),
     ("max_memory", 0.0, "GiB the training step may use on a CUDA device (0: the device's total memory less 1 GiB for "
-                        "the CUDA context and allocator fragmentation; ignored on CPU). A plan printed before the first step predicts the peak; a configuration predicted not "
-                        "to fit is refused, and the term-gradient logging is turned off (with a note) if only it does "
-                        "not fit"),
+                        "the CUDA context and allocator fragmentation; ignored on CPU). A plan printed before the first "
+                        "step predicts the peak; a configuration predicted not to fit is refused, and the term-gradient "
+                        "logging is turned off (with a note) if only it does not fit"),
     # visibility
     ("log_every", 10, "log to log.jsonl and tqdm every N steps"),
     ("log_term_grads", True, "sfv: on logged steps also log the generator gradient norms of the adversarial and the "
-                             "reconstruction term (grad_norm_g_adv, grad_norm_g_rec; one extra G backward and one "
-                             "G-sized buffer on those steps)"),
+                             "reconstruction term (grad_norm_g_adv, grad_norm_g_rec; one extra G backward on those "
+                             "steps, split in two passes: ~2 GiB more activations at SVD size, and with --fused-step the "
+                             "G gradients; with --grad-accum > 1 also a G-sized buffer)"),
     ("save_every", 1000, "checkpoint every N steps (and at the end)"),
     ("sample_every", 1000, "write sample videos every N steps (0: never)"),
     ("num_samples", 2, "sample videos per round (fixed seeds and conditioning images)"),
