@@ -574,10 +574,12 @@ def sim_sample(cfg, steps, chunks, dtype=torch.bfloat16):
     return out
 
 
-def _train_args(ckpt, bf16, fused):
+def _train_args(ckpt, bf16, fused, bf16_state=False):
     import train
     args = train.parse_args(["--device", "cpu", "--grad-ckpt" if ckpt else "--no-grad-ckpt",
-                             "--bf16" if bf16 else "--no-bf16", "--r1", "fd"] + (["--grad-clip", "0"] if fused else []))
+                             "--bf16" if bf16 else "--no-bf16", "--r1", "fd"]
+                            + (["--fused-step", "--grad-clip", "0"] if fused else [])
+                            + (["--optim-state-dtype", "bf16"] if bf16_state else []))
     args.mode = "sfv"
     return args
 
@@ -585,17 +587,17 @@ def _train_args(ckpt, bf16, fused):
 def sim_train(cfg, T, H, W, ckpt=True, bf16=True, ema_cpu=False, fused=False, bf16_state=False, log_terms=False,
               sample_chunks=(), fake=True, gpu_paths=True):
     """One SF-V step of train.Trainer (batch 1, cached latents: VAE/CLIP not resident, as train.py --bench-memory) at
-    T x H x W: two steps, the second measured (the optimiser state exists). Memory options, emulated here (estimates):
-      ema_cpu: the EMA's storage is not counted (kept on the host; the per-step update's transfer not modelled);
-      fused: the optimiser steps each parameter in its post-accumulate-grad hook and frees the gradient
-             (register_post_accumulate_grad_hook; no grad accumulation or global-norm clipping);
-      bf16_state: the SM3 momentum is held in bf16;
+    T x H x W: two steps, the second measured (the optimiser state exists). Memory options, train.py's own flags:
+      ema_cpu: --ema-device cpu (the fake run is on the CPU, so the EMA's storage is excluded from the count here;
+             the per-step host transfer is not modelled);
+      fused: --fused-step --grad-clip 0 (each weight stepped in its post-accumulate-grad hook, its gradient freed);
+      bf16_state: --optim-state-dtype bf16 (the SM3 momentum held in bf16);
       sample_chunks: then also the training run's sample videos for each chunk (train.py save_samples: num_samples
              videos, one step of the EMA, the VAE moved to the GPU in bf16, decoded `chunk` frames at a time).
     -> {flops (of the step), peak, base (live before it), breakdown {label: bytes}, sample_peak {chunk: bytes}}."""
     import train
     from model import SVD, UNet, TemporalVAE, sample_latents
-    args = _train_args(ckpt, bf16, fused)
+    args = _train_args(ckpt, bf16, fused, bf16_state)
     h, w = H // 8, W // 8
     res = {}
     with Sim(fake, gpu_paths, snapshot=True) as s:
@@ -610,25 +612,16 @@ def sim_train(cfg, T, H, W, ckpt=True, bf16=True, ema_cpu=False, fused=False, bf
         s.mem.weight_keys = {p.untyped_storage()._cdata for p in G}
         if ema_cpu:
             s.mem.exclude([*tr.ema.parameters(), *tr.ema.buffers()], "EMA (on the host)")
-        opts = {p: train.make_optimizer(args, [p], args.lr_g) for p in G} if fused else {}
 
-        def hook(p):
-            s.mem.relabel([p.grad], "G gradients")
-            if fused:
-                opts[p].step()
-                p.grad = None
+        def hook(p):                                                  # runs after the Trainer's own (fused) hook
+            if p.grad is not None:
+                s.mem.relabel([p.grad], "G gradients")
         for p in G:
             p.register_post_accumulate_grad_hook(hook)
         batch = {"latents": torch.randn(1, T, 4, h, w), "cond": torch.randn(1, 4, h, w),
                  "image_embeds": torch.randn(1, cfg.unet.context_dim), "keys": [0]}
         tr.step([batch])                                              # the optimiser state of a running job
-        opt_list = list(opts.values()) or [tr.opt_g]
-        states = [o.state for o in opt_list]
-        if bf16_state:
-            for state in states:
-                for st in state.values():
-                    if "momentum" in st:
-                        st["momentum"] = st["momentum"].to(torch.bfloat16)
+        states = [tr.opt_g.state]
         s.mem.reset_peak()
         base, f0 = s.mem.live, s.total_flops()
         tr.step([batch], log_terms=log_terms)
