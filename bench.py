@@ -10,6 +10,7 @@ forward per implementation (tensor copies, time inside the conv modules), so a l
   python bench.py --sample             # end to end (sample.sample_video): SF-V's 1 step vs SVD's 25 steps with CFG
   python bench.py --train-memory --device cuda   # peak GPU memory of one SF-V training step at 14x448x768
   python bench.py --simulate           # no GPU needed: FLOPs, GPU time bounds and peak memory at full SVD size
+  python bench.py --fit                # will one SF-V training step fit on a 24/40/80 GB card (train.py's memory plan)
 The UNet benchmark needs diffusers (pip install -r requirements-dev.txt); it is only the reference here, never a
 runtime dependency. Set OMP_NUM_THREADS to fix the CPU thread count (children inherit it).
 """
@@ -386,6 +387,8 @@ def main():
                    "--no-grad-ckpt --optimizer adamw' (default: train.py's memory defaults)")
     p.add_argument("--simulate", action="store_true", help="FLOPs, GPU time bounds and peak memory at full SVD size, "
                    "simulated on fake tensors (no GPU), and their validation against real CPU runs")
+    p.add_argument("--fit", action="store_true", help="will it fit: train.py's memory plan for one SF-V step per card "
+                   "(24/40/80 GB), resolution and frame count")
     p.add_argument("--sim-no-train", action="store_true", help="--simulate: skip the training rows")
     p.add_argument("--sim-no-validate", action="store_true", help="--simulate: skip the validation runs")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -404,6 +407,8 @@ def main():
         return train_memory(args.memory_config, args.memory_shape, args.device, args.train_flags.split())
     if args.simulate:
         return simulate_main(args)
+    if args.fit:
+        return fit_main()
     unet_main(args)
 
 
@@ -700,6 +705,30 @@ def _gib(n):
 def _bounds(flops):
     return "".join(f"{flops / peak * 1e3:>11.0f} ms" for _, peak in GPU_PEAKS)
 
+
+
+CARDS = [("24 GB", 23), ("40 GB", 39), ("80 GB", 79)]     # usable GiB: train.py's default leaves 1 GiB for CUDA itself
+FIT_SHAPES = [(14, 448, 768), (25, 448, 768), (14, 576, 1024), (25, 576, 1024)]
+FIT_OPTIONS = [("train.py defaults", []),
+               ("+ --fused-step --grad-clip 0 --optim-state-dtype bf16", ["--fused-step", "--grad-clip", "0",
+                                                                          "--optim-state-dtype", "bf16"])]
+
+
+def fit_main():
+    """Will it fit? train.py's memory plan (exact state bytes, simulator-fitted activations) for one SF-V step of the
+    SVD UNet, batch 1, checkpointing on, bf16, per card and option set; `python bench.py --fit`."""
+    import train
+    from model import CONFIGS
+    print("Will it fit? One SF-V training step, SVD UNet, batch 1, bf16 autocast, checkpointing on, EMA on the host "
+          "(train.py's memory plan:\nexact weight/EMA/optimiser/gradient bytes + activations fitted to bench.py "
+          "--simulate). Peak GiB; 'yes' if <= the card's usable memory (its size - 1 GiB).")
+    print(f"{'options':<56}{'frames x H x W':>16}{'peak':>10}" + "".join(f"{n:>8}" for n, _ in CARDS))
+    for name, flags in FIT_OPTIONS:
+        args = train.parse_args(flags + ["--max-memory", "80"])        # any limit: only the peak is read
+        for T, H, W in FIT_SHAPES:
+            peak = train.memory_plan(args, CONFIGS["svd"], T, H, W, torch.device("cuda"))["peak"] / GiB
+            print(f"{name:<56}{f'{T}x{H}x{W}':>16}{peak:>6.1f} GiB" + "".join(f"{'yes' if peak <= c else 'no':>8}"
+                                                                              for _, c in CARDS))
 
 
 def simulate_main(args):
