@@ -763,21 +763,21 @@ def simulate_main(args):
         opts24 = dict(ema_cpu=True, fused=True, bf16_state=True)
         runs = {}
         for shape, name, kw in [
-                ("14x448x768", "today's defaults", {}),
-                ("14x448x768", "defaults, checkpointing off", dict(ckpt=False)),
-                ("14x448x768", "defaults, a logged step (term grads)", dict(log_terms=True)),
-                ("14x448x768", "+ EMA on the host", dict(ema_cpu=True)),
-                ("14x448x768", "+ EMA on the host + fused optimiser step", dict(ema_cpu=True, fused=True)),
-                ("14x448x768", "24 GB options (+ bf16 optimiser state)", dict(opts24, sample_chunks=(14, 2))),
-                ("14x576x1024", "today's defaults", {}),
-                ("14x576x1024", "24 GB options", dict(opts24, sample_chunks=(14, 2)))]:
+                ("14x448x768", "EMA on the GPU (--ema-device same)", {}),
+                ("14x448x768", "EMA on the GPU, checkpointing off", dict(ckpt=False)),
+                ("14x448x768", "EMA on the GPU, a step logging term grads", dict(log_terms=True)),
+                ("14x448x768", "train.py defaults (EMA on the host)", dict(ema_cpu=True)),
+                ("14x448x768", "defaults + --fused-step --grad-clip 0", dict(ema_cpu=True, fused=True)),
+                ("14x448x768", "... + --optim-state-dtype bf16", dict(opts24, sample_chunks=(14, 2))),
+                ("14x576x1024", "train.py defaults (EMA on the host)", dict(ema_cpu=True)),
+                ("14x576x1024", "... + --fused-step --grad-clip 0 --optim-state-dtype bf16", dict(opts24, sample_chunks=(14, 2)))]:
             T, H, W = map(int, shape.split("x"))
             r = runs[shape, name] = sim_train(cfg, T, H, W, **kw)
             row(f"SF-V step {shape}, {name}", r["flops"], r["peak"])
             for c, pk in r["sample_peak"].items():
                 row(f"  + sample videos (2, 1 step, decode chunk {c})", 0, pk)
-        print("\nSF-V step 14x448x768, batch 1, bf16 autocast, checkpointing on: what is live at the peak (GiB; options "
-              "emulated in bench.py, estimates)")
+        print("\nSF-V step 14x448x768, batch 1, bf16 autocast, checkpointing on: what is live at the peak (GiB; train.py's "
+              "flags, the host EMA left out of the count)")
         labels = ["G weights", "EMA", "G optimiser state", "G gradients", "autocast weight copies",
                   "D backbone (frozen)", "D heads + optimiser", "activations and temporaries"]
         short = ["G weights", "EMA", "G opt state", "G grads", "autocast cp", "D backbone", "D heads+opt", "activations"]
@@ -788,8 +788,8 @@ def simulate_main(args):
                 print(f"{name:<50}" + "".join(f"{b.get(l, 0) / GiB:>12.2f}" for l in labels) + f"{_gib(r['peak']):>11}")
         print("EMA on the host: its update then copies each G weight to the host every step (not modelled). Fused step: "
               "each parameter's\noptimiser step runs in its post-accumulate-grad hook and frees the gradient, so "
-              "gradients never coexist; it excludes\ngradient accumulation and global-norm clipping (clip per tensor "
-              "instead). bf16 optimiser state: the SM3 momentum in bf16.")
+              "gradients never coexist; it excludes\ngradient accumulation and global-norm clipping. "
+              "bf16 optimiser state: the SM3 momentum in bf16.")
     if not args.sim_no_validate:
         validate()
     print(f"({time.time() - t_start:.0f} s)")
