@@ -1739,7 +1739,9 @@ def test_ddp_two_processes_match_one(tmp_path):
         for k in sa[part]:
             assert torch.allclose(sa[part][k], sb[part][k], rtol=0, atol=3 * lr + 1e-6), (part, k)
         d = torch.cat([(sa[part][k] - sb[part][k]).abs().flatten() for k in sa[part]])
-        assert d.median() < 1e-2 * lr, part          # wrong sharding: most elements would differ by ~lr
+        # the median element differs by 0.2-2% of lr depending on the CPU's kernels (1.9e-7 at lr 1e-5 seen);
+        # wrong sharding: most elements would differ by ~lr
+        assert d.median() < 0.1 * lr, part
     # and the global batch really holds two different samples: batch 1 on one process differs
     train.main([*COMMON, "--out", str(tmp_path / "single"), "--max-steps", "1", "--batch-size", "1", *opt])
     assert read_log(tmp_path / "single")[0]["loss_g"] != pytest.approx(one[0]["loss_g"], rel=1e-3)
