@@ -420,7 +420,7 @@ def main():
 # bytes, and FLOPs by torch.utils.flop_counter's formulas). A fake CUDA device is not usable in a CPU-only PyTorch build
 # (tensor indexing needs the CUDA device guard), so the fake tensors are CPU tensors and:
 #   - model.py's GPU code paths are switched on: Conv2d/Conv3d run nn.Conv2d/nn.Conv3d (no unfold + GEMM) and
-#     FeedForward runs all tokens at once (no 512-token chunks), as they do on CUDA;
+#     FeedForward runs all tokens at once (no chunks), as they do on CUDA;
 #   - bf16 autocast is PyTorch's CPU autocast (the same lower-precision op list for conv, linear, matmul and
 #     attention as CUDA's, the same cache of bf16 weight copies); the Trainer's CUDA-only setting (amp on, frozen D
 #     backbone in bf16) is applied after construction, as Trainer.__init__ does on CUDA;
@@ -470,16 +470,16 @@ class Sim:
         import contextlib
         import model
         self.stack = st = contextlib.ExitStack()
-        saved = (model.Conv2d.forward, model.Conv3d.forward, model.FeedForward.chunk, F.scaled_dot_product_attention,
+        saved = (model.Conv2d.forward, model.Conv3d.forward, model.FeedForward.chunk_values, F.scaled_dot_product_attention,
                  model.karras_sigmas)
 
         def restore():
-            (model.Conv2d.forward, model.Conv3d.forward, model.FeedForward.chunk, F.scaled_dot_product_attention,
+            (model.Conv2d.forward, model.Conv3d.forward, model.FeedForward.chunk_values, F.scaled_dot_product_attention,
              model.karras_sigmas) = saved
         st.callback(restore)
         if self.gpu_paths:
             model.Conv2d.forward, model.Conv3d.forward = nn.Conv2d.forward, nn.Conv3d.forward
-            model.FeedForward.chunk = 1 << 62
+            model.FeedForward.chunk_values = 1 << 62
             F.scaled_dot_product_attention = _fused_sdpa
         if self.fake:
             from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily

@@ -285,6 +285,28 @@ def test_unet_any_frames_and_size(refs, loaded):
         _close(svd.unet(x, c_noise, emb, ids), ref)
 
 
+def test_cpu_fast_paths_match_plain_modules():
+    # model.py's CPU-only paths (FeedForward in chunks, Conv2d as unfold + one GEMM, a (k,1,1) Conv3d as a 2D conv)
+    # at shapes that take them, against the plain nn/F computation
+    g = torch.Generator().manual_seed(7)
+    ff = model.FeedForward(64)
+    x = torch.randn(3, 700, 64, generator=g)
+    with torch.no_grad():
+        plain = ff.net(x)
+        old = model.FeedForward.chunk_values
+        model.FeedForward.chunk_values = 512 * 2 * 256         # chunks of 512 tokens: 2100 rows -> 5 chunks
+        try:
+            _close(ff(x), plain)
+        finally:
+            model.FeedForward.chunk_values = old
+        conv = model.Conv2d(256, 128, 3, padding=1, stride=2)   # weights 295k >= 16x the input (2 x 256 x 4 x 4)
+        x = torch.randn(2, 256, 4, 4, generator=g)
+        _close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, 2, 1))
+        conv3 = model.Conv3d(16, 24, (3, 1, 1), padding=(1, 0, 0))
+        x = torch.randn(2, 16, 5, 6, 7, generator=g)
+        _close(conv3(x), torch.nn.functional.conv3d(x, conv3.weight, conv3.bias, 1, (1, 0, 0)))
+
+
 def test_vae_encode_parity(refs, loaded):
     layout, svd = loaded
     img = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
