@@ -278,12 +278,12 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU MLP. On CPU, many tokens run in chunks of ~2M GEGLU intermediate values (8 MB fp32; 819 tokens at SVD's
-    first level): the intermediate then stays in cache and never exists whole (147 MB at SVD's first level for a
-    14 x 32 x 32 latent); each token is independent. Narrow nets (the tiny and toy presets) get chunks of >= 8192
-    tokens, since every chunk costs a handful of small ops."""
+    """GEGLU MLP. On CPU, many tokens run in chunks: the GEGLU intermediate then stays in cache and never exists whole
+    (147 MB at SVD's first level for a 14 x 32 x 32 latent); each token is independent. A chunk is 512 tokens at SVD's
+    widths and at least 2^19 intermediate values in narrow nets (2048 tokens at the tiny preset's first level), since
+    every chunk costs a handful of small ops."""
 
-    chunk_values = 2 ** 21
+    chunk_values = 2 ** 19
 
     def __init__(self, dim, dim_out=None, mult=4):
         super().__init__()
