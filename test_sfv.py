@@ -2045,6 +2045,15 @@ def test_plan_printed_before_the_first_step(tmp_path, capsys):
     (["--out", ""], "bad --out '': pass the folder for checkpoints, logs and samples, e.g. --out out/sfv"),
     (["--init", "missing.safetensors"], "--init missing.safetensors: no such file or folder, and not a model.CONFIGS "
                                         "preset (svd, svd_xt, tiny, toy); pass a checkpoint path or a preset name"),
+    (["--batch-size", str(10 ** 20)], f"bad --batch-size {10 ** 20}: must be at most 65536 (per process)"),
+    (["--synthetic-size", str(10 ** 20)], f"bad --synthetic-size {10 ** 20}: must be at most 10000000 (its epoch "
+                                          f"permutation is held in memory)"),
+    (["--disc-levels", str(10 ** 9)], f"bad --disc-levels {10 ** 9}: must be at most 1000000 (the grid is held in memory)"),
+    (["--fps", str(10 ** 20)], f"bad --fps {10 ** 20}: must be at most 1000 (frames per second)"),
+    (["--dist-timeout", str(10 ** 14)], f"bad --dist-timeout {10 ** 14}: must be at most 525600 (minutes: one year)"),
+    (["--rho", "1e-300"], "bad --sigma-min 0.002 / --sigma-max 700 / --rho 1e-300: the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near the defaults (0.002 / 700 / 7)"),
+    (["--sigma-max", "1e300"], "bad --sigma-min 0.002 / --sigma-max 1e+300 / --rho 7: the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near the defaults (0.002 / 700 / 7)"),
+    (["--sigma-min", "1e-300"], "bad --sigma-min 1e-300 / --sigma-max 700 / --rho 7: the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near the defaults (0.002 / 700 / 7)"),
 ])
 def test_train_bad_flags_one_line(tmp_path, flags, msg):
     out = tmp_path / "run"
@@ -2057,6 +2066,12 @@ def test_train_bad_out_folder(tmp_path):
     f.write_text("x")
     assert train_error([*COMMON, "--out", str(f)]) == f"error: --out {f} is a file; pass a folder (it is created if missing)"
     assert train_error([*COMMON, "--out", str(f / "run")]) == f"error: cannot create --out {f / 'run'}: {f} is a file; pass another --out"
+    for name, kind, want in (("log.jsonl", "folder", "file"), ("samples", "file", "folder")):
+        out = tmp_path / f"holds-{kind}"
+        (out / name).mkdir(parents=True) if kind == "folder" else (out.mkdir(), (out / name).write_text("x"))
+        assert train_error([*COMMON, "--out", str(out)]) == (f"error: --out {out} holds a {kind} named {name} where "
+                                                             f"train.py writes a {want}; remove it or pass another --out")
+        assert os.listdir(out) == [name]
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -2130,6 +2145,32 @@ def test_train_resume_bad_state(tmp_path):
         f"torch.load weights_only=True); {fix}")
     assert not os.path.exists("pwned") and not (out / "pwned").exists()
     assert sorted(os.listdir(out)) == ["train_state.pt"]                  # nothing written
+
+
+def test_train_divergence_and_cpu_oom_one_line(tmp_path, monkeypatch):
+    """A NaN loss stops the run before anything of that step is saved; a CPU allocation failure is the out-of-memory
+    line (exit 1). Either way the --out folder made for the run is removed again."""
+    import contextlib
+    import io
+    out = tmp_path / "run"
+    msg = train_error([*COMMON, "--out", str(out), "--max-steps", "2", "--cond-aug", "1e30"])
+    assert re.split(r"[\r\n]", msg)[-1] == (
+        "error: training diverged at step 1 (loss_d nan, not saved); lower --lr-g/--lr-d or check --init, --sigma-max "
+        "and --cond-aug, then --resume or start a new --out")
+    assert not out.exists()
+
+    def cpu_oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 12800000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(train, "memory_plan", cpu_oom)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        train.main([*COMMON, "--out", str(out)])
+    assert e.value.code == 1 and err.getvalue() == (
+        "error: out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 12800000000 bytes); "
+        "try a smaller --batch-size (with a larger --grad-accum), --grad-ckpt, --bf16, --cache, or fewer --frames / a "
+        "smaller --height/--width\n")
+    assert not out.exists()
 
 
 def test_train_cli_error_exit_code_no_traceback(tmp_path):
