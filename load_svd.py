@@ -72,6 +72,18 @@ class UserError(Exception):
 class LoadError(UserError, ValueError):
     """A checkpoint that cannot be found, downloaded or loaded."""
 
+
+def oom_text(e):
+    """The allocator's message of an out-of-memory failure, one line (CUDA's OutOfMemoryError, the CPU allocator's
+    RuntimeError "can't allocate memory", Python's MemoryError); None if `e` is not one."""
+    text = str(e).strip()
+    if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or isinstance(e, RuntimeError) and
+            ("out of memory" in text or "can't allocate memory" in text)):
+        return None
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", text.splitlines()[0] if text else "")
+    text = re.sub(r"\.?\s*Error code \d+ \(.*\)$", "", text)     # the CPU allocator's errno, said already
+    return text[:100] or type(e).__name__
+
 # -----------------------------------------------------------------------------
 # atomic writes: a temp file in the same folder, then os.replace (never a half-written file under the real name)
 
@@ -481,7 +493,11 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
         shapes = src.shapes()
         if metadata.get("format") == BUNDLE_FORMAT:
             layout = "bundle"
-            config = SVDConfig.from_dict(json.loads(metadata["config"]))
+            try:
+                config = SVDConfig.from_dict(json.loads(metadata["config"]))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise LoadError(f"bundle {path} has a damaged config in its metadata ({type(e).__name__}); save or "
+                                f"download it again") from None
         else:
             layout = "single"
             _reject_non_svd(path, shapes)

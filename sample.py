@@ -31,6 +31,9 @@ from model import CONFIGS
 
 MIN_SIDE = 64                                   # smallest accepted input image side (pixels)
 MAX_FRAMES = 128
+MAX_STEPS = 1000
+FPS_RANGE = (0.001, 1000)                       # output frame rate (mp4); a GIF's frame delays are in 1/100 s
+GIF_MAX_FPS = 100
 OUT_EXTS = (".mp4", ".gif")                     # --out: H.264 mp4 or GIF
 VIDEO_EXTS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")     # videos read from folders (train.py, evaluate.py)
 IMAGE_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP"}
@@ -326,6 +329,30 @@ def _check_out(path):
         raise SampleError(f"cannot write {path}: {e.strerror}; pass --out to a writable folder") from None
 
 
+def _check_paths(args):
+    """Path flags given as '' (e.g. an unset shell variable) would silently mean their defaults."""
+    for name in ("out", "ckpt", "frames_dir"):
+        if getattr(args, name) == "":
+            raise SampleError(f"bad --{name.replace('_', '-')} '': an empty path; pass a path or leave the flag out")
+
+
+def _check_frames_dir(folder):
+    """--frames-dir must be a folder or creatable as one: its nearest existing parent is a folder."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SampleError(f"--frames-dir {folder} is a file; pass a folder (it is created if missing)")
+    p = os.path.abspath(folder)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise SampleError(f"cannot create --frames-dir {folder}: {p} is a file; pass another --frames-dir")
+
+
+def _check_gif_fps(fps, out, gif):
+    if fps > GIF_MAX_FPS and (out.lower().endswith(".gif") or gif):
+        raise SampleError(f"a GIF plays at most {GIF_MAX_FPS} fps (its frame delays are in 1/100 s), not {fps:g}; pass "
+                          f"--fps {GIF_MAX_FPS} or lower, or write only an .mp4")
+
+
 def _check_numbers(args):
     """Every numeric flag, before anything expensive."""
     for name in ("frames", "steps", "decode_chunk"):
@@ -334,12 +361,27 @@ def _check_numbers(args):
             raise SampleError(f"bad --{name.replace('_', '-')} {v}: must be at least 1")
     if args.frames is not None and args.frames > MAX_FRAMES:
         raise SampleError(f"bad --frames {args.frames}: at most {MAX_FRAMES} (SVD is trained on 14/25)")
+    if args.steps is not None and args.steps > MAX_STEPS:
+        raise SampleError(f"bad --steps {args.steps}: at most {MAX_STEPS} (Euler sampling uses 25-50)")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and v < MIN_SIDE:
+            raise SampleError(f"bad --{name} {v}: must be at least {MIN_SIDE} (a multiple of 64)")
+    for name in ("fps_id", "motion_bucket_id"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            raise SampleError(f"bad --{name.replace('_', '-')} {v}: must be at least 0")
+    if args.fps_id is not None and args.fps is None and args.fps_id + 1 > FPS_RANGE[1]:
+        raise SampleError(f"bad --fps-id {args.fps_id}: the video would play at fps-id + 1 = {args.fps_id + 1} fps, "
+                          f"over {FPS_RANGE[1]:g}; pass --fps too")
     for name in ("fps", "min_cfg", "max_cfg", "cond_aug"):
         v = getattr(args, name)
         if v is not None and not math.isfinite(v):
             raise SampleError(f"bad --{name.replace('_', '-')} {v}: must be a finite number")
     if args.fps is not None and args.fps <= 0:
         raise SampleError(f"bad --fps {args.fps:g}: must be positive")
+    if args.fps is not None and not FPS_RANGE[0] <= args.fps <= FPS_RANGE[1]:
+        raise SampleError(f"bad --fps {args.fps:g}: must be from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}")
     if args.cond_aug is not None and args.cond_aug < 0:
         raise SampleError(f"bad --cond-aug {args.cond_aug:g}: must be at least 0 (it is a noise level)")
     if not 0 <= args.seed < 2 ** 64:
@@ -354,7 +396,8 @@ def run(args):
             print(path)
             return path
         args.ckpt = args.ckpt or path
-    # cheap checks first: the numbers, the device, the image, the output path
+    # cheap checks first: the numbers, the device, the image, the output paths
+    _check_paths(args)
     _check_numbers(args)
     device = pick_device(args.device)
     image = read_image(args.image)
@@ -363,8 +406,14 @@ def run(args):
                           f"{MIN_SIDE} px on each side (ideally >= the output size)")
     out = args.out or os.path.splitext(args.image)[0] + ".mp4"
     _check_out(out)
-    if args.frames_dir and os.path.exists(args.frames_dir) and not os.path.isdir(args.frames_dir):
-        raise SampleError(f"--frames-dir {args.frames_dir} is a file; pass a folder (it is created if missing)")
+    for o in [out] + ([os.path.splitext(out)[0] + ".gif"] if args.gif else []):
+        if os.path.exists(o) and os.path.samefile(o, args.image):
+            raise SampleError(f"the output {o} is the input image {args.image} (it would be overwritten); pass "
+                              f"another --out, e.g. --out {os.path.splitext(args.image)[0]}_sfv.mp4")
+    if args.frames_dir:
+        _check_frames_dir(args.frames_dir)
+    if args.fps is not None:
+        _check_gif_fps(args.fps, out, args.gif)
 
     path, is_toy = load_svd.find_checkpoint(args.ckpt)
     if is_toy:
@@ -372,6 +421,8 @@ def run(args):
               f"{path} (not realistic; get real weights with --download svd_xt)")
     dtype = pick_dtype(args.dtype, device)
     svd = load_svd.load(path, config=CONFIGS[args.config] if args.config else None, dtype=dtype, device=device)
+    if args.config and svd.load_info["layout"] == "bundle":
+        print(f"note: --config {args.config} is ignored: {path} is an SF-V bundle and carries its own config")
     if args.compile:
         svd.unet = torch.compile(svd.unet)
     d = sampling_defaults(svd)
@@ -383,6 +434,8 @@ def run(args):
     if d["steps"] == 1 and (d["min_cfg"], d["max_cfg"]) != (1.0, 1.0):
         print(f"note: one step samples without guidance; --min-cfg/--max-cfg ({d['min_cfg']:g}/{d['max_cfg']:g}) "
               f"are ignored (pass --steps 25 for guided SVD sampling)")
+    fps = args.fps if args.fps is not None else d["fps_id"] + 1
+    _check_gif_fps(fps, out, args.gif)
     H, W = snap_size(d["height"], d["width"])
     if (H, W) != (d["height"], d["width"]):
         print(f"note: {d['height']}x{d['width']} is not a multiple of 64; using {H}x{W} (height x width)")
@@ -391,7 +444,9 @@ def run(args):
 
     video, st = sample_video(svd, image, d["num_frames"], d["steps"], d["min_cfg"], d["max_cfg"], d["fps_id"],
                              d["motion_bucket_id"], d["cond_aug"], args.seed, args.decode_chunk, offload)
-    fps = args.fps if args.fps is not None else d["fps_id"] + 1
+    if not torch.isfinite(video).all():
+        raise SampleError(f"the sampled video is not finite (NaN/inf): the checkpoint {path} holds NaN/inf weights, "
+                          f"or --dtype {args.dtype} overflowed; check the weights, or pass --dtype fp32")
     extras = []
     try:
         if out.lower().endswith(".gif"):
@@ -406,6 +461,9 @@ def run(args):
     except OSError as e:   # e.g. disk full, --frames-dir is a file
         raise SampleError(f"cannot write {e.filename or out}: {e.strerror or e}; free some space or pick another "
                           f"--out / --frames-dir") from None
+    except av.FFmpegError as e:
+        raise SampleError(f"cannot encode {out} at {W}x{H}, {fps:g} fps ({type(e).__name__}); use the default "
+                          f"--height/--width and --fps") from None
     print(f"wrote {out} ({video.shape[0]} frames, {W}x{H}, {fps:g} fps, {d['steps']} step{'s' * (d['steps'] > 1)})"
           + "".join(f" + {e}" for e in extras))
     print(f"image encode {st['encode']:.2f} s, denoise {st['denoise']:.2f} s ({st['unet_evals']} UNet evals), "
@@ -421,10 +479,10 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
+    except (MemoryError, RuntimeError) as e:                           # torch.OutOfMemoryError is a RuntimeError
+        if load_svd.oom_text(e) is None:
             raise
-        print(f"error: out of memory ({str(e).splitlines()[0][:100]}); try --decode-chunk 2, a lower --height/--width, "
+        print(f"error: out of memory ({load_svd.oom_text(e)}); try --decode-chunk 2, a lower --height/--width, "
               f"fewer --frames or --dtype fp16", file=sys.stderr)
         return 1
     return 0

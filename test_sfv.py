@@ -997,6 +997,29 @@ def test_errors(tmp_path, ckpts, img, capsys, monkeypatch):
     assert err([img, "--ckpt", str(other)]).startswith(f"error: {other} is not an SVD checkpoint")
     assert err([img, "--ckpt", str(tmp_path)]).startswith(f"error: {tmp_path} is a folder but not a diffusers SVD folder")
     assert err([img, "--ckpt", missing]).startswith(f"error: checkpoint not found: {missing}")
+    meta = tmp_path / "meta.safetensors"                                 # a bundle whose config JSON is cut
+    save_file(load_svd.load(ck).state_dict(), str(meta), metadata={"format": load_svd.BUNDLE_FORMAT, "config": "{not"})
+    assert err([img, "--ckpt", str(meta)]) == (f"error: bundle {meta} has a damaged config in its metadata "
+                                               f"(JSONDecodeError); save or download it again")
+    svd = load_svd.load(ck)
+    with torch.no_grad():
+        next(svd.unet.parameters()).fill_(float("nan"))
+    nan = load_svd.save(svd, str(tmp_path / "nan.safetensors"))
+    assert err([img, "--ckpt", nan, "--out", str(tmp_path / "nan.mp4")]) == (
+        f"error: the sampled video is not finite (NaN/inf): the checkpoint {nan} holds NaN/inf weights, or --dtype auto "
+        f"overflowed; check the weights, or pass --dtype fp32")
+    (tmp_path / "in").mkdir()
+    clip = sample.write_video(torch.rand(2, 3, 64, 64), str(tmp_path / "in" / "clip.mp4"))    # a video as the input
+    before = open(clip, "rb").read()
+    assert err([clip]) == (f"error: the output {clip} is the input image {clip} (it would be overwritten); pass "
+                           f"another --out, e.g. --out {tmp_path / 'in' / 'clip_sfv.mp4'}")
+    assert open(clip, "rb").read() == before
+    assert err([img, "--out", str(tmp_path / "v.gif"), "--fps-id", "200"]) == (
+        "error: a GIF plays at most 100 fps (its frame delays are in 1/100 s), not 201; pass --fps 100 or lower, or "
+        "write only an .mp4")
+    rc, so, e = run_main([img, "--ckpt", ck, "--config", "svd", "--frames", "2", "--out", str(tmp_path / "in" / "c.mp4")], capsys)
+    assert rc == 0 and so.splitlines()[0] == (f"note: --config svd is ignored: {ck} is an SF-V bundle and carries its "
+                                              f"own config")
     # out of memory: exit code 1 and the memory levers
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -1004,6 +1027,14 @@ def test_errors(tmp_path, ckpts, img, capsys, monkeypatch):
     rc, _, e = run_main([img, "--ckpt", ck], capsys)
     assert rc == 1 and e.strip() == ("error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try "
                                      "--decode-chunk 2, a lower --height/--width, fewer --frames or --dtype fp16")
+    def cpu_oom(*a, **k):                                                 # the CPU allocator's RuntimeError
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 89942409216 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(sample, "sample_video", cpu_oom)
+    rc, _, e = run_main([img, "--ckpt", ck], capsys)
+    assert rc == 1 and e.strip() == ("error: out of memory (DefaultCPUAllocator: can't allocate memory: you tried to "
+                                     "allocate 89942409216 bytes); try --decode-chunk 2, a lower --height/--width, "
+                                     "fewer --frames or --dtype fp16")
     assert [f for f in os.listdir(tmp_path) if f.endswith(".mp4")] == []      # nothing half-written
 
 
@@ -1029,6 +1060,21 @@ def test_errors_checked_before_any_work(tmp_path, img, capsys):
     assert err(["--cond-aug", "-1"]) == "error: bad --cond-aug -1: must be at least 0 (it is a noise level)"
     assert err(["--seed", str(2 ** 64)]) == f"error: bad --seed {2 ** 64}: must be an integer from 0 to 2^64-1"
     assert err(["--seed", "-1"]) == "error: bad --seed -1: must be an integer from 0 to 2^64-1"
+    assert err(["--height", "0"]) == "error: bad --height 0: must be at least 64 (a multiple of 64)"
+    assert err(["--width", "-64"]) == "error: bad --width -64: must be at least 64 (a multiple of 64)"
+    assert err(["--steps", "100000000"]) == "error: bad --steps 100000000: at most 1000 (Euler sampling uses 25-50)"
+    assert err(["--fps", "1e-9"]) == "error: bad --fps 1e-09: must be from 0.001 to 1000"
+    assert err(["--fps", "1e9"]) == "error: bad --fps 1e+09: must be from 0.001 to 1000"
+    assert err(["--fps-id", "-10"]) == "error: bad --fps-id -10: must be at least 0"
+    assert err(["--motion-bucket-id", "-5"]) == "error: bad --motion-bucket-id -5: must be at least 0"
+    assert err(["--fps-id", str(10 ** 20)]) == (f"error: bad --fps-id {10 ** 20}: the video would play at fps-id + 1 = "
+                                               f"{10 ** 20 + 1} fps, over 1000; pass --fps too")
+    for flag in ("--out", "--ckpt", "--frames-dir"):                    # e.g. an unset shell variable
+        assert err([flag, ""]) == f"error: bad {flag} '': an empty path; pass a path or leave the flag out"
+    sub = os.path.join(img, "frames")
+    assert err(["--frames-dir", sub]) == f"error: cannot create --frames-dir {sub}: {img} is a file; pass another --frames-dir"
+    assert err(["--gif", "--fps", "200"]) == ("error: a GIF plays at most 100 fps (its frame delays are in 1/100 s), "
+                                              "not 200; pass --fps 100 or lower, or write only an .mp4")
     for name in ("x.txt", "x"):
         out = str(tmp_path / name)
         ext = "'.txt'" if name == "x.txt" else "'(no extension)'"
@@ -2021,6 +2067,15 @@ def test_plan_printed_before_the_first_step(tmp_path, capsys):
     (["--out", ""], "bad --out '': pass the folder for checkpoints, logs and samples, e.g. --out out/sfv"),
     (["--init", "missing.safetensors"], "--init missing.safetensors: no such file or folder, and not a model.CONFIGS "
                                         "preset (svd, svd_xt, tiny, toy); pass a checkpoint path or a preset name"),
+    (["--batch-size", str(10 ** 20)], f"bad --batch-size {10 ** 20}: must be at most 65536 (per process)"),
+    (["--synthetic-size", str(10 ** 20)], f"bad --synthetic-size {10 ** 20}: must be at most 10000000 (its epoch "
+                                          f"permutation is held in memory)"),
+    (["--disc-levels", str(10 ** 9)], f"bad --disc-levels {10 ** 9}: must be at most 1000000 (the grid is held in memory)"),
+    (["--fps", str(10 ** 20)], f"bad --fps {10 ** 20}: must be at most 1000 (frames per second)"),
+    (["--dist-timeout", str(10 ** 14)], f"bad --dist-timeout {10 ** 14}: must be at most 525600 (minutes: one year)"),
+    (["--rho", "1e-300"], "bad --sigma-min 0.002 / --sigma-max 700 / --rho 1e-300: the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near the defaults (0.002 / 700 / 7)"),
+    (["--sigma-max", "1e300"], "bad --sigma-min 0.002 / --sigma-max 1e+300 / --rho 7: the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near the defaults (0.002 / 700 / 7)"),
+    (["--sigma-min", "1e-300"], "bad --sigma-min 1e-300 / --sigma-max 700 / --rho 7: the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near the defaults (0.002 / 700 / 7)"),
 ])
 def test_train_bad_flags_one_line(tmp_path, flags, msg):
     out = tmp_path / "run"
@@ -2033,6 +2088,12 @@ def test_train_bad_out_folder(tmp_path):
     f.write_text("x")
     assert train_error([*COMMON, "--out", str(f)]) == f"error: --out {f} is a file; pass a folder (it is created if missing)"
     assert train_error([*COMMON, "--out", str(f / "run")]) == f"error: cannot create --out {f / 'run'}: {f} is a file; pass another --out"
+    for name, kind, want in (("log.jsonl", "folder", "file"), ("samples", "file", "folder")):
+        out = tmp_path / f"holds-{kind}"
+        (out / name).mkdir(parents=True) if kind == "folder" else (out.mkdir(), (out / name).write_text("x"))
+        assert train_error([*COMMON, "--out", str(out)]) == (f"error: --out {out} holds a {kind} named {name} where "
+                                                             f"train.py writes a {want}; remove it or pass another --out")
+        assert os.listdir(out) == [name]
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -2106,6 +2167,32 @@ def test_train_resume_bad_state(tmp_path):
         f"torch.load weights_only=True); {fix}")
     assert not os.path.exists("pwned") and not (out / "pwned").exists()
     assert sorted(os.listdir(out)) == ["train_state.pt"]                  # nothing written
+
+
+def test_train_divergence_and_cpu_oom_one_line(tmp_path, monkeypatch):
+    """A NaN loss stops the run before anything of that step is saved; a CPU allocation failure is the out-of-memory
+    line (exit 1). Either way the --out folder made for the run is removed again."""
+    import contextlib
+    import io
+    out = tmp_path / "run"
+    msg = train_error([*COMMON, "--out", str(out), "--max-steps", "2", "--cond-aug", "1e30"])
+    assert re.split(r"[\r\n]", msg)[-1] == (
+        "error: training diverged at step 1 (loss_d nan, not saved); lower --lr-g/--lr-d or check --init, --sigma-max "
+        "and --cond-aug, then --resume or start a new --out")
+    assert not out.exists()
+
+    def cpu_oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 12800000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(train, "memory_plan", cpu_oom)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        train.main([*COMMON, "--out", str(out)])
+    assert e.value.code == 1 and err.getvalue() == (
+        "error: out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 12800000000 bytes); "
+        "try a smaller --batch-size (with a larger --grad-accum), --grad-ckpt, --bf16, --cache, or fewer --frames / a "
+        "smaller --height/--width\n")
+    assert not out.exists()
 
 
 def test_train_cli_error_exit_code_no_traceback(tmp_path):

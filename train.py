@@ -214,6 +214,10 @@ LIMITS = {"max_steps": (1, True, ""), "batch_size": (1, True, ""), "grad_accum":
           "max_memory": (0, True, "GiB; 0: the CUDA device's total memory less 1 GiB")}
 BELOW_ONE = ("beta1", "beta2")                        # [0, 1)
 AT_MOST_ONE = ("ema", "cond_drop")                    # [0, 1]
+# flag -> (highest allowed value, why): sizes held in memory or passed to a library, beyond any real use
+UPPER = {"batch_size": (65536, "per process"), "synthetic_size": (10 ** 7, "its epoch permutation is held in memory"),
+         "gen_levels": (10 ** 6, "the grid is held in memory"), "disc_levels": (10 ** 6, "the grid is held in memory"),
+         "fps": (1000, "frames per second"), "dist_timeout": (525600, "minutes: one year")}
 
 
 def check_args(args):
@@ -229,6 +233,9 @@ def check_args(args):
             raise UserError(f"bad {flag} {v}: must be {'at least' if inclusive else 'greater than'} {low}{note}")
         if name in BELOW_ONE and v >= 1 or name in AT_MOST_ONE and v > 1:
             raise UserError(f"bad {flag} {v}: must be {'below' if name in BELOW_ONE else 'at most'} 1{note}")
+    for name, (high, why) in UPPER.items():
+        if getattr(args, name) > high:
+            raise UserError(f"bad --{name.replace('_', '-')} {getattr(args, name)}: must be at most {high} ({why})")
     if not args.out.strip():
         raise UserError("bad --out '': pass the folder for checkpoints, logs and samples, e.g. --out out/sfv")
     if args.init not in CONFIGS and not os.path.exists(args.init):
@@ -238,6 +245,14 @@ def check_args(args):
         raise UserError(f"bad --seed {args.seed}: must be an integer from 0 to 2^63-1")
     if args.sigma_max <= args.sigma_min:
         raise UserError(f"bad --sigma-max {args.sigma_max:g}: must be greater than --sigma-min {args.sigma_min:g}")
+    try:                                              # the noise grids, in fp32 as training uses them
+        grid = karras_sigmas(max(args.gen_levels, args.disc_levels), args.sigma_min, args.sigma_max, args.rho)
+    except (OverflowError, ZeroDivisionError):
+        grid = torch.tensor([math.inf])
+    if not torch.isfinite(grid.square()).all() or not (grid[:-1] > 0).all():
+        raise UserError(f"bad --sigma-min {args.sigma_min:g} / --sigma-max {args.sigma_max:g} / --rho {args.rho:g}: "
+                        f"the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near "
+                        f"the defaults (0.002 / 700 / 7)")
     for name in ("height", "width"):
         v = getattr(args, name)
         if v % 64:
@@ -1175,6 +1190,7 @@ def peak_memory_gb(device):
 MODEL_ARGS = ("mode", "init", "disc_heads", "head_channels", "cmap_dim", "cond_embed_dim", "disc_tap", "bf16",
               "optimizer", "sm3_variant")          # define the networks or the optimiser state; a resume must keep them
 STATE_KEYS = {"step", "unet", "ema", "opt_g", "rng_torch", "skipped_run"}
+OUT_FILES = ("model.safetensors", "train_state.pt", "log.jsonl", "video_index.json")    # and the folder samples/
 
 
 def resume_mismatch(saved_json, args):
@@ -1189,7 +1205,8 @@ def resume_mismatch(saved_json, args):
 
 
 def prepare_out(args, master):
-    """Check that --out (and --cache) can be written, create --out, remove stale temp files of interrupted writes
+    """Check that --out (and --cache) can be written and holds no folder where a file goes (or the reverse), create
+    --out, remove stale temp files of interrupted writes
     (load_svd.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). -> the folders created now (removed
     again if the start fails)."""
     for flag, path in (("--out", args.out), ("--cache", args.cache)):
@@ -1201,6 +1218,11 @@ def prepare_out(args, master):
         p = os.path.dirname(p)
     if not os.path.isdir(p):
         raise UserError(f"cannot create --out {args.out}: {p} is a file; pass another --out")
+    for name in OUT_FILES + ("samples",):                                 # what train.py writes into --out
+        path, want = os.path.join(args.out, name), "folder" if name == "samples" else "file"
+        if os.path.exists(path) and os.path.isdir(path) != (want == "folder"):
+            raise UserError(f"--out {args.out} holds a {'file' if want == 'folder' else 'folder'} named {name} where "
+                            f"train.py writes a {want}; remove it or pass another --out")
     try:
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):                         # writable, not just present
@@ -1395,43 +1417,51 @@ def train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen):
                                          collate_fn=collate)
     it = iter(loader)
     pbar = tqdm(total=args.max_steps, initial=tr.step_num, disable=not master, dynamic_ncols=True)
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    log = None                                                            # opened at the first line
     skipped_run, t_last, steps_since = tr.skipped_run, time.time(), 0
-    while tr.step_num < args.max_steps:
-        micros = []
-        for _ in range(args.grad_accum):
-            mb = next(it)
-            skipped_run += len(mb["skipped"])
-            if "video" in mb:
-                mb.update(encode_videos(svd, mb["video"], args, mb["keys"], (args.seed, tr.step_num), device))
-            micros.append(mb)
-        tr.skipped_run = skipped_run
-        m = tr.step(micros, log_terms=(tr.step_num + 1) % args.log_every == 0 or tr.step_num + 1 == args.max_steps)
-        step, steps_since = tr.step_num, steps_since + 1
-        if step % args.log_every == 0 or step == args.max_steps:
-            n_skip = torch.tensor([float(skipped_run)], device=device)
-            all_reduce_mean([n_skip], world)
-            if master:
-                rec = {"step": step, **m, "it_s": steps_since / (time.time() - t_last),
-                       "peak_mem_gb": peak_memory_gb(device),
-                       "skipped_videos": len(skipped_scan) + int(round(n_skip.item() * world))}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                pbar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss_g", "loss_d", "recon", "loss") if k in m})
-            t_last, steps_since = time.time(), 0
-        pbar.update(1)
-        try:
-            if master and (step % args.save_every == 0 or step == args.max_steps):
-                tr.save(args.out, *size)
-            if master and sample_cond is not None and step % args.sample_every == 0:
-                save_samples(tr, svd, sample_cond, args, step, dtype_frozen)
-        except OSError as e:                                              # e.g. disk full: the old files stay intact
-            raise UserError(f"cannot write to --out {args.out} at step {step} ({e.strerror or e}); free some space, "
-                            f"then continue with --resume") from None
-        barrier(world)                                                    # others wait here (--dist-timeout)
-    pbar.close()
-    if log:
-        log.close()
+    try:
+        while tr.step_num < args.max_steps:
+            micros = []
+            for _ in range(args.grad_accum):
+                mb = next(it)
+                skipped_run += len(mb["skipped"])
+                if "video" in mb:
+                    mb.update(encode_videos(svd, mb["video"], args, mb["keys"], (args.seed, tr.step_num), device))
+                micros.append(mb)
+            tr.skipped_run = skipped_run
+            m = tr.step(micros, log_terms=(tr.step_num + 1) % args.log_every == 0 or tr.step_num + 1 == args.max_steps)
+            step, steps_since = tr.step_num, steps_since + 1
+            bad = [k for k in sorted(m) if k.startswith("loss") and not math.isfinite(m[k])]
+            if bad:                                         # before any save: the last checkpoint stays a finite one
+                raise UserError(f"training diverged at step {step} ({bad[0]} {m[bad[0]]}, not saved); lower "
+                                f"--lr-g/--lr-d or check --init, --sigma-max and --cond-aug, then --resume or start a "
+                                f"new --out")
+            if step % args.log_every == 0 or step == args.max_steps:
+                n_skip = torch.tensor([float(skipped_run)], device=device)
+                all_reduce_mean([n_skip], world)
+                if master:
+                    rec = {"step": step, **m, "it_s": steps_since / (time.time() - t_last),
+                           "peak_mem_gb": peak_memory_gb(device),
+                           "skipped_videos": len(skipped_scan) + int(round(n_skip.item() * world))}
+                    log = log or open(os.path.join(args.out, "log.jsonl"), "a")
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    pbar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss_g", "loss_d", "recon", "loss") if k in m})
+                t_last, steps_since = time.time(), 0
+            pbar.update(1)
+            try:
+                if master and (step % args.save_every == 0 or step == args.max_steps):
+                    tr.save(args.out, *size)
+                if master and sample_cond is not None and step % args.sample_every == 0:
+                    save_samples(tr, svd, sample_cond, args, step, dtype_frozen)
+            except OSError as e:                                          # e.g. disk full: the old files stay intact
+                raise UserError(f"cannot write to --out {args.out} at step {step} ({e.strerror or e}); free some "
+                                f"space, then continue with --resume") from None
+            barrier(world)                                                    # others wait here (--dist-timeout)
+    finally:                                                              # also on an error: end the bar's line
+        pbar.close()
+        if log:
+            log.close()
 
 
 def run(args):
@@ -1442,18 +1472,19 @@ def run(args):
     master = rank == 0
     created = prepare_out(args, master)
     try:
-        st = read_state(args, master)                                  # refuse a changed model before building it
-        index = probe_data(args, rank, world)
-        svd, source, size = build_model_and_data(args, index, rank, world)
-    except UserError:
-        remove_created(created)
+        return _run(args, rank, world, device)
+    except BaseException:
+        remove_created(created)                                        # the folders made now, if still empty
         raise
-    try:
-        plan = memory_plan(args, svd.cfg, *size, device)
-        note = check_plan(plan, args)
-    except UserError:
-        remove_created(created)
-        raise
+
+
+def _run(args, rank, world, device):
+    master = rank == 0
+    st = read_state(args, master)                                      # refuse a changed model before building it
+    index = probe_data(args, rank, world)
+    svd, source, size = build_model_and_data(args, index, rank, world)
+    plan = memory_plan(args, svd.cfg, *size, device)
+    note = check_plan(plan, args)
     if master:
         print(format_plan(plan, f"{device.type}, {'x'.join(map(str, size))}, batch {args.batch_size}"))
         if note:
@@ -1479,8 +1510,10 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except torch.OutOfMemoryError as e:
-        print(f"error: out of memory ({str(e).strip().splitlines()[0][:100]}); try a smaller --batch-size (with a larger "
+    except (MemoryError, RuntimeError) as e:                           # torch.OutOfMemoryError is a RuntimeError
+        if load_svd.oom_text(e) is None:
+            raise
+        print(f"error: out of memory ({load_svd.oom_text(e)}); try a smaller --batch-size (with a larger "
               f"--grad-accum), --grad-ckpt, --bf16, --cache, or fewer --frames / a smaller --height/--width",
               file=sys.stderr)
         raise SystemExit(1) from None
