@@ -733,6 +733,9 @@ def fit_main():
 
 def simulate_main(args):
     from model import CONFIGS
+    import warnings
+    # torch asks a FakeTensor for its data pointer in one of its own checks and warns about it; nothing here uses it
+    warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
     cfg = CONFIGS["svd"]
     t_start = time.time()
     print(f"Simulated at full SVD size (model.CONFIGS['svd']), batch 1, torch {torch.__version__}: the real code on fake "
