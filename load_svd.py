@@ -84,6 +84,19 @@ def oom_text(e):
     text = re.sub(r"\.?\s*Error code \d+ \(.*\)$", "", text)     # the CPU allocator's errno, said already
     return text[:100] or type(e).__name__
 
+def check_folder(flag, path):
+    """A folder flag: `path` is a folder or can be created as one (its nearest existing parent is a folder).
+    -> the folders that are missing, deepest first. UserError otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; pass a folder (it is created if missing)")
+    missing, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UserError(f"cannot create {flag} {path}: {p} is a file; pass another {flag}")
+    return missing
+
 # -----------------------------------------------------------------------------
 # atomic writes: a temp file in the same folder, then os.replace (never a half-written file under the real name)
 

@@ -336,17 +336,6 @@ def _check_paths(args):
             raise SampleError(f"bad --{name.replace('_', '-')} '': an empty path; pass a path or leave the flag out")
 
 
-def _check_frames_dir(folder):
-    """--frames-dir must be a folder or creatable as one: its nearest existing parent is a folder."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise SampleError(f"--frames-dir {folder} is a file; pass a folder (it is created if missing)")
-    p = os.path.abspath(folder)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise SampleError(f"cannot create --frames-dir {folder}: {p} is a file; pass another --frames-dir")
-
-
 def _check_gif_fps(fps, out, gif):
     if fps > GIF_MAX_FPS and (out.lower().endswith(".gif") or gif):
         raise SampleError(f"a GIF plays at most {GIF_MAX_FPS} fps (its frame delays are in 1/100 s), not {fps:g}; pass "
@@ -411,7 +400,7 @@ def run(args):
             raise SampleError(f"the output {o} is the input image {args.image} (it would be overwritten); pass "
                               f"another --out, e.g. --out {os.path.splitext(args.image)[0]}_sfv.mp4")
     if args.frames_dir:
-        _check_frames_dir(args.frames_dir)
+        load_svd.check_folder("--frames-dir", args.frames_dir)
     if args.fps is not None:
         _check_gif_fps(args.fps, out, args.gif)
 
@@ -480,9 +469,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:                           # torch.OutOfMemoryError is a RuntimeError
-        if load_svd.oom_text(e) is None:
+        text = load_svd.oom_text(e)
+        if text is None:
             raise
-        print(f"error: out of memory ({load_svd.oom_text(e)}); try --decode-chunk 2, a lower --height/--width, "
+        print(f"error: out of memory ({text}); try --decode-chunk 2, a lower --height/--width, "
               f"fewer --frames or --dtype fp16", file=sys.stderr)
         return 1
     return 0

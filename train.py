@@ -1209,15 +1209,9 @@ def prepare_out(args, master):
     --out, remove stale temp files of interrupted writes
     (load_svd.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). -> the folders created now (removed
     again if the start fails)."""
-    for flag, path in (("--out", args.out), ("--cache", args.cache)):
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise UserError(f"{flag} {path} is a file; pass a folder (it is created if missing)")
-    created, p = [], os.path.abspath(args.out)
-    while not os.path.exists(p):
-        created.append(p)
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise UserError(f"cannot create --out {args.out}: {p} is a file; pass another --out")
+    created = load_svd.check_folder("--out", args.out)
+    if args.cache and os.path.exists(args.cache) and not os.path.isdir(args.cache):
+        raise UserError(f"--cache {args.cache} is a file; pass a folder (it is created if missing)")
     for name in OUT_FILES + ("samples",):                                 # what train.py writes into --out
         path, want = os.path.join(args.out, name), "folder" if name == "samples" else "file"
         if os.path.exists(path) and os.path.isdir(path) != (want == "folder"):
@@ -1511,9 +1505,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except (MemoryError, RuntimeError) as e:                           # torch.OutOfMemoryError is a RuntimeError
-        if load_svd.oom_text(e) is None:
+        text = load_svd.oom_text(e)
+        if text is None:
             raise
-        print(f"error: out of memory ({load_svd.oom_text(e)}); try a smaller --batch-size (with a larger "
+        print(f"error: out of memory ({text}); try a smaller --batch-size (with a larger "
               f"--grad-accum), --grad-ckpt, --bf16, --cache, or fewer --frames / a smaller --height/--width",
               file=sys.stderr)
         raise SystemExit(1) from None
