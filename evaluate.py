@@ -123,6 +123,7 @@ def _resample(x, n):
 
 
 APPEARANCE_DIMS, MOTION_DIMS = 32, 32
+STD_FLOOR = 0.01                             # toy_fd: smallest standardising std of a feature
 
 
 @torch.no_grad()
@@ -167,10 +168,12 @@ def video_features(videos, batch=64):
 
 def toy_fd(real_features, fake_features, dims=slice(None)):
     """Frechet distance of toy features, each feature standardised by the REAL set's mean and std (so all 64
-    features weigh the same, in units of the real spread; std floored at 1e-6). dims: a slice of features
-    (e.g. slice(0, 32) appearance only, slice(32, 64) motion only)."""
+    features weigh the same, in units of the real spread). The std is floored at STD_FLOOR (features are in pixel
+    units of [-1, 1] or pixels): a feature that is (nearly) constant on the real clips, e.g. the flicker of a flat
+    background, would otherwise turn an invisible deviation into thousands. dims: a slice of features (e.g.
+    slice(0, 32) appearance only, slice(32, 64) motion only)."""
     r, f = real_features[:, dims], fake_features[:, dims]
-    mu, sd = r.mean(0), r.std(0).clamp(min=1e-6)
+    mu, sd = r.mean(0), r.std(0).clamp(min=STD_FLOOR)
     return fd_from_features((r - mu) / sd, (f - mu) / sd)
 
 # ---- interpretable per-clip metrics: videos (N, T, 3, H, W) in [-1, 1] -> (N,)

@@ -431,6 +431,25 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
 
+    @torch.no_grad()
+    def zero_init_(self):
+        """sgm's init for training from scratch (zero_module): the last conv of every residual branch (spatial and
+        temporal), every transformer's proj_out and the output conv start at zero, so every block starts as the
+        identity and the net's first output is 0. Returns self."""
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                layers = [m.out_layers[-1]]
+            elif isinstance(m, SpatialVideoTransformer):
+                layers = [m.proj_out]
+            else:
+                continue
+            for layer in layers:
+                layer.weight.zero_()
+                layer.bias.zero_()
+        self.out[-1].weight.zero_()
+        self.out[-1].bias.zero_()
+        return self
+
     def _embed(self, x, c_noise, image_embeds, added_time_ids):
         B, T = x.shape[:2]
         cfg = self.cfg
@@ -688,9 +707,11 @@ class TemporalVAE(VAEEncoder):
 
 class LinearPatchLatent(nn.Module):
     """z = proj (patch - patch_mean) for every p x p pixel patch; decode is its pseudo-inverse. proj keeps the top
-    z_channels principal components of the patches, each whitened to unit variance (the role of a VAE's
-    scale_factor): fit() solves the linear autoencoder in closed form (PCA). Unfitted it is pixel_unshuffle by p.
-    Same interface as TemporalVAE (encode, decode); decoder=False gives the encoder only (the cond_encoder)."""
+    z_channels principal components of the patches, each whitened to standard deviation 1 / scale_factor: fit()
+    solves the linear autoencoder in closed form (PCA). As with SVD's VAE, the diffusion latent z * scale_factor then
+    has unit variance while the conditioning latent (z, unscaled) is 1 / scale_factor times larger. Unfitted it is
+    pixel_unshuffle by p. Same interface as TemporalVAE (encode, decode); decoder=False gives the encoder only (the
+    cond_encoder)."""
 
     def __init__(self, cfg: VAEConfig, decoder=True):
         super().__init__()
@@ -720,16 +741,18 @@ class LinearPatchLatent(nn.Module):
 
     @torch.no_grad()
     def fit(self, frames):
-        """PCA of the p x p patches of frames (N, 3, H, W) in [-1, 1]: keep the top z_channels components, whitened."""
+        """PCA of the p x p patches of frames (N, 3, H, W) in [-1, 1]: keep the top z_channels components, each
+        scaled to standard deviation 1 / scale_factor."""
         k, n = self.proj.shape
+        s = self.cfg.scale_factor
         patches = F.pixel_unshuffle(frames.double(), self.p).movedim(1, -1).reshape(-1, n)     # (N h w, 3 p^2)
         mean = patches.mean(0)
         lam, U = torch.linalg.eigh(torch.cov((patches - mean).T))            # ascending eigenvalues
         lam, U = lam.flip(0)[:k].clamp_min(1e-12), U.flip(1)[:, :k]
         self.patch_mean.copy_(mean)
-        self.proj.copy_((U / lam.sqrt()).T)                                  # (z, 3 p^2): whiten
+        self.proj.copy_((U / (s * lam.sqrt())).T)                            # (z, 3 p^2): whiten to std 1/s
         if hasattr(self, "unproj"):
-            self.unproj.copy_(U * lam.sqrt())                                # (3 p^2, z): its pseudo-inverse
+            self.unproj.copy_(U * (s * lam.sqrt()))                          # (3 p^2, z): its pseudo-inverse
 
 # -----------------------------------------------------------------------------
 # OpenCLIP ViT image encoder (open_clip VisionTransformer; SVD's FrozenOpenCLIPImageEmbedder preprocessing)
@@ -957,6 +980,17 @@ def _device_dtype(module):
     return t.device, t.dtype
 
 
+def latent_factor(vae_cfg):
+    """Pixels per latent position along each side: 8 for the KL VAE (2 per extra level), p for the toy latent."""
+    return vae_cfg.linear_patch_size or 2 ** (len(vae_cfg.ch_mult) - 1)
+
+
+def size_multiple(cfg):
+    """Pixel sizes the model accepts are multiples of this: the latent factor times the UNet's downsampling (64 for
+    SVD)."""
+    return latent_factor(cfg.vae) * 2 ** (len(cfg.unet.channel_mult) - 1)
+
+
 class SVD(nn.Module):
     """All of SVD: unet (model.diffusion_model), vae (first_stage_model), cond_encoder
     (conditioner.embedders.3.encoder, makes the conditioning latent), clip (embedders.0 ... visual).
@@ -976,9 +1010,8 @@ class SVD(nn.Module):
 
     def latent_shape(self, T, H, W):
         """Latent video shape (T, z, H/f, W/f) for a T x H x W pixel video (f = 8, or the toy patch size)."""
-        v = self.cfg.vae
-        f = v.linear_patch_size or 2 ** (len(v.ch_mult) - 1)
-        return (T, v.z_channels, H // f, W // f)
+        f = latent_factor(self.cfg.vae)
+        return (T, self.cfg.vae.z_channels, H // f, W // f)
 
     @torch.no_grad()
     def encode_image(self, img):
@@ -1039,14 +1072,16 @@ CONFIGS = {
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2)),
         clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
         num_frames=4, steps=4, height=64, width=64),
-    # the toy reproduction (toy.py): a tiny UNet on the LinearPatchLatent of 64x64 synthetic videos (4x4 patches -> 12
-    # whitened principal components, 35 dB reconstruction), 8 frames; 8 norm groups (4-8 channels each), since with 32
-    # every 32-channel GroupNorm is an InstanceNorm that erases each channel's per-frame level (a frame's mean colour)
+    # the toy reproduction (toy.py): a small UNet on 8-frame 16x16 synthetic videos in pixel space (LinearPatchLatent
+    # with 1x1 patches: the 3 whitened colour components at scale_factor 0.2, so, as in SVD, the conditioning latent
+    # is ~5x the unit-variance diffusion latent); 8 norm groups (4-8 channels each), since with 32 every 32-channel
+    # GroupNorm is an InstanceNorm that erases each channel's per-frame level (a frame's mean colour); guidance up to
+    # 1.5 (2.5 over-saturates the toy's colours)
     "toy": SVDConfig(
-        unet=UNetConfig(in_channels=24, out_channels=12, model_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                        attention_levels=(1, 2), head_dim=16, context_dim=32, addition_time_embed_dim=32,
+        unet=UNetConfig(in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_levels=(2,), head_dim=16, context_dim=32, addition_time_embed_dim=32,
                         num_groups=8),
-        vae=VAEConfig(z_channels=12, linear_patch_size=4, scale_factor=1.0),
+        vae=VAEConfig(z_channels=3, linear_patch_size=1, scale_factor=0.2),
         clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
-        num_frames=8, steps=25, min_cfg=1.0, max_cfg=2.5, fps_id=6, height=64, width=64),
+        num_frames=8, steps=25, min_cfg=1.0, max_cfg=1.5, fps_id=6, height=16, width=16),
 }

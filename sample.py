@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import load_svd
 from load_svd import UserError, atomic_write, pick_device
-from model import CONFIGS
+from model import CONFIGS, size_multiple
 
 MIN_SIDE = 64                                   # smallest accepted input image side (pixels)
 MAX_FRAMES = 128
@@ -425,9 +425,10 @@ def run(args):
               f"are ignored (pass --steps 25 for guided SVD sampling)")
     fps = args.fps if args.fps is not None else d["fps_id"] + 1
     _check_gif_fps(fps, out, args.gif)
-    H, W = snap_size(d["height"], d["width"])
+    m = size_multiple(svd.cfg)
+    H, W = snap_size(d["height"], d["width"], m)
     if (H, W) != (d["height"], d["width"]):
-        print(f"note: {d['height']}x{d['width']} is not a multiple of 64; using {H}x{W} (height x width)")
+        print(f"note: {d['height']}x{d['width']} is not a multiple of {m}; using {H}x{W} (height x width)")
     image = resize_center_crop(image, H, W).clamp(0, 1)
     offload = device.type != "cpu" if args.offload is None else args.offload
 

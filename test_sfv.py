@@ -1296,6 +1296,58 @@ def test_sigma_samplers_match_targets():
     assert train.sample_disc_sigma(20000, g, p_mean=0.5).log().median().item() == pytest.approx(0.5, abs=0.05)
 
 
+def test_diffusion_sigma_draws_and_high_sigma_fraction():
+    """diffusion mode: log sigma ~ N(train_p_mean, train_p_std^2); --high-sigma-frac f replaces a fraction f of the
+    draws by log-uniform ones in [2, sigma_max]."""
+    from types import SimpleNamespace
+
+    def draws(*flags):
+        tr = SimpleNamespace(args=train.parse_args(["--mode", "diffusion", *flags]), device=torch.device("cpu"))
+        return train.Trainer.noise(tr, 0, list(range(4000)), (1,))["s_g"]
+    log_s = draws().log()
+    assert log_s.mean().item() == pytest.approx(0.7, abs=0.08) and log_s.std().item() == pytest.approx(1.6, abs=0.06)
+    s = draws("--high-sigma-frac", "0.5")
+    above = (s > 20).float().mean().item()
+    lo, hi = math.log(2), math.log(700)
+    expected = 0.5 * (hi - math.log(20)) / (hi - lo) + 0.5 * (1 - 0.5 * (1 + math.erf((math.log(20) - 0.7) / (1.6 * 2 ** 0.5))))
+    assert above == pytest.approx(expected, abs=0.03)
+
+
+def test_learning_rate_warmup_and_cosine_decay():
+    from types import SimpleNamespace
+
+    def lrs(*flags):
+        a = train.parse_args(["--max-steps", "100", *flags])
+        return [train.Trainer.lr(SimpleNamespace(args=a, step_num=k), 1.0) for k in range(100)]
+    assert lrs() == [1.0] * 100                                             # default: constant
+    w = lrs("--warmup", "10", "--lr-final", "0.1")
+    assert w[:10] == pytest.approx([(k + 1) / 10 for k in range(10)])      # linear warm-up
+    assert w[99] == pytest.approx(0.1) and w[54] == pytest.approx(0.55, abs=0.01)   # cosine: half way at the middle
+    assert all(a >= b for a, b in zip(w[10:], w[11:]))                      # decreasing after the warm-up
+    # --lr-decay-steps: the same schedule when a run is split into --resume'd pieces with growing --max-steps
+    part = [train.Trainer.lr(SimpleNamespace(args=train.parse_args(["--max-steps", "40", "--warmup", "10",
+                                                                    "--lr-final", "0.1", "--lr-decay-steps", "100"]),
+                                             step_num=k), 1.0) for k in range(40)]
+    assert part == pytest.approx(w[:40])
+
+
+def test_zero_init_makes_blocks_identities():
+    """sgm's zero_module init for training from scratch: the UNet's output is 0, and every residual branch is zero,
+    so the encoder features equal those of conv_in passed through the skip connections only."""
+    unet = model.UNet(CONFIGS["toy"].unet).zero_init_()
+    x = torch.randn(2, 8, 6, 16, 16)
+    args = (x, torch.rand(2), torch.randn(2, 32), torch.randn(2, 3))
+    assert torch.equal(unet(*args), torch.zeros(2, 8, 3, 16, 16))
+    for m in unet.modules():
+        if isinstance(m, model.ResBlock):
+            assert not m.out_layers[-1].weight.any()
+    feats = unet.encode_levels(*args)
+    h0 = unet.input_blocks[0][0](x.flatten(0, 1))                          # conv_in
+    assert torch.allclose(feats[0].flatten(0, 1), h0, atol=1e-6)          # level 0: identity blocks
+    # training from a preset in diffusion mode starts there; a fresh SVD does not (parity tests load weights)
+    assert model.UNet(CONFIGS["toy"].unet).out[-1].weight.any()
+
+
 def test_losses():
     x = torch.zeros(2, 3)
     y = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
@@ -1669,6 +1721,39 @@ def test_synthetic_videos():
     assert torch.equal(v, train.SyntheticVideos(50, 8, 64, 3)[5])          # a pure function of (seed, index)
     assert not torch.equal(v, ds[6]) and not torch.equal(v, train.SyntheticVideos(50, 8, 64, 4)[5])
     assert (v[1:] - v[:-1]).abs().amax(dim=(1, 2, 3)).min() > 0.1       # things move in every frame
+
+
+def _shape_centre(frame, background):
+    """Centre (x, y) in pixels of the shape in frame (3, S, S): weighted by |frame - background|, i.e. by the
+    anti-aliased coverage, whose centroid is the shape's position."""
+    w = (frame - background.view(3, 1, 1)).abs().sum(0)
+    yy, xx = torch.meshgrid(torch.arange(frame.shape[1]) + 0.5, torch.arange(frame.shape[2]) + 0.5, indexing="ij")
+    return torch.stack([(w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()])
+
+
+def test_synthetic_videos_simple_and_static():
+    """simple: one shape over a flat background, moving at a random speed in [0.04, 0.08] x size px per frame in a
+    random direction (so the first frame does not tell where it goes); static: the same scenes without motion."""
+    S = 32
+    simple = train.SyntheticVideos(200, 8, S, seed=1, style="simple")
+    static = train.SyntheticVideos(200, 8, S, seed=1, style="static")
+    angles, steps = [], []
+    for i in range(40):
+        v, st = simple[i], static[i]
+        assert v.shape == st.shape == (8, 3, S, S) and v.min() >= -1 and v.max() <= 1
+        assert torch.equal(v[0], st[0])                                     # same scene, same first frame
+        assert all(torch.equal(st[t], st[0]) for t in range(8))             # static: every frame is the first
+        bg = v[0].flatten(1).median(1).values                               # flat background: most pixels
+        assert ((v[0] - bg.view(3, 1, 1)).abs().amax(0) < 1e-6).float().mean() > 0.6
+        c0, c1 = _shape_centre(v[0], bg), _shape_centre(v[1], bg)
+        step = (c1 - c0).norm().item()
+        if 0.3 * S < c0.min() and c0.max() < 0.7 * S:                        # far from a border: no bounce yet
+            steps.append(step)
+            assert simple.speed[0] * S - 0.05 < step < simple.speed[1] * S + 0.05, step
+        angles.append(math.atan2(*(c1 - c0).flip(0).tolist()))
+    quadrants = {int((a + math.pi) // (math.pi / 2)) % 4 for a in angles}
+    assert quadrants == {0, 1, 2, 3}                                        # every direction occurs
+    assert np.std(steps) > 0.15 * S * (simple.speed[1] - simple.speed[0])   # and a range of speeds
 
 
 def write_test_video(path, n, fps, size=(80, 96)):
@@ -2320,6 +2405,19 @@ def test_metrics_sanity():
     assert h.shape == (8, 64) and torch.allclose(h.sum(1), torch.ones(8))
 
 
+def test_toy_fd_floors_the_standardising_std():
+    """A feature constant on the real clips (e.g. the flicker of a flat background) counts a deviation in units of
+    E.STD_FLOOR, not of its ~0 std: a 0.001 shift costs 0.01, a 0.1 shift 100."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 4, generator=g, dtype=torch.float64)
+    real[:, 3] = 0.0003
+    fake = real.clone()
+    fake[:, 3] += 0.001
+    assert E.toy_fd(real, fake) == pytest.approx((0.001 / E.STD_FLOOR) ** 2, rel=1e-6)
+    fake[:, 3] += 0.099
+    assert E.toy_fd(real, fake) == pytest.approx((0.1 / E.STD_FLOOR) ** 2, rel=1e-6)
+
+
 def test_toy_features_see_appearance_and_motion():
     """Two independent real sets are close; first-frame copies (SF-V without temporal heads' failure), shuffled
     frames and blurred frames are far."""
@@ -2438,19 +2536,30 @@ def test_toy_linear_latent():
     z = plain.encode(x)[0]
     assert torch.equal(z, torch.nn.functional.pixel_unshuffle(x, 4))
     assert torch.equal(plain.decode(z.reshape(2, 3, 48, 4, 6)).flatten(0, 1), x)
+    # 4x4 patches, 12 of 48 components: lossy but close; whitened to std 1 / scale_factor
+    for sf in (1.0, 0.25):
+        lat = LinearPatchLatent(VAEConfig(z_channels=12, linear_patch_size=4, scale_factor=sf))
+        fit = torch.cat([train.SyntheticVideos(64, 8, 64, 0).video(i) for i in range(32)])
+        lat.fit(fit)
+        z = lat.encode(fit)[0]                                               # (N, 12, 16, 16)
+        assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(12), atol=1e-4 / sf)
+        assert torch.allclose(z.var(dim=(0, 2, 3)) * sf ** 2, torch.ones(12), atol=2e-3)
+        held = torch.stack([train.SyntheticVideos(4, 8, 64, 99).video(i) for i in range(4)])     # (4, 8, 3, 64, 64)
+        rec = lat.decode(lat.encode(held.flatten(0, 1))[0].reshape(4, 8, 12, 16, 16) * sf)
+        psnr = 10 * torch.log10(4 / (rec - held).square().mean()).item()
+        assert 30 < psnr < 60, psnr
+    # the toy config: pixel space (1x1 patches, 3 colour components): lossless; the diffusion latent z * scale_factor
+    # has unit variance, the conditioning latent z is 1 / scale_factor times larger (as SVD's)
     cfg = CONFIGS["toy"]
     svd = SVD(cfg)
-    fit = torch.cat([train.SyntheticVideos(64, 8, 64, 0).video(i) for i in range(32)])
+    fit = torch.cat([train.SyntheticVideos(64, 8, 16, 0, style="simple").video(i) for i in range(32)])
     svd.fit_linear_latent(fit)
-    z = svd.vae.encode(fit)[0]                                               # (N, 12, 16, 16)
-    assert z.shape[1] == cfg.vae.z_channels == cfg.unet.out_channels == 12
-    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(12), atol=1e-4)  # whitened on the fit data
-    assert torch.allclose(z.var(dim=(0, 2, 3)), torch.ones(12), atol=2e-3)
+    z = svd.vae.encode(fit)[0]                                               # (N, 3, 16, 16)
+    assert z.shape[1] == cfg.vae.z_channels == cfg.unet.out_channels == 3 and cfg.unet.in_channels == 6
+    assert torch.allclose((z * cfg.vae.scale_factor).var(dim=(0, 2, 3)), torch.ones(3), atol=2e-3)
     assert torch.equal(svd.cond_encoder.encode(fit[:4])[0], svd.vae.encode(fit[:4])[0])   # one encoder, as in SVD
-    held = torch.stack([train.SyntheticVideos(4, 8, 64, 99).video(i) for i in range(4)])     # (4, 8, 3, 64, 64)
-    rec = svd.vae.decode(svd.vae.encode(held.flatten(0, 1))[0].reshape(4, 8, 12, 16, 16))
-    psnr = 10 * torch.log10(4 / (rec - held).square().mean()).item()
-    assert 30 < psnr < 60, psnr                                              # lossy (12 of 48), but close
+    rec = svd.vae.decode((z * cfg.vae.scale_factor).reshape(32, 8, 3, 16, 16))
+    assert torch.allclose(rec, fit.reshape(32, 8, 3, 16, 16), atol=1e-5)
 
 
 def test_toy_latent_fitted_by_train_and_kept_in_bundle(tmp_path):
@@ -2458,37 +2567,45 @@ def test_toy_latent_fitted_by_train_and_kept_in_bundle(tmp_path):
     from model import SVD, CONFIGS
     out = tmp_path / "t"
     train.main(["--data", "synthetic", "--init", "toy", "--mode", "diffusion", "--max-steps", "1", "--batch-size", "1",
-                "--workers", "0", "--sample-every", "0", "--no-grad-ckpt", "--out", str(out), "--synthetic-size", "64"])
+                "--workers", "0", "--sample-every", "0", "--no-grad-ckpt", "--out", str(out), "--synthetic-size", "64",
+                "--synthetic-style", "simple"])
     svd = load_svd.load(str(out / "model.safetensors"))
     ref = SVD(CONFIGS["toy"])
-    ref.fit_linear_latent(torch.cat([train.SyntheticVideos(64, 8, 64, 0).video(i) for i in range(64)]))
+    ref.fit_linear_latent(torch.cat([train.SyntheticVideos(64, 8, 16, 0, style="simple").video(i) for i in range(64)]))
     for name, buf in ref.vae.named_buffers():
         assert torch.allclose(dict(svd.vae.named_buffers())[name], buf), name
-    assert not torch.equal(svd.vae.proj, torch.eye(48)[:12])
+    assert not torch.equal(svd.vae.proj, torch.eye(3))
 
-def test_bundled_toy_model_loads_and_samples():
-    """assets/toy_sfv.safetensors (written with the older config name space_to_depth) loads as the LinearPatchLatent
-    toy and samples a plausible clip in one step."""
+def test_bundled_toy_models_load_and_sample():
+    """assets/toy_sfv.safetensors (sample.py's fallback: 1 step) and assets/toy_teacher.safetensors (25 steps + CFG),
+    fp16 files, load as the pixel-space toy and sample from assets/example.png a clip that starts from the image
+    and moves."""
     from model import LinearPatchLatent, SVDConfig
-    svd = load_svd.load(os.path.join(HERE, "assets", "toy_sfv.safetensors"))
-    assert isinstance(svd.vae, LinearPatchLatent) and isinstance(svd.cond_encoder, LinearPatchLatent)
-    assert svd.cfg.vae.linear_patch_size == 4 and svd.cfg.steps == 1 and svd.cfg.num_frames == 8
-    old = svd.cfg.to_dict()
+    img = sample.read_image(os.path.join(HERE, "assets", "example.png"))     # a held-out first frame, shown 4x
+    assert img.shape == (3, 64, 64)
+    for name, steps, evals in (("toy_sfv", 1, 1), ("toy_teacher", 25, 50)):
+        path = os.path.join(HERE, "assets", f"{name}.safetensors")
+        assert os.path.getsize(path) < 8e6
+        svd = load_svd.load(path)
+        assert isinstance(svd.vae, LinearPatchLatent) and isinstance(svd.cond_encoder, LinearPatchLatent)
+        c = svd.cfg
+        assert c.vae.linear_patch_size == 1 and c.steps == steps and (c.num_frames, c.height, c.width) == (8, 16, 16)
+        small = sample.resize_center_crop(img, c.height, c.width).clamp(0, 1)
+        video, st = sample.sample_video(svd, small, seed=0)
+        assert video.shape == (8, 3, 16, 16) and st["unet_evals"] == evals
+        psnr = 10 * torch.log10(1 / (video[0] - small).square().mean()).item()
+        assert psnr > 25, (name, psnr)                                        # frame 0 follows the image
+        assert (video[1:] - video[:-1]).abs().mean() > 5e-3, name            # and the clip moves
+    old = svd.cfg.to_dict()                                                   # bundles of the older config name load
     old["vae"]["space_to_depth"] = old["vae"].pop("linear_patch_size")
     assert SVDConfig.from_dict(old) == svd.cfg
-    img = sample.read_image(os.path.join(HERE, "assets", "example.png"))
-    video, st = sample.sample_video(svd, img, seed=0)
-    assert video.shape == (8, 3, 64, 64) and st["unet_evals"] == 1
-    psnr = 10 * torch.log10(1 / (video[0] - img).square().mean()).item()    # frame 0 follows the image
-    assert psnr > 15, psnr
-    assert (video[1:] - video[:-1]).abs().mean() > 1e-3                     # and the clip moves
 
 
 # -----------------------------------------------------------------------------
 # toy pipeline smoke run (CI): every stage for a few steps, then the table
 
 
-def test_toy_smoke(tmp_path):
+def test_toy_smoke(tmp_path, capsys):
     import toy
     rows = toy.main(["--smoke", "--out", str(tmp_path / "toy")])
     names = [r["name"] for r in rows]
@@ -2496,15 +2613,27 @@ def test_toy_smoke(tmp_path):
     for r in rows[1:]:
         for k in ("fd", "fd_app", "fd_motion", "psnr0", "motion", "warp", "drift", "s_clip"):
             assert math.isfinite(r[k]), (r["name"], k)
-    for r in rows:                                                   # bootstrap interval around the point estimate
+    for r in rows:                                                   # bootstrap spread of the FD
         lo, hi = r["fd_ci"]
-        assert lo <= hi and lo <= r["fd"] * 1.5 + 1e-9, (r["row"], lo, r["fd"], hi)
+        assert lo <= hi and r["fd_se"] > 0 and math.isfinite(r["fd_se"]), (r["row"], lo, r["fd"], hi)
     table = (tmp_path / "toy" / "table.md").read_text()
     for name in names:
         assert f"| {name} |" in table
-    assert "python toy.py --smoke" in table
-    png = (tmp_path / "toy" / "compare.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "python toy.py --smoke" in table and " ± " in table
+    results = json.loads((tmp_path / "toy" / "results.json").read_text())
+    assert [c["step"] for c in results["curve"]] == list(toy.SMOKE["curve"])          # the teacher's learning curve
+    assert all(math.isfinite(c["fd_1"]) and math.isfinite(c["fd_25"]) for c in results["curve"])
+    c = CONFIGS["toy"]
+    png = sample.read_image(str(tmp_path / "toy" / "compare.png"))      # rows: real + 5 models; columns: frames
+    assert png.shape == (3, 6 * (toy.PIC_SCALE * c.height + 2) - 2, c.num_frames * (toy.PIC_SCALE * c.width + 2) - 2)
+    with av.open(str(tmp_path / "toy" / "compare.gif")) as g:
+        assert sum(1 for _ in g.decode(video=0)) == c.num_frames
     for stage in ("teacher", "sfv_both", "sfv_spatial", "sfv_temporal"):
         assert (tmp_path / "toy" / stage / "model.safetensors").exists()
+    # --resume keeps the finished stages (no training) and reproduces the table
+    capsys.readouterr()
+    again = toy.main(["--smoke", "--resume", "--out", str(tmp_path / "toy")])
+    out = capsys.readouterr().out
+    assert out.count("reusing ") == len(toy.SMOKE["curve"]) + 3 and "python train.py" not in out
+    assert [r["fd"] for r in again] == pytest.approx([r["fd"] for r in rows], rel=1e-9)
     assert not (tmp_path / "toy" / "assets").exists()                # --smoke never touches the assets

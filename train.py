@@ -64,7 +64,7 @@ from tqdm import tqdm
 import load_svd
 from load_svd import UserError, atomic_write
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
-from model import CONFIGS, SVD, added_time_ids, denoise, karras_sigmas, sample_latents
+from model import CONFIGS, SVD, added_time_ids, denoise, karras_sigmas, latent_factor, sample_latents
 from sample import VIDEO_EXTS, read_video, resize_center_crop, write_video
 
 # -----------------------------------------------------------------------------
@@ -94,6 +94,9 @@ DEFAULTS = [
     ("motion_bucket_id", 127, "vector conditioning (constant; SVD's default)"),
     ("cond_aug", 0.02, "noise std added to the conditioning frame (also the vector conditioning value)"),
     ("synthetic_size", 100000, "number of distinct synthetic videos"),
+    ("synthetic_style", "textured", "textured: 1-3 shapes with random velocities over a textured background | simple: "
+                                    "one shape moving in a random direction at a random speed over a flat background (the toy) | "
+                                    "static: simple without motion (a sanity test)"),
     ("cache", "", "dir of pre-encoded latents/CLIP embeddings (built on first use; VAE/CLIP then stay off the GPU). "
                   "The cache fixes one clip and one cond-aug noise draw per video"),
     ("workers", 2, "DataLoader worker processes (0: load in the main process)"),
@@ -110,6 +113,10 @@ DEFAULTS = [
                              "set to the new maxima (early steps up to 1/sqrt(1-beta2) ~ 32x smaller than plain)"),
     ("weight_decay", 0.0, "decoupled weight decay"),
     ("warmup", 0, "linear learning-rate warm-up steps"),
+    ("lr_final", 1.0, "learning rate at the end of the decay as a fraction of the base one, reached by a cosine "
+                      "decay after the warm-up (1: constant)"),
+    ("lr_decay_steps", 0, "step at which the cosine decay ends (0: --max-steps; set it to train one schedule in "
+                          "several --resume'd runs with growing --max-steps)"),
     ("grad_clip", 1.0, "clip the global gradient norm (0: off)"),
     ("ema", 0.95, "EMA decay of the generator; the EMA is saved and used for sampling"),
     # SF-V objective
@@ -138,6 +145,8 @@ DEFAULTS = [
     # diffusion mode
     ("train_p_mean", 0.7, "diffusion mode: lognormal mean of log sigma (SVD's video fine-tuning shift, inferred)"),
     ("train_p_std", 1.6, "diffusion mode: lognormal std of log sigma"),
+    ("high_sigma_frac", 0.0, "diffusion mode: fraction of the noise draws taken log-uniform in [2, --sigma-max] "
+                             "instead (the sampler's first steps start at sigma_max, which the lognormal rarely draws)"),
     ("cond_drop", 0.1, "diffusion mode: probability of zeroing the image embedding and cond latent (for CFG)"),
     # multi-process
     ("dist_timeout", 120, "process-group timeout in minutes: how long ranks wait in a collective while rank 0 alone "
@@ -181,7 +190,7 @@ DEFAULTS = [
 ]
 
 
-CHOICES = {"mode": ("sfv", "diffusion"), "optimizer": ("sm3", "adamw"), "sm3_variant": ("plain", "debiased"),
+CHOICES = {"mode": ("sfv", "diffusion"), "synthetic_style": ("textured", "simple", "static"), "optimizer": ("sm3", "adamw"), "sm3_variant": ("plain", "debiased"),
            "r1": ("exact", "fd", "off"), "huber_form": ("norm", "mean"), "disc_heads": ("both", "spatial", "temporal"),
            "disc_tap": ("after", "before"), "ema_device": ("cpu", "same"), "optim_state_dtype": ("fp32", "bf16")}
 
@@ -208,12 +217,14 @@ LIMITS = {"max_steps": (1, True, ""), "batch_size": (1, True, ""), "grad_accum":
           "disc_levels": (2, True, ""), "r1_gamma": (0, True, ""), "r1_fd_eps": (0, False, ""),
           "recon_weight": (0, True, ""), "huber_c": (0, True, ""), "head_channels": (1, True, ""),
           "cmap_dim": (1, True, ""), "cond_embed_dim": (1, True, ""), "train_p_std": (0, True, ""),
-          "cond_drop": (0, True, "a probability"), "dist_timeout": (1, True, "minutes"), "log_every": (1, True, ""),
+          "cond_drop": (0, True, "a probability"), "lr_final": (0, True, "a fraction of the base rate"),
+          "lr_decay_steps": (0, True, "0: --max-steps"),
+          "high_sigma_frac": (0, True, "a probability"), "dist_timeout": (1, True, "minutes"), "log_every": (1, True, ""),
           "save_every": (1, True, ""), "sample_every": (0, True, "0: never"), "num_samples": (1, True, ""),
           "sample_steps": (1, True, ""), "sample_decode_chunk": (1, True, ""),
           "max_memory": (0, True, "GiB; 0: the CUDA device's total memory less 1 GiB")}
 BELOW_ONE = ("beta1", "beta2")                        # [0, 1)
-AT_MOST_ONE = ("ema", "cond_drop")                    # [0, 1]
+AT_MOST_ONE = ("ema", "cond_drop", "lr_final", "high_sigma_frac")   # [0, 1]
 # flag -> (highest allowed value, why): sizes held in memory or passed to a library, beyond any real use
 UPPER = {"batch_size": (65536, "per process"), "synthetic_size": (10 ** 7, "its epoch permutation is held in memory"),
          "gen_levels": (10 ** 6, "the grid is held in memory"), "disc_levels": (10 ** 6, "the grid is held in memory"),
@@ -445,30 +456,50 @@ def sample_seed(*keys):
 
 
 class SyntheticVideos:
-    """Toy videos: 1-3 coloured discs/squares moving with random velocities and bouncing off the borders over a
-    smooth random textured background. Video i is a pure function of (seed, i). The first frame does not determine
-    the motion (velocities are random), so image-to-video is ambiguous, like real data.
-    video(i) -> (T, 3, size, size) float in [-1, 1]."""
+    """Toy videos, video i a pure function of (seed, i); video(i) -> (T, 3, size, size) float in [-1, 1]. The first
+    frame does not determine the motion (random velocities), so image-to-video is ambiguous, like real data.
+    style textured: 1-3 coloured discs/squares with random velocities over a smooth random textured background;
+    simple: one disc or square of a colour that stands out, moving in a uniformly random direction at a random speed
+    (uniform in speed x size pixels per frame) over a flat background; static: simple without motion (every frame equals the
+    first: the sanity test of a conditioning path). Shapes bounce off the borders."""
 
-    def __init__(self, n=100000, frames=8, size=64, seed=0, max_shapes=3):
+    def __init__(self, n=100000, frames=8, size=64, seed=0, max_shapes=3, style="textured", speed=(0.04, 0.08)):
         self.n, self.frames, self.size, self.seed, self.max_shapes = n, frames, size, seed, max_shapes
+        self.style, self.speed = style, speed
 
     def __len__(self):
         return self.n
 
+    def scene(self, rng):
+        """-> background (3, S, S), shapes [(kind 0 disc | 1 square, radius, position (2,), velocity (2,), colour)]."""
+        S = self.size
+        if self.style == "textured":
+            tex = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 5, 5))).float()
+            bg = torch.from_numpy(rng.uniform(-0.6, 0.6, (3, 1, 1))).float() + 0.35 * F.interpolate(tex, (S, S), mode="bicubic", align_corners=True)[0]
+            shapes = []
+            for _ in range(rng.integers(1, self.max_shapes + 1)):
+                r = rng.uniform(0.08, 0.18) * S
+                pos = rng.uniform(r, S - r, 2)
+                vel = rng.uniform(-0.06, 0.06, 2) * S                     # pixels per frame
+                col = torch.from_numpy(rng.uniform(-1, 1, (3, 1, 1))).float()
+                shapes.append((rng.integers(2), r, pos, vel, col))
+            return bg, shapes
+        bg_col = rng.uniform(-0.7, 0.7, 3)
+        col = rng.uniform(-1, 1, 3)
+        while np.abs(col - bg_col).max() < 0.8:                           # visible against the background
+            col = rng.uniform(-1, 1, 3)
+        r = rng.uniform(0.16, 0.24) * S
+        pos = rng.uniform(r, S - r, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        speed = rng.uniform(*self.speed) * S * (self.style != "static")        # static: the same scene, unmoving
+        vel = speed * np.array([np.cos(angle), np.sin(angle)])
+        bg = torch.from_numpy(bg_col).float().view(3, 1, 1).expand(3, S, S)
+        return bg, [(rng.integers(2), r, pos, vel, torch.from_numpy(col).float().view(3, 1, 1))]
+
     def video(self, i):
-        rng = np.random.default_rng([self.seed, i])
         S, T = self.size, self.frames
-        tex = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 5, 5))).float()
-        bg = torch.from_numpy(rng.uniform(-0.6, 0.6, (3, 1, 1))).float() + 0.35 * F.interpolate(tex, (S, S), mode="bicubic", align_corners=True)[0]
+        bg, shapes = self.scene(np.random.default_rng([self.seed, i]))
         yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
-        shapes = []
-        for _ in range(rng.integers(1, self.max_shapes + 1)):
-            r = rng.uniform(0.08, 0.18) * S
-            pos = rng.uniform(r, S - r, 2)
-            vel = rng.uniform(-0.06, 0.06, 2) * S                         # pixels per frame
-            col = torch.from_numpy(rng.uniform(-1, 1, (3, 1, 1))).float()
-            shapes.append((rng.integers(2), r, pos, vel, col))
         frames = []
         for _ in range(T):
             img = bg.clone()
@@ -778,7 +809,9 @@ class Trainer:
                 out["s_g"].append(sample_generator_sigma(1, g, a.gen_levels, a.sigma_min, a.sigma_max, a.rho))
                 out["s_d"].append(sample_disc_sigma(1, g, a.p_mean, a.p_std, a.disc_levels, a.sigma_min, a.sigma_max, a.rho))
             else:
-                out["s_g"].append((a.train_p_mean + a.train_p_std * torch.randn(1, generator=g)).exp())
+                log_s = a.train_p_mean + a.train_p_std * torch.randn(1, generator=g)
+                high = math.log(2.0) + (math.log(a.sigma_max) - math.log(2.0)) * torch.rand(1, generator=g)
+                out["s_g"].append(torch.where(torch.rand(1, generator=g) < a.high_sigma_frac, high, log_s).exp())
                 out["drop"].append((torch.rand(1, generator=g) < a.cond_drop).float())
             out["eps"].append(torch.randn(shape, generator=g))
             if a.mode == "sfv":
@@ -861,8 +894,12 @@ class Trainer:
         return {k: v.sqrt().item() for k, v in sq.items()}
 
     def lr(self, base):
-        w = self.args.warmup
-        return base * min(1.0, (self.step_num + 1) / w) if w > 0 else base
+        """Linear warm-up over --warmup steps, then a cosine decay to lr_final * base at --lr-decay-steps."""
+        a, t = self.args, self.step_num + 1
+        if t <= a.warmup:
+            return base * t / a.warmup
+        u = min(1.0, (t - a.warmup) / max(1, (a.lr_decay_steps or a.max_steps) - a.warmup))
+        return base * (a.lr_final + (1 - a.lr_final) * 0.5 * (1 + math.cos(math.pi * u)))
 
     def inputs(self, mb):
         """A micro-batch's latents (B,T,4,h,w) fp32, cond (B,4,h,w), image_embeds (B,D), added_time_ids (B,3)."""
@@ -1013,8 +1050,8 @@ def write_text(path, text):
     atomic_write(path, write)
 
 
-def write_json(path, obj):
-    write_text(path, json.dumps(obj))
+def write_json(path, obj, indent=None):
+    write_text(path, json.dumps(obj, indent=indent))
 
 
 def move_frozen(svd, device, dtype):
@@ -1089,7 +1126,7 @@ def memory_plan(args, cfg, T, H, W, device):
         G = UNet(cfg.unet)
         D = Discriminator(G, args.disc_heads, args.head_channels, args.cmap_dim, args.cond_embed_dim,
                           args.disc_tap) if sfv else None
-    h, w = H // 8, W // 8
+    h, w = H // latent_factor(cfg.vae), W // latent_factor(cfg.vae)
     with_grad = _grad_params(cfg.unet, T, h, w)
     named = list(G.named_parameters())
     fp32 = 4
@@ -1307,7 +1344,7 @@ def build_model_and_data(args, index, rank, world):
         if H != W:
             raise UserError(f"--data synthetic makes square videos, but the training size is {H}x{W}; pass equal "
                             f"--height and --width")
-        source = SyntheticVideos(args.synthetic_size, T, H, args.seed)
+        source = SyntheticVideos(args.synthetic_size, T, H, args.seed, style=args.synthetic_style)
     else:
         source = VideoFolder(args.data, T, args.fps, H, W, index)
         barrier(world)                                            # every rank has read the old index file
@@ -1315,6 +1352,8 @@ def build_model_and_data(args, index, rank, world):
             write_json(os.path.join(args.out, "video_index.json"), source.index)
     if svd is None:
         svd = SVD(cfg)
+        if args.mode == "diffusion":
+            svd.unet.zero_init_()                          # training from scratch: sgm's zero-initialised branches
     return svd, source, (T, H, W)
 
 
