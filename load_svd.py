@@ -557,13 +557,19 @@ def save(svd: SVD, path, extra_metadata=None):
 # finding a checkpoint: --ckpt > $SFV_CKPT > checkpoints/ > the bundled toy model
 
 
-def is_bundle(path):
-    """True if path is one of our SF-V bundles (a safetensors file with our format tag in its metadata)."""
+def bundle_metadata(path):
+    """The metadata of a safetensors file (a bundle's config, format tag, training step), without reading tensors;
+    {} if it has none or is not a readable safetensors file."""
     try:
         with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == BUNDLE_FORMAT
+            return f.metadata() or {}
     except Exception:
-        return False
+        return {}
+
+
+def is_bundle(path):
+    """True if path is one of our SF-V bundles (a safetensors file with our format tag in its metadata)."""
+    return bundle_metadata(path).get("format") == BUNDLE_FORMAT
 
 
 def candidates(folder):

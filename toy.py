@@ -2,12 +2,12 @@
 The whole SF-V story at toy scale on a laptop CPU: train an SVD-style teacher on synthetic videos, distil it into a
 one-step generator with the real SF-V trainer, then measure the paper's Table 1 / Table 2 rows.
 
-    python toy.py                  # full run (~50 min on 2 CPU cores): out/toy/{table.md,compare.png,compare.gif}, assets/
+    python toy.py                  # full run (~50 min on a 2-core CPU): out/toy/{table.md,compare.png,compare.gif}, assets/
     python toy.py --resume         # continue an interrupted full run: finished stages are kept, the rest resumes
     python toy.py --ladder         # the sanity ladder (static videos, then 8 moving clips overfitted): out/toy_ladder/
     python toy.py --smoke          # a few steps of every stage (CI, < 2 min), into out/toy_smoke, assets untouched
 
-The task (train.SyntheticVideos, style "simple"): 8 frames of 16x16, one disc or square moving at a fixed speed in a
+The task (train.SyntheticVideos, style "simple"): 8 frames of 16x16, one disc or square moving at a random speed in a
 uniformly random direction over a flat background. The first frame does not say where the shape goes, so the
 one-step teacher (the conditional mean) is a blurred smear of all directions, while a good sampler picks one sharp
 future: the gap SF-V closes in one step. The model (model.CONFIGS["toy"]) works in pixel space: its latent is the 3
@@ -19,7 +19,7 @@ Stages (each is `python train.py ...` called in-process, the same code path as f
   2. SF-V:    --mode sfv --init <teacher bundle>, discriminator with both head types, and the two Table 2 ablations
      (--disc-heads spatial: no temporal heads; --disc-heads temporal: no spatial heads)
   3. evaluation on held-out clips (another dataset seed), every row conditioned on the same first frames with the same
-     noise, sampled with SVD.condition and SVD.sample (model.py); metrics from evaluate.py with bootstrap intervals.
+     noise, sampled with SVD.condition and SVD.sample (model.py); metrics from evaluate.py with bootstrap standard errors.
      The reference row compares a second, independent set of real clips (the noise floor).
 Outputs: <out>/table.md, results.json, compare.png and compare.gif (rows: real, teacher 25 steps, teacher 1 step,
 SF-V 1 step, SF-V without temporal heads, SF-V without spatial heads); for the full run also assets/: toy_teacher and
@@ -158,8 +158,8 @@ def train_stage(out, argv, resume):
 
 
 def bundle_step(path):
-    """The training step a bundle was saved at (train.py writes it in the metadata)."""
-    return int(load_svd.load(path).load_info["metadata"].get("train_step", -1))
+    """The training step a bundle was saved at (train.py writes it in the metadata; read without the tensors)."""
+    return int(load_svd.bundle_metadata(path).get("train_step", -1))
 
 
 def base_flags(a, style="simple"):
@@ -317,9 +317,9 @@ def ladder(a, r):
     for rung, style, n, steps in (("static", "static", 100000, r["ladder_steps"]),
                                   ("overfit", "simple", r["ladder_clips"], r["ladder_overfit_steps"])):
         d = os.path.join(a.out, rung)
-        argv = base_flags(a, style) + ["--synthetic-size", str(n), "--mode", "diffusion",
-                                "--init", "toy", "--out", d, "--max-steps", str(steps), "--save-every", str(steps),
-                                "--batch-size", str(r["teacher_batch"])] + TEACHER_FLAGS
+        argv = base_flags(a, style) + ["--synthetic-size", str(n), "--mode", "diffusion", "--init", "toy", "--out", d,
+                                       "--max-steps", str(steps), "--save-every", str(steps),
+                                       "--batch-size", str(r["teacher_batch"])] + TEACHER_FLAGS
         path, secs = train_stage(d, argv, a.resume)
         svd = load_svd.load(path).eval()
         real = clips(32, HELD_OUT_SEED + a.seed, style) if rung == "static" else clips(n, a.seed, style)
