@@ -285,10 +285,23 @@ def test_unet_any_frames_and_size(refs, loaded):
         _close(svd.unet(x, c_noise, emb, ids), ref)
 
 
+class _FunctionCalls(torch.overrides.TorchFunctionMode):
+    """Records the names of the torch functions called under it (which path a module took)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
 def test_cpu_fast_paths_match_plain_modules():
     # model.py's CPU-only paths (FeedForward in chunks, Conv2d as unfold + one GEMM, a (k,1,1) Conv3d as a 2D conv)
-    # at shapes that take them, against the plain nn/F computation
+    # at shapes that take them (checked by the functions called), against the plain nn/F computation
     g = torch.Generator().manual_seed(7)
+    F = torch.nn.functional
     ff = model.FeedForward(64)
     x = torch.randn(3, 700, 64, generator=g)
     with torch.no_grad():
@@ -299,12 +312,23 @@ def test_cpu_fast_paths_match_plain_modules():
             _close(ff(x), plain)
         finally:
             model.FeedForward.chunk_values = old
-        conv = model.Conv2d(256, 128, 3, padding=1, stride=2)   # weights 295k >= 16x the input (2 x 256 x 4 x 4)
-        x = torch.randn(2, 256, 4, 4, generator=g)
-        _close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, 2, 1))
+        cases = [  # (conv, input, GEMM path expected)
+            (model.Conv2d(256, 128, 3, padding=1, stride=2), (2, 256, 4, 4), True),  # 295k weights >= 16x 8k input, 8 px out
+            (model.Conv2d(512, 256, 1), (2, 512, 2, 2), True),                          # 1x1, 131k weights >= 16x 4k input
+            (model.Conv2d(8, 256, 3, padding=1), (9, 8, 4, 4), False),                  # weights 16x the input, but 144 px out
+            (model.Conv2d(16, 32, 3, padding=1), (2, 16, 8, 8), False)]                 # 4.6k weights < 16x 2k input
+        for conv, shape, gemm in cases:
+            x = torch.randn(shape, generator=g)
+            with _FunctionCalls() as calls:
+                out = conv(x)
+            assert ("unfold" in calls.names) == gemm, (shape, calls.names)
+            _close(out, F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding))
         conv3 = model.Conv3d(16, 24, (3, 1, 1), padding=(1, 0, 0))
         x = torch.randn(2, 16, 5, 6, 7, generator=g)
-        _close(conv3(x), torch.nn.functional.conv3d(x, conv3.weight, conv3.bias, 1, (1, 0, 0)))
+        with _FunctionCalls() as calls:
+            out = conv3(x)
+        assert "conv2d" in calls.names and "conv3d" not in calls.names, calls.names
+        _close(out, F.conv3d(x, conv3.weight, conv3.bias, 1, (1, 0, 0)))
 
 
 def test_vae_encode_parity(refs, loaded):
