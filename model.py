@@ -142,10 +142,10 @@ def mix(alpha_param, x_a, x_b):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d. On CPU, a conv whose weights are >= 16x its input and whose output has <= 128 pixels over all
-    frames (SVD's 1280-channel 2x2 level and its stride-2 conv into it) runs as unfold + one GEMM over all frames:
-    mkldnn re-lays out the whole weight tensor on every call, which there costs more than the arithmetic (2x the
-    GEMM's time at 56 output pixels, 1.3x at 112; from 224 pixels on, mkldnn is faster)."""
+    """nn.Conv2d. On CPU, a conv whose weights are >= 16x its input (SVD's 1280-channel 2x2 and 4x4 levels) runs as
+    unfold + one GEMM over all frames. mkldnn re-lays out the whole weight tensor into a fresh buffer on every call
+    (59 MB for a 1280 -> 1280 3x3 conv): at <= 112 output pixels over all frames that costs 1.3-2.3x the GEMM's time;
+    at 224 (the 4x4 level, 14 frames) neither wins consistently (mkldnn 0.8-1.3x), and the unfold buffer is 10 MB."""
 
     def forward(self, x):
         if x.device.type != "cpu" or self.weight.numel() < 16 * x.numel() or self.groups != 1 \
@@ -154,8 +154,6 @@ class Conv2d(nn.Conv2d):
         N, _, H, W = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if N * Ho * Wo > 128:
-            return super().forward(x)
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)     # (N, Cin*kh*kw, Ho*Wo)
         cols = cols.transpose(0, 1).reshape(cols.shape[1], N * Ho * Wo)                     # (Cin*kh*kw, N*Ho*Wo)
         w = self.weight.reshape(self.out_channels, -1)
