@@ -145,7 +145,7 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d. On CPU, a conv whose weights are >= 16x its input (SVD's 1280-channel 2x2 and 4x4 levels) runs as
     unfold + one GEMM over all frames. mkldnn re-lays out the whole weight tensor into a fresh buffer on every call
     (59 MB for a 1280 -> 1280 3x3 conv): at <= 112 output pixels over all frames that costs 1.3-2.3x the GEMM's time;
-    at 224 (the 4x4 level, 14 frames) neither wins consistently (mkldnn 0.8-1.3x), and the unfold buffer is 10 MB."""
+    at 224 (the 4x4 level, 14 frames) neither wins consistently (mkldnn 0.8-1.15x), and the unfold buffer is 10 MB."""
 
     def forward(self, x):
         if x.device.type != "cpu" or self.weight.numel() < 16 * x.numel() or self.groups != 1 \
