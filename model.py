@@ -435,18 +435,11 @@ class UNet(nn.Module):
         """sgm's init for training from scratch (zero_module): the last conv of every residual branch (spatial and
         temporal), every transformer's proj_out and the output conv start at zero, so every block starts as the
         identity and the net's first output is 0. Returns self."""
-        for m in self.modules():
-            if isinstance(m, ResBlock):
-                layers = [m.out_layers[-1]]
-            elif isinstance(m, SpatialVideoTransformer):
-                layers = [m.proj_out]
-            else:
-                continue
-            for layer in layers:
-                layer.weight.zero_()
-                layer.bias.zero_()
-        self.out[-1].weight.zero_()
-        self.out[-1].bias.zero_()
+        last = [m.out_layers[-1] if isinstance(m, ResBlock) else m.proj_out for m in self.modules()
+                if isinstance(m, (ResBlock, SpatialVideoTransformer))]
+        for layer in last + [self.out[-1]]:
+            layer.weight.zero_()
+            layer.bias.zero_()
         return self
 
     def _embed(self, x, c_noise, image_embeds, added_time_ids):

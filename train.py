@@ -1126,7 +1126,8 @@ def memory_plan(args, cfg, T, H, W, device):
         G = UNet(cfg.unet)
         D = Discriminator(G, args.disc_heads, args.head_channels, args.cmap_dim, args.cond_embed_dim,
                           args.disc_tap) if sfv else None
-    h, w = H // latent_factor(cfg.vae), W // latent_factor(cfg.vae)
+    f = latent_factor(cfg.vae)
+    h, w = H // f, W // f
     with_grad = _grad_params(cfg.unet, T, h, w)
     named = list(G.named_parameters())
     fp32 = 4
