@@ -238,24 +238,29 @@ def unet_main(args):
     cases = args.cases or ("tiny:14x32x32,svd:14x16x16,svd:14x32x32" if args.device == "cpu"
                            else "svd:14x72x128:bfloat16,svd:14x16x16:bfloat16")
     cases = [(c.split(":") + ["float32"])[:3] for c in cases.split(",")]
-    print(f"UNet forward, batch 1, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} alternating rounds x {args.iters} forwards")
+    print(f"UNet forward, batch 1, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; time: "
+          f"median of {args.rounds} alternating rounds x {args.iters} forwards, ratio = median of the per-round ratios "
+          f"(range = min-max over rounds); memory: one child each")
     mem = "RSS" if args.device == "cpu" else "CUDA"
-    print(f"{'config':<8}{'T x h x w':<12}{'dtype':<10}{'ours s':>8}{'diff s':>8}{'ratio':>7}"
+    print(f"{'config':<8}{'T x h x w':<12}{'dtype':<10}{'ours s':>8}{'diff s':>8}{'ratio':>7}{'range':>11}"
           f"{mem + ' ours MB':>14}{'diff MB':>9}{'ratio':>7}{'tensors ours MB':>17}{'diff MB':>9}{'ratio':>7}")
     for preset, shape, dtype in cases:
         T, H, W = map(int, shape.split("x"))
         t = {"ours": [], "diffusers": []}
-        m = {"ours": [], "diffusers": []}
         for _ in range(args.rounds):
             for impl in t:
                 t[impl].append(measure(impl, args, preset, T, H, W, dtype, "time"))
-                m[impl].append(measure(impl, args, preset, T, H, W, dtype, "mem"))
+        # paired: ours and diffusers of one round ran back to back, so a slow spell of the machine cancels out
+        ratios = sorted(o / d for o, d in zip(t["ours"], t["diffusers"]))
         t = {k: statistics.median(v) for k, v in t.items()}
-        peak = {k: statistics.median(x[0] for x in v) / 2 ** 20 for k, v in m.items()}
-        live = {k: statistics.median(x[1] for x in v) / 2 ** 20 for k, v in m.items()}
+        # peak memory repeats to within 0.1% across children: one child per implementation
+        m = {impl: measure(impl, args, preset, T, H, W, dtype, "mem") for impl in t}
+        peak = {k: v[0] / 2 ** 20 for k, v in m.items()}
+        live = {k: v[1] / 2 ** 20 for k, v in m.items()}
         lr = f"{live['ours'] / live['diffusers']:>7.2f}" if live["diffusers"] else f"{'-':>7}"
-        print(f"{preset:<8}{shape:<12}{dtype:<10}{t['ours']:>8.3f}{t['diffusers']:>8.3f}{t['ours'] / t['diffusers']:>7.2f}"
+        span = f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+        print(f"{preset:<8}{shape:<12}{dtype:<10}{t['ours']:>8.3f}{t['diffusers']:>8.3f}"
+              f"{statistics.median(ratios):>7.2f}{span:>11}"
               f"{peak['ours']:>14.0f}{peak['diffusers']:>9.0f}{peak['ours'] / peak['diffusers']:>7.2f}"
               f"{live['ours']:>17.0f}{live['diffusers']:>9.0f}{lr}", flush=True)
         if preset != "tiny" and args.device == "cpu" and not args.no_profile:
@@ -372,7 +377,8 @@ def main():
     p.add_argument("--cases", default=None, help="UNet rows, comma-separated preset:TxHxW[:dtype] "
                    "(default cpu: tiny:14x32x32,svd:14x16x16,svd:14x32x32)")
     p.add_argument("--iters", type=int, default=3, help="timed forwards per child process (median taken)")
-    p.add_argument("--rounds", type=int, default=2, help="child processes per implementation, alternating")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timing child processes per implementation, alternating; ratio = median of per-round ratios")
     p.add_argument("--no-profile", action="store_true", help="skip the profile lines under the real-width rows")
     p.add_argument("--sample", action="store_true", help="end-to-end sampling benchmark instead (ours only)")
     p.add_argument("--configs", default="tiny,medium", help="--sample: configs to run (tiny, medium)")
