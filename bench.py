@@ -1,8 +1,9 @@
 """
 Benchmarks. Default: UNet forward, ours vs diffusers' UNetSpatioTemporalConditionModel at the same config, dtype and
 input. Each measurement runs in a fresh child process (so peak memory is not polluted by the other model),
-alternating ours/diffusers; the ratios are of the medians. Real-width rows also get a torch.profiler summary of one
-forward per implementation (tensor copies, time inside the conv modules), so a layout regression shows.
+alternating ours/diffusers; a time ratio is the median of the per-round ratios, with their range. Real-width rows
+also get a torch.profiler summary of one forward per implementation (tensor copies, time inside the conv modules), so
+a layout regression shows.
 
   python bench.py                      # CPU fp32: tiny preset, and the real SVD widths at 14x16x16 and 14x32x32 latents
   python bench.py --cases svd:14x16x16 --rounds 3
