@@ -298,7 +298,8 @@ class _FunctionCalls(torch.overrides.TorchFunctionMode):
 
 
 def test_cpu_fast_paths_match_plain_modules():
-    # model.py's CPU-only paths (FeedForward in chunks, Conv2d as unfold + one GEMM, a (k,1,1) Conv3d as a 2D conv)
+    # model.py's CPU-only paths (FeedForward in chunks, Conv2d as unfold + one GEMM, a (k,1,1) Conv3d as a 2D conv,
+    # linear as a 1x1 conv)
     # at shapes that take them (checked by the functions called), against the plain nn/F computation
     g = torch.Generator().manual_seed(7)
     F = torch.nn.functional
@@ -328,6 +329,21 @@ def test_cpu_fast_paths_match_plain_modules():
             out = conv3(x)
         assert "conv2d" in calls.names and "conv3d" not in calls.names, calls.names
         _close(out, F.conv3d(x, conv3.weight, conv3.bias, 1, (1, 0, 0)))
+    for bias in (True, False):   # linear: a 1x1 conv from 192 rows on (outputs and gradients), F.linear below
+        lin = model.Linear(64, 48, bias=bias)
+        for shape, conv in (((3, 100, 64), True), ((2, 50, 64), False)):
+            x = torch.randn(shape, generator=g, requires_grad=True)
+            with _FunctionCalls() as calls:
+                out = lin(x)
+            assert ("conv2d" in calls.names) == conv and ("linear" in calls.names) != conv, (shape, calls.names)
+            assert out.shape == (*shape[:-1], 48)
+            grad = torch.randn(out.shape, generator=g)
+            params = [x, lin.weight] + ([lin.bias] if bias else [])
+            got = torch.autograd.grad(out, params, grad)
+            ref = F.linear(x, lin.weight, lin.bias)
+            _close(out, ref)
+            for a, b in zip(got, torch.autograd.grad(ref, params, grad)):
+                _close(a, b)
 
 
 def test_vae_encode_parity(refs, loaded):
