@@ -177,7 +177,7 @@ class Conv3d(nn.Conv3d):
 
 def linear(x, weight, bias=None):
     """F.linear. On CPU in fp32, with >= 192 rows, it runs as a 1x1 convolution over a channels-last view of the rows
-    (no copy), which reaches oneDNN's AVX-512 conv kernels: 0.42-0.93x F.linear's time at SVD's widths and 224-14336
+    (no copy), which reaches oneDNN's AVX-512 conv kernels: 0.36-0.93x F.linear's time at SVD's widths and 224-14336
     rows, 1 and 2 threads, on an AMD EPYC (Zen 5), where the MKL sgemm behind F.linear runs AVX2 code (below ~200 rows
     the per-call weight re-layout makes the conv lose). dilation=2 is a no-op for a 1x1 kernel; it stops PyTorch from
     sending a batch-1 1x1 conv at 1 thread to its im2col + sgemm fallback."""
