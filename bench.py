@@ -340,12 +340,12 @@ def train_memory(config="svd", shape="14x448x768", device="cuda", train_flags=()
     gradient checkpointing, SM3). The second step has optimiser state and logs the per-term gradient norms (the
     costliest step). -> {"peak_gib": torch.cuda.max_memory_allocated in GiB, losses...}; on CPU peak_gib is None
     (there is no per-step peak to read, only the process's lifetime RSS): a CPU run only checks that the step runs."""
-    import load_svd
+    import cli
     import train
     from model import CONFIGS, SVD, UNet
     T, H, W = (int(v) for v in shape.split("x"))
     args = train.parse_args([*train_flags, "--mode", "sfv"])
-    dev = load_svd.pick_device(device)
+    dev = cli.pick_device(device)
     cfg = CONFIGS[config]
     with torch.device("meta"):
         svd = SVD(cfg)                                                     # VAE/CLIP stay on meta: never used
@@ -724,6 +724,7 @@ FIT_OPTIONS = [("train.py defaults", []),
 def fit_main():
     """Will it fit? train.py's memory plan (exact state bytes, simulator-fitted activations) for one SF-V step of the
     SVD UNet, batch 1, checkpointing on, bf16, per card and option set; `python bench.py --fit`."""
+    import memory_plan
     import train
     from model import CONFIGS
     print("Will it fit? One SF-V training step, SVD UNet, batch 1, bf16 autocast, checkpointing on, EMA on the host "
@@ -733,7 +734,7 @@ def fit_main():
     for name, flags in FIT_OPTIONS:
         args = train.parse_args(flags + ["--max-memory", "80"])        # any limit: only the peak is read
         for T, H, W in FIT_SHAPES:
-            peak = train.memory_plan(args, CONFIGS["svd"], T, H, W, torch.device("cuda"))["peak"] / GiB
+            peak = memory_plan.memory_plan(args, CONFIGS["svd"], T, H, W, torch.device("cuda"))["peak"] / GiB
             print(f"{name:<56}{f'{T}x{H}x{W}':>16}{peak:>6.1f} GiB" + "".join(f"{'yes' if peak <= c else 'no':>8}"
                                                                               for _, c in CARDS))
 

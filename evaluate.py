@@ -1,6 +1,6 @@
 """
 Evaluation: the Frechet distance (once, float64), FVD with a user-supplied I3D, and the toy metrics that toy.py
-reports for the synthetic videos (train.SyntheticVideos).
+reports for the synthetic videos (data.SyntheticVideos).
 
     python evaluate.py fvd --i3d i3d_torchscript.pt REAL_DIR FAKE_DIR [--frames 16 --size 224]
     python evaluate.py toy-fd REAL_DIR FAKE_DIR          # the toy feature extractor below, on any two video folders
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from load_svd import UserError, pick_device
-from sample import VIDEO_EXTS, read_video
+from cli import UserError, pick_device
+from data import VIDEO_EXTS, read_video
 
 # -----------------------------------------------------------------------------
 # Frechet distance
@@ -232,22 +232,18 @@ def evaluate_videos(fake, real, images=None, real_features=None):
 # video folders and FVD
 
 
-class EvalError(UserError):
-    """A bad input of the evaluation command; one line naming the problem and the fix."""
-
-
 def list_videos(folder):
-    """Video files under `folder` (recursive, sorted). Raises EvalError if the folder is missing or has none."""
+    """Video files under `folder` (recursive, sorted). Raises UserError if the folder is missing or has none."""
     if not os.path.isdir(folder):
-        raise EvalError(f"video folder not found: {folder}; pass a folder of {'/'.join(e[1:] for e in VIDEO_EXTS)} files")
+        raise UserError(f"video folder not found: {folder}; pass a folder of {'/'.join(e[1:] for e in VIDEO_EXTS)} files")
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(VIDEO_EXTS))
     if not paths:
-        raise EvalError(f"no videos in {folder} (looked for {', '.join(VIDEO_EXTS)}); point it at a folder of clips")
+        raise UserError(f"no videos in {folder} (looked for {', '.join(VIDEO_EXTS)}); point it at a folder of clips")
     return paths
 
 
 def first_frames(path, frames):
-    """The first `frames` frames of a video (sample.read_video) -> (frames, 3, H, W) in [-1, 1], or None if the
+    """The first `frames` frames of a video (data.read_video) -> (frames, 3, H, W) in [-1, 1], or None if the
     file is shorter or undecodable."""
     try:
         return read_video(path, frames) * 2 - 1
@@ -268,7 +264,7 @@ def load_folder(folder, frames, transform=None):
         print(f"warning: skipped {len(skipped)} of {len(paths)} videos in {folder} (unreadable or < {frames} frames), "
               f"e.g. {skipped[0]}", file=sys.stderr)
     if len(clips) < 2:
-        raise EvalError(f"{folder}: {len(clips)} usable video(s) with >= {frames} frames; the Frechet distance needs "
+        raise UserError(f"{folder}: {len(clips)} usable video(s) with >= {frames} frames; the Frechet distance needs "
                         f"at least 2 (hundreds for a stable number)")
     return clips
 
@@ -287,13 +283,13 @@ def i3d_preprocess(clip, size=224):
 def load_i3d(path, device="cpu"):
     """StyleGAN-V's TorchScript I3D (a TorchScript archive, loaded with torch.jit.load, never unpickled)."""
     if not os.path.isfile(path):
-        raise EvalError(f"I3D file not found: {path}; pass StyleGAN-V's i3d_torchscript.pt with --i3d PATH")
+        raise UserError(f"I3D file not found: {path}; pass StyleGAN-V's i3d_torchscript.pt with --i3d PATH")
     try:
         with warnings.catch_warnings():                 # torch >= 2.9 deprecates TorchScript; the I3D file is one
             warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.load(path, map_location=device).eval()
     except Exception as e:
-        raise EvalError(f"{path} is not a TorchScript file ({type(e).__name__}); pass StyleGAN-V's "
+        raise UserError(f"{path} is not a TorchScript file ({type(e).__name__}); pass StyleGAN-V's "
                         f"i3d_torchscript.pt") from None
 
 
@@ -342,7 +338,7 @@ def main(argv=None):
     a = parse_args(argv)
     try:
         if a.frames < (3 if a.cmd == "toy-fd" else 1):
-            raise EvalError(f"bad --frames {a.frames}: must be at least {3 if a.cmd == 'toy-fd' else 1}")
+            raise UserError(f"bad --frames {a.frames}: must be at least {3 if a.cmd == 'toy-fd' else 1}")
         if a.cmd == "fvd":
             device = pick_device(a.device)
             d, nr, nf = fvd(a.i3d, a.real_dir, a.fake_dir, a.frames, a.size, a.batch, device)

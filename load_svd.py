@@ -12,7 +12,7 @@ Strict: every parameter is filled exactly once; every checkpoint key is consumed
 keys; shape mismatches name the key and both shapes. Memory-frugal: the model is built on the meta device and each
 tensor is read lazily, converted to the target dtype/device and placed, so the fp32 file is never held twice.
 
-Also here: the project's error for expected failures (UserError; LoadError for checkpoints), atomic file writes,
+Also here: LoadError (cli.UserError for checkpoints),
 finding a checkpoint (find_checkpoint) and the explicit download of the official weights (download_official).
 """
 import hashlib
@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cli import UserError, atomic_write
 from model import SVD, SVDConfig, CONFIGS
 
 BUNDLE_FORMAT = "sfv-bundle"
@@ -64,97 +65,13 @@ KNOWN_UNUSED = {
 }
 
 
-class UserError(Exception):
-    """An expected failure caused by the input (a file, a flag, the network), not a bug. The message is one line:
-    "<what is wrong>; <how to fix it>". The CLIs print it as `error: <message>` and exit with status 2."""
-
-
 class LoadError(UserError, ValueError):
     """A checkpoint that cannot be found, downloaded or loaded."""
 
 
-def oom_text(e):
-    """The allocator's message of an out-of-memory failure, one line (CUDA's OutOfMemoryError, the CPU allocator's
-    RuntimeError "can't allocate memory", Python's MemoryError); None if `e` is not one."""
-    text = str(e).strip()
-    if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or isinstance(e, RuntimeError) and
-            ("out of memory" in text or "can't allocate memory" in text)):
-        return None
-    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", text.splitlines()[0] if text else "")
-    text = re.sub(r"\.?\s*Error code \d+ \(.*\)$", "", text)     # the CPU allocator's errno, said already
-    return text[:100] or type(e).__name__
-
-def check_folder(flag, path):
-    """A folder flag: `path` is a folder or can be created as one (its nearest existing parent is a folder).
-    -> the folders that are missing, deepest first. UserError otherwise."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a file; pass a folder (it is created if missing)")
-    missing, p = [], os.path.abspath(path)
-    while not os.path.exists(p):
-        missing.append(p)
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise UserError(f"cannot create {flag} {path}: {p} is a file; pass another {flag}")
-    return missing
-
 # -----------------------------------------------------------------------------
 # atomic writes: a temp file in the same folder, then os.replace (never a half-written file under the real name)
 
-TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")                         # .<name>.tmp-<pid>
-
-
-def atomic_write(path, write_fn):
-    """write_fn(tmp_path) writes the content; it is moved to `path` only when complete. The temp file (same folder,
-    `.<name>.tmp-<pid>`) is removed on any failure. Returns path."""
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def remove_stale_temps(folder):
-    """Delete atomic_write's temp files in `folder` left by processes that no longer run (killed mid-write).
-    Only names matching `.<name>.tmp-<pid>` are touched. Returns the removed paths."""
-    removed = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        m = TMP_RE.match(name)
-        if m is None or int(m.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue                                                     # its writer is still running
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):
-            continue
-        os.remove(os.path.join(folder, name))
-        removed.append(os.path.join(folder, name))
-    return removed
-
-def pick_device(name="auto"):
-    """--device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps -> torch.device; UserError if unusable here."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise UserError(f"bad --device {name!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                        f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    if dev.type == "mps" and not mps:
-        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu (or auto)")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {name}: unsupported device type {dev.type}; use auto, cpu, cuda, cuda:N or mps")
-    return dev
 
 # -----------------------------------------------------------------------------
 # key maps: our parameter name -> (source keys, how to combine them)

@@ -29,7 +29,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import cli
+import data
 import load_svd
+import memory_plan
 import sample
 import train
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
@@ -578,8 +581,8 @@ def test_pickle_and_damaged_torch_files_refused(tmp_path, single_sd):
 
 
 def test_user_error_hierarchy():
-    assert issubclass(LoadError, load_svd.UserError) and issubclass(LoadError, ValueError)
-    assert issubclass(sample.SampleError, load_svd.UserError) and issubclass(E.EvalError, load_svd.UserError)
+    assert issubclass(LoadError, cli.UserError) and issubclass(LoadError, ValueError)
+    assert issubclass(cli.UserError, cli.UserError) and issubclass(cli.UserError, cli.UserError)
 
 
 def test_error_not_found_and_bad_folder(tmp_path):
@@ -827,7 +830,7 @@ def test_read_image_formats(tmp_path, kind):
     else:
         write_image(p, rgb, "rgb24", codec="libwebp", pix_fmt="yuv420p")
         ref, tol = rgb / 255.0, 0.12
-    x = sample.read_image(p)
+    x = data.read_image(p)
     assert x.shape == (3, 48, 80) and x.dtype == torch.float32
     assert 0 <= x.min() and x.max() <= 1
     assert np.abs(x.permute(1, 2, 0).numpy() - ref).max() <= tol
@@ -838,15 +841,15 @@ def test_read_image_formats(tmp_path, kind):
 def test_resize_center_crop():
     img = torch.zeros(3, 100, 300)
     img[:, :, 100:200] = 1.0                                   # white centre third, black sides
-    out = sample.resize_center_crop(img, 64, 64)              # cover: 64x192, then crop the middle 64
+    out = data.resize_center_crop(img, 64, 64)              # cover: 64x192, then crop the middle 64
     assert out.shape == (3, 64, 64)
     assert out[:, :, 4:-4].min() > 0.99                        # only the white centre survives
-    out = sample.resize_center_crop(torch.rand(3, 50, 60), 128, 256)
+    out = data.resize_center_crop(torch.rand(3, 50, 60), 128, 256)
     assert out.shape == (3, 128, 256)
     clip = torch.rand(5, 3, 50, 60)                            # a clip (train.py's use) = the frames one by one
-    out = sample.resize_center_crop(clip, 32, 48, mode="bilinear")
+    out = data.resize_center_crop(clip, 32, 48, mode="bilinear")
     assert out.shape == (5, 3, 32, 48)
-    assert torch.allclose(out, torch.stack([sample.resize_center_crop(f, 32, 48, mode="bilinear") for f in clip]))
+    assert torch.allclose(out, torch.stack([data.resize_center_crop(f, 32, 48, mode="bilinear") for f in clip]))
     assert sample.snap_size(100, 130) == (128, 128) and sample.snap_size(576, 1024) == (576, 1024)
 
 # -----------------------------------------------------------------------------
@@ -936,7 +939,7 @@ def test_defaults_from_bundle_config_gif_frames_dir(tmp_path, img, capsys):
     assert np.abs(gif.astype(int) - frames.astype(int)).mean() < 12
     pngs = sorted(os.listdir(tmp_path / "fr"))
     assert pngs == [f"frame_{i:04d}.png" for i in range(3)]
-    first = sample.read_image(str(tmp_path / "fr" / pngs[0]))
+    first = data.read_image(str(tmp_path / "fr" / pngs[0]))
     assert first.shape == (3, 64, 128)
     assert np.abs(first.permute(1, 2, 0).numpy() * 255 - frames[0]).mean() < 12    # PNG ~ the video frame 0 (codec loss)
 
@@ -949,7 +952,7 @@ def test_default_output_next_to_input(tmp_path, ckpts, img, capsys):
 
 def test_write_video_is_atomic(tmp_path, monkeypatch):
     out = str(tmp_path / "v.mp4")
-    sample.write_video(torch.rand(3, 3, 64, 64), out, fps=7)
+    data.write_video(torch.rand(3, 3, 64, 64), out, fps=7)
     before = open(out, "rb").read()
     real, n = av.VideoFrame.from_ndarray, []
 
@@ -960,42 +963,42 @@ def test_write_video_is_atomic(tmp_path, monkeypatch):
         return real(*a, **k)
     monkeypatch.setattr(av.VideoFrame, "from_ndarray", failing)
     with pytest.raises(OSError):
-        sample.write_video(torch.rand(3, 3, 64, 64), out, fps=7)
+        data.write_video(torch.rand(3, 3, 64, 64), out, fps=7)
     assert open(out, "rb").read() == before                               # the old file is intact
     n.clear()
     with pytest.raises(OSError):
-        sample.write_video(torch.rand(3, 3, 64, 64), str(tmp_path / "new.mp4"), fps=7)
+        data.write_video(torch.rand(3, 3, 64, 64), str(tmp_path / "new.mp4"), fps=7)
     assert os.listdir(tmp_path) == ["v.mp4"]                              # no new file, no temp file left
 
 
 def test_atomic_write_and_stale_temps(tmp_path):
     p = tmp_path / "a.bin"
     with pytest.raises(RuntimeError):
-        load_svd.atomic_write(p, lambda tmp: (open(tmp, "wb").write(b"half"), (_ for _ in ()).throw(RuntimeError("x"))))
+        cli.atomic_write(p, lambda tmp: (open(tmp, "wb").write(b"half"), (_ for _ in ()).throw(RuntimeError("x"))))
     assert os.listdir(tmp_path) == []                                  # nothing under the name, no temp file
-    assert load_svd.atomic_write(p, lambda tmp: open(tmp, "wb").write(b"ok")) == str(p) and p.read_bytes() == b"ok"
+    assert cli.atomic_write(p, lambda tmp: open(tmp, "wb").write(b"ok")) == str(p) and p.read_bytes() == b"ok"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = tmp_path / f".a.bin.tmp-{int(dead.stdout)}", tmp_path / f".b.bin.tmp-{os.getppid()}"
     other = tmp_path / "notes.tmp-1"                                   # not our pattern (no leading dot): kept
     for f in (stale, live, other):
         f.write_bytes(b"x")
-    assert load_svd.remove_stale_temps(str(tmp_path)) == [str(stale)]
+    assert cli.remove_stale_temps(str(tmp_path)) == [str(stale)]
     assert sorted(os.listdir(tmp_path)) == sorted(["a.bin", live.name, other.name])
 
 
 def test_read_video_frames_stride_and_errors(tmp_path):
     path = str(tmp_path / "v.mp4")
     frames = torch.stack([torch.full((3, 64, 64), 16.0 * i / 255) for i in range(12)])   # frame i is grey 16 i
-    sample.write_video(frames, path, fps=12)
-    v = sample.read_video(path, 4, start=3, stride=2)
+    data.write_video(frames, path, fps=12)
+    v = data.read_video(path, 4, start=3, stride=2)
     assert v.shape == (4, 3, 64, 64) and 0 <= v.min() and v.max() <= 1
     assert torch.allclose(v.mean((1, 2, 3)) * 255 / 16, torch.tensor([3.0, 5.0, 7.0, 9.0]), atol=0.2)
-    with pytest.raises(sample.SampleError, match=re.escape(f"video {path} is too short: 12 of 13 frames decoded; use a longer clip")):
-        sample.read_video(path, 13)
+    with pytest.raises(cli.UserError, match=re.escape(f"video {path} is too short: 12 of 13 frames decoded; use a longer clip")):
+        data.read_video(path, 13)
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(os.urandom(500))
-    with pytest.raises(sample.SampleError, match=rf"^cannot decode video {re.escape(str(junk))} \(\w+\); check or replace the file$"):
-        sample.read_video(str(junk), 2)
+    with pytest.raises(cli.UserError, match=rf"^cannot decode video {re.escape(str(junk))} \(\w+\); check or replace the file$"):
+        data.read_video(str(junk), 2)
 
 
 # -----------------------------------------------------------------------------
@@ -1048,7 +1051,7 @@ def test_errors(tmp_path, ckpts, img, capsys, monkeypatch):
         f"error: the sampled video is not finite (NaN/inf): the checkpoint {nan} holds NaN/inf weights, or --dtype auto "
         f"overflowed; check the weights, or pass --dtype fp32")
     (tmp_path / "in").mkdir()
-    clip = sample.write_video(torch.rand(2, 3, 64, 64), str(tmp_path / "in" / "clip.mp4"))    # a video as the input
+    clip = data.write_video(torch.rand(2, 3, 64, 64), str(tmp_path / "in" / "clip.mp4"))    # a video as the input
     before = open(clip, "rb").read()
     assert err([clip]) == (f"error: the output {clip} is the input image {clip} (it would be overwritten); pass "
                            f"another --out, e.g. --out {tmp_path / 'in' / 'clip_sfv.mp4'}")
@@ -1283,8 +1286,8 @@ def tiny_trainer(extra=()):
 
 
 def tiny_batch(svd, args, n=2, seed=0):
-    video = torch.stack([train.SyntheticVideos(100, 4, 64, seed)[i] for i in range(n)])
-    enc = train.encode_videos(svd, video, args, list(range(n)), (seed, 0), torch.device("cpu"))
+    video = torch.stack([data.SyntheticVideos(100, 4, 64, seed)[i] for i in range(n)])
+    enc = data.encode_videos(svd, video, args, list(range(n)), (seed, 0), torch.device("cpu"))
     return {**enc, "keys": list(range(n))}
 
 
@@ -1754,11 +1757,11 @@ def test_diffusion_mode_loss_decreases():
 
 
 def test_synthetic_videos():
-    ds = train.SyntheticVideos(50, frames=8, size=64, seed=3)
+    ds = data.SyntheticVideos(50, frames=8, size=64, seed=3)
     v = ds[5]
     assert v.shape == (8, 3, 64, 64) and v.min() >= -1 and v.max() <= 1
-    assert torch.equal(v, train.SyntheticVideos(50, 8, 64, 3)[5])          # a pure function of (seed, index)
-    assert not torch.equal(v, ds[6]) and not torch.equal(v, train.SyntheticVideos(50, 8, 64, 4)[5])
+    assert torch.equal(v, data.SyntheticVideos(50, 8, 64, 3)[5])          # a pure function of (seed, index)
+    assert not torch.equal(v, ds[6]) and not torch.equal(v, data.SyntheticVideos(50, 8, 64, 4)[5])
     assert (v[1:] - v[:-1]).abs().amax(dim=(1, 2, 3)).min() > 0.1       # things move in every frame
 
 
@@ -1774,8 +1777,8 @@ def test_synthetic_videos_simple_and_static():
     """simple: one shape over a flat background, moving at a random speed in [0.04, 0.08] x size px per frame in a
     random direction (so the first frame does not tell where it goes); static: the same scenes without motion."""
     S = 32
-    simple = train.SyntheticVideos(200, 8, S, seed=1, style="simple")
-    static = train.SyntheticVideos(200, 8, S, seed=1, style="static")
+    simple = data.SyntheticVideos(200, 8, S, seed=1, style="simple")
+    static = data.SyntheticVideos(200, 8, S, seed=1, style="static")
     angles, steps = [], []
     for i in range(40):
         v, st = simple[i], static[i]
@@ -1801,15 +1804,15 @@ def write_test_video(path, n, fps, size=(80, 96)):
 
 
 def test_video_folder_skips_corrupt_and_short(tmp_path):
-    data = tmp_path / "videos"
-    (data / "sub").mkdir(parents=True)
-    write_test_video(data / "a.mp4", 14, 14)
-    write_test_video(data / "sub" / "b.mp4", 14, 14)
-    write_test_video(data / "short.mp4", 3, 14)
-    (data / "corrupt.mp4").write_bytes(os.urandom(3000))
-    (data / "notes.txt").write_text("not a video")
+    vids = tmp_path / "videos"
+    (vids / "sub").mkdir(parents=True)
+    write_test_video(vids / "a.mp4", 14, 14)
+    write_test_video(vids / "sub" / "b.mp4", 14, 14)
+    write_test_video(vids / "short.mp4", 3, 14)
+    (vids / "corrupt.mp4").write_bytes(os.urandom(3000))
+    (vids / "notes.txt").write_text("not a video")
     with pytest.warns(UserWarning, match="skipping video"):
-        vf = train.VideoFolder(str(data), frames=4, fps=7, height=64, width=64)
+        vf = data.VideoFolder(str(vids), frames=4, fps=7, height=64, width=64)
     assert len(vf) == 2
     assert sorted(os.path.basename(p) for p, _ in vf.skipped) == ["corrupt.mp4", "short.mp4"]
     # 14 fps source at 7 fps: stride 2; resized to cover 64x64 and centre-cropped
@@ -1821,21 +1824,21 @@ def test_video_folder_skips_corrupt_and_short(tmp_path):
     # training on the folder does not crash and reports the skipped files
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train.main([*COMMON, "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "2", "--frames", "4"])
+        train.main([*COMMON, "--data", str(vids), "--out", str(tmp_path / "run"), "--max-steps", "2", "--frames", "4"])
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2] and all(r["skipped_videos"] == 2 for r in log)
 
 
 def test_video_corrupt_at_read_time_is_skipped(tmp_path):
-    data = tmp_path / "videos"
-    data.mkdir()
-    write_test_video(data / "a.mp4", 14, 14)
-    write_test_video(data / "b.mp4", 14, 14)
-    vf = train.VideoFolder(str(data), frames=4, fps=7, height=64, width=64)
-    vf.items[0] = (str(data / "gone.mp4"), 14, 14.0)                   # probed fine, unreadable later
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    write_test_video(vids / "a.mp4", 14, 14)
+    write_test_video(vids / "b.mp4", 14, 14)
+    vf = data.VideoFolder(str(vids), frames=4, fps=7, height=64, width=64)
+    vf.items[0] = (str(vids / "gone.mp4"), 14, 14.0)                   # probed fine, unreadable later
     with pytest.warns(UserWarning, match="gone.mp4"):
         item = vf.get(0, seed=0)
-    assert item["skipped"] == [str(data / "gone.mp4")] and item["video"].shape == (4, 3, 64, 64)
+    assert item["skipped"] == [str(vids / "gone.mp4")] and item["video"].shape == (4, 3, 64, 64)
 
 
 def test_latent_cache(tmp_path):
@@ -1843,12 +1846,12 @@ def test_latent_cache(tmp_path):
     train.main([*COMMON, "--out", str(out), "--max-steps", "2", "--cache", str(tmp_path / "cache"), "--synthetic-size", "3"])
     files = sorted(os.listdir(tmp_path / "cache"))
     assert files == ["00000000.safetensors", "00000001.safetensors", "00000002.safetensors", "index.json"]
-    item = train.LatentCache(str(tmp_path / "cache")).get(1, 0)
+    item = data.LatentCache(str(tmp_path / "cache")).get(1, 0)
     assert item["latents"].shape == (4, 4, 8, 8) and item["cond"].shape == (4, 8, 8) and item["image_embeds"].shape == (32,)
     assert [r["step"] for r in read_log(out)] == [1, 2]
     (tmp_path / "cache" / "index.json").write_text('{"n": 3')                # damaged
-    with pytest.raises(load_svd.UserError) as e:
-        train.LatentCache(str(tmp_path / "cache"))
+    with pytest.raises(cli.UserError) as e:
+        data.LatentCache(str(tmp_path / "cache"))
     assert str(e.value) == (f"cannot read the latent cache {tmp_path / 'cache' / 'index.json'} (JSONDecodeError); "
                             f"delete the --cache folder to rebuild it")
 
@@ -2106,7 +2109,7 @@ def test_memory_plan_counts_state_bytes_exactly():
     tr._finish = lambda opt, params, *a: (seen.append(sum(p.grad.numel() * 4 for p in params if p.grad is not None)),
                                           finish(opt, params, *a))[1]
     tr.step([mb])
-    plan = train.memory_plan(args, svd.cfg, 4, 64, 64, torch.device("cpu"))
+    plan = memory_plan.memory_plan(args, svd.cfg, 4, 64, 64, torch.device("cpu"))
     items = dict(plan["items"])
     n_g = sum(p.numel() for p in tr.G.parameters())
     heads = tr.D.head_parameters()
@@ -2117,10 +2120,10 @@ def test_memory_plan_counts_state_bytes_exactly():
     assert items["D heads + optimiser"] == sum(p.numel() * 4 for p in heads) + _state_bytes(tr.opt_d)
     assert plan["limit"] is None and 0 < plan["term_grads"] < n_g * 4  # one micro-batch: no G-sized buffer
     args2 = train.parse_args(["--workers", "0", *SMALL_D, "--grad-accum", "2"])
-    assert train.memory_plan(args2, svd.cfg, 4, 64, 64, torch.device("cpu"))["term_grads"] == plan["term_grads"] + n_g * 4
+    assert memory_plan.memory_plan(args2, svd.cfg, 4, 64, 64, torch.device("cpu"))["term_grads"] == plan["term_grads"] + n_g * 4
     assert plan["peak"] == sum(items.values())
     args2 = train.parse_args(["--workers", "0", *SMALL_D, "--optim-state-dtype", "bf16", "--fused-step", "--grad-clip", "0"])
-    items2 = dict(train.memory_plan(args2, svd.cfg, 4, 64, 64, torch.device("cpu"))["items"])
+    items2 = dict(memory_plan.memory_plan(args2, svd.cfg, 4, 64, 64, torch.device("cpu"))["items"])
     moms = sum(st["momentum"].numel() for st in tr.opt_g.state.values())
     assert items2["G optimiser state (sm3, bf16 momentum)"] == _state_bytes(tr.opt_g) - 2 * moms
     assert items2["G gradients (freed as produced: --fused-step)"] == 0
@@ -2128,19 +2131,19 @@ def test_memory_plan_counts_state_bytes_exactly():
 
 def test_memory_plan_refuses_what_does_not_fit():
     args = train.parse_args(["--workers", "0", *SMALL_D, "--grad-accum", "2"])       # a G-sized term buffer
-    plan = train.memory_plan(args, CONFIGS["tiny"], 4, 64, 64, torch.device("cpu"))
-    assert train.check_plan(dict(plan), args) is None                   # CPU: not checked
+    plan = memory_plan.memory_plan(args, CONFIGS["tiny"], 4, 64, 64, torch.device("cpu"))
+    assert memory_plan.check_plan(dict(plan), args) is None                   # CPU: not checked
     big = sorted(plan["items"], key=lambda it: -it[1])[:3]
     plan["limit"] = plan["peak"] - 1
-    with pytest.raises(load_svd.UserError) as e:
-        train.check_plan(plan, args)
+    with pytest.raises(cli.UserError) as e:
+        memory_plan.check_plan(plan, args)
     assert str(e.value) == (
         f"predicted peak {plan['peak'] / 2**30:.1f} GiB does not fit in {plan['limit'] / 2**30:.1f} GiB (--max-memory); "
         f"largest: " + ", ".join(f"{l.split(' (')[0]} {b / 2**30:.1f}" for l, b in big) + " GiB; try --fused-step "
         "--grad-clip 0, --optim-state-dtype bf16, fewer --frames or a smaller --height/--width")
     assert "\n" not in str(e.value)
     plan["limit"] = plan["peak"] + plan["term_grads"] // 2            # only the term-gradient buffer does not fit
-    note = train.check_plan(plan, args)
+    note = memory_plan.check_plan(plan, args)
     assert not args.log_term_grads and note == (
         f"note: --log-term-grads off: the steps that log them need {plan['term_grads'] / 2**30:.1f} GiB more, over "
         f"--max-memory ({(plan['peak'] + plan['term_grads']) / 2**30:.1f} > {plan['limit'] / 2**30:.1f} GiB)")
@@ -2235,25 +2238,25 @@ def test_train_bad_out_folder(tmp_path):
 def test_train_bad_data_folder(tmp_path):
     out = tmp_path / "run"
     run = [*COMMON, "--out", str(out), "--frames", "4"]
-    data = tmp_path / "videos"
-    assert train_error([*run, "--data", str(data)]) == f"error: --data {data} does not exist; pass a folder of videos or --data synthetic"
-    data.mkdir()
-    (data / "notes.txt").write_text("not a video")
-    assert train_error([*run, "--data", str(data / "notes.txt")]) == (
-        f"error: --data {data / 'notes.txt'} is a file, not a folder; pass the folder that holds the videos")
-    assert train_error([*run, "--data", str(data)]) == (
-        f"error: no videos in {data} (searched recursively for {', '.join(sample.VIDEO_EXTS)}); add videos or pass "
+    vids = tmp_path / "videos"
+    assert train_error([*run, "--data", str(vids)]) == f"error: --data {vids} does not exist; pass a folder of videos or --data synthetic"
+    vids.mkdir()
+    (vids / "notes.txt").write_text("not a video")
+    assert train_error([*run, "--data", str(vids / "notes.txt")]) == (
+        f"error: --data {vids / 'notes.txt'} is a file, not a folder; pass the folder that holds the videos")
+    assert train_error([*run, "--data", str(vids)]) == (
+        f"error: no videos in {vids} (searched recursively for {', '.join(data.VIDEO_EXTS)}); add videos or pass "
         f"another --data")
-    (data / "sub").mkdir()
-    (data / "corrupt.mp4").write_bytes(os.urandom(3000))
-    (data / "sub" / "empty.webm").write_bytes(b"")
-    assert train_error([*run, "--data", str(data)]) == (
-        f"error: no usable videos in {data}: 2 corrupt; add readable videos")
-    write_test_video(data / "short.mp4", 3, 14)                          # 3 frames; 4 at stride 2 need 7
+    (vids / "sub").mkdir()
+    (vids / "corrupt.mp4").write_bytes(os.urandom(3000))
+    (vids / "sub" / "empty.webm").write_bytes(b"")
+    assert train_error([*run, "--data", str(vids)]) == (
+        f"error: no usable videos in {vids}: 2 corrupt; add readable videos")
+    write_test_video(vids / "short.mp4", 3, 14)                          # 3 frames; 4 at stride 2 need 7
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert train_error([*run, "--data", str(data)]) == (
-            f"error: no usable videos in {data}: 2 corrupt, 1 too short for 4 frames at 7 fps; add readable videos, "
+        assert train_error([*run, "--data", str(vids)]) == (
+            f"error: no usable videos in {vids}: 2 corrupt, 1 too short for 4 frames at 7 fps; add readable videos, "
             f"or lower --frames (or raise --fps: a smaller frame stride)")
     assert not out.exists()
 
@@ -2578,12 +2581,12 @@ def test_toy_linear_latent():
     # 4x4 patches, 12 of 48 components: lossy but close; whitened to std 1 / scale_factor
     for sf in (1.0, 0.25):
         lat = LinearPatchLatent(VAEConfig(z_channels=12, linear_patch_size=4, scale_factor=sf))
-        fit = torch.cat([train.SyntheticVideos(64, 8, 64, 0).video(i) for i in range(32)])
+        fit = torch.cat([data.SyntheticVideos(64, 8, 64, 0).video(i) for i in range(32)])
         lat.fit(fit)
         z = lat.encode(fit)[0]                                               # (N, 12, 16, 16)
         assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(12), atol=1e-4 / sf)
         assert torch.allclose(z.var(dim=(0, 2, 3)) * sf ** 2, torch.ones(12), atol=2e-3)
-        held = torch.stack([train.SyntheticVideos(4, 8, 64, 99).video(i) for i in range(4)])     # (4, 8, 3, 64, 64)
+        held = torch.stack([data.SyntheticVideos(4, 8, 64, 99).video(i) for i in range(4)])     # (4, 8, 3, 64, 64)
         rec = lat.decode(lat.encode(held.flatten(0, 1))[0].reshape(4, 8, 12, 16, 16) * sf)
         psnr = 10 * torch.log10(4 / (rec - held).square().mean()).item()
         assert 30 < psnr < 60, psnr
@@ -2591,7 +2594,7 @@ def test_toy_linear_latent():
     # has unit variance, the conditioning latent z is 1 / scale_factor times larger (as SVD's)
     cfg = CONFIGS["toy"]
     svd = SVD(cfg)
-    fit = torch.cat([train.SyntheticVideos(64, 8, 16, 0, style="simple").video(i) for i in range(32)])
+    fit = torch.cat([data.SyntheticVideos(64, 8, 16, 0, style="simple").video(i) for i in range(32)])
     svd.fit_linear_latent(fit)
     z = svd.vae.encode(fit)[0]                                               # (N, 3, 16, 16)
     assert z.shape[1] == cfg.vae.z_channels == cfg.unet.out_channels == 3 and cfg.unet.in_channels == 6
@@ -2610,7 +2613,7 @@ def test_toy_latent_fitted_by_train_and_kept_in_bundle(tmp_path):
                 "--synthetic-style", "simple"])
     svd = load_svd.load(str(out / "model.safetensors"))
     ref = SVD(CONFIGS["toy"])
-    ref.fit_linear_latent(torch.cat([train.SyntheticVideos(64, 8, 16, 0, style="simple").video(i) for i in range(64)]))
+    ref.fit_linear_latent(torch.cat([data.SyntheticVideos(64, 8, 16, 0, style="simple").video(i) for i in range(64)]))
     for name, buf in ref.vae.named_buffers():
         assert torch.allclose(dict(svd.vae.named_buffers())[name], buf), name
     assert not torch.equal(svd.vae.proj, torch.eye(3))
@@ -2620,7 +2623,7 @@ def test_bundled_toy_models_load_and_sample():
     fp16 files, load as the pixel-space toy and sample from assets/example.png a clip that starts from the image
     and moves."""
     from model import LinearPatchLatent, SVDConfig
-    img = sample.read_image(os.path.join(HERE, "assets", "example.png"))     # a held-out first frame, shown 4x
+    img = data.read_image(os.path.join(HERE, "assets", "example.png"))     # a held-out first frame, shown 4x
     assert img.shape == (3, 64, 64)
     for name, steps, evals in (("toy_sfv", 1, 1), ("toy_teacher", 25, 50)):
         path = os.path.join(HERE, "assets", f"{name}.safetensors")
@@ -2629,7 +2632,7 @@ def test_bundled_toy_models_load_and_sample():
         assert isinstance(svd.vae, LinearPatchLatent) and isinstance(svd.cond_encoder, LinearPatchLatent)
         c = svd.cfg
         assert c.vae.linear_patch_size == 1 and c.steps == steps and (c.num_frames, c.height, c.width) == (8, 16, 16)
-        small = sample.resize_center_crop(img, c.height, c.width).clamp(0, 1)
+        small = data.resize_center_crop(img, c.height, c.width).clamp(0, 1)
         video, st = sample.sample_video(svd, small, seed=0)
         assert video.shape == (8, 3, 16, 16) and st["unet_evals"] == evals
         psnr = 10 * torch.log10(1 / (video[0] - small).square().mean()).item()
@@ -2663,7 +2666,7 @@ def test_toy_smoke(tmp_path, capsys):
     assert [c["step"] for c in results["curve"]] == list(toy.SMOKE["curve"])          # the teacher's learning curve
     assert all(math.isfinite(c["fd_1"]) and math.isfinite(c["fd_25"]) for c in results["curve"])
     c = CONFIGS["toy"]
-    png = sample.read_image(str(tmp_path / "toy" / "compare.png"))      # rows: real + 5 models; columns: frames
+    png = data.read_image(str(tmp_path / "toy" / "compare.png"))      # rows: real + 5 models; columns: frames
     assert png.shape == (3, 6 * (toy.PIC_SCALE * c.height + 2) - 2, c.num_frames * (toy.PIC_SCALE * c.width + 2) - 2)
     with av.open(str(tmp_path / "toy" / "compare.gif")) as g:
         assert sum(1 for _ in g.decode(video=0)) == c.num_frames

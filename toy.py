@@ -7,7 +7,7 @@ one-step generator with the real SF-V trainer, then measure the paper's Table 1 
     python toy.py --ladder         # the sanity ladder (static videos, then 8 moving clips overfitted): out/toy_ladder/
     python toy.py --smoke          # a few steps of every stage (CI, < 2 min), into out/toy_smoke, assets untouched
 
-The task (train.SyntheticVideos, style "simple"): 8 frames of 16x16, one disc or square moving at a random speed in a
+The task (data.SyntheticVideos, style "simple"): 8 frames of 16x16, one disc or square moving at a random speed in a
 uniformly random direction over a flat background. The first frame does not say where the shape goes, so the
 one-step teacher (the conditional mean) is a blurred smear of all directions, while a good sampler picks one sharp
 future: the gap SF-V closes in one step. The model (model.CONFIGS["toy"]) works in pixel space: its latent is the 3
@@ -41,9 +41,11 @@ import torch.nn.functional as F
 import evaluate
 import load_svd
 import train
-from load_svd import pick_device
+import cli
+import data
+from cli import pick_device
 from model import CONFIGS
-from sample import to_uint8, write_gif, write_png
+from data import to_uint8, write_gif, write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -107,7 +109,7 @@ def latency(svd, images, steps, cfg):
 def clips(n, seed, style="simple"):
     """n toy clips (n, T, 3, H, W) in [-1, 1] of dataset seed `seed` at the toy config's size."""
     c = CONFIGS["toy"]
-    ds = train.SyntheticVideos(n, c.num_frames, c.height, seed, style=style)
+    ds = data.SyntheticVideos(n, c.num_frames, c.height, seed, style=style)
     return torch.stack([ds.video(i) for i in range(n)])
 
 
@@ -198,7 +200,7 @@ def train_teacher(a, r, curve_images, curve_real):
             m = evaluate.evaluate_videos(fake, curve_real, curve_images, rf)
             row.update({f"{key}_{name}": m[key] for key in ("fd", "fd_app", "fd_motion", "psnr0", "warp", "motion")})
         curve.append(row)
-        train.write_json(curve_path, curve)
+        cli.write_json(curve_path, curve)
         print("learning curve: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
     return path, secs, curve
 
@@ -334,7 +336,7 @@ def ladder(a, r):
                 res[f"motion_{name}"] = (evaluate.motion_amount(fake).mean() / evaluate.motion_amount(real).mean()).item()
         out[rung] = res
         print(f"ladder {rung}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()), flush=True)
-    train.write_json(os.path.join(a.out, "ladder.json"), out, indent=1)
+    cli.write_json(os.path.join(a.out, "ladder.json"), out, indent=1)
     return out
 
 # -----------------------------------------------------------------------------
@@ -385,16 +387,16 @@ def main(argv=None):
           f"{torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'GPU' if pick_device(a.device).type == 'cuda' else 'CPU'}). Wall time: {timing}.\n\n"
           f"Teacher learning curve ({r['n_curve']} held-out clips):\n\n{curve_markdown(curve)}\n")
-    train.write_text(os.path.join(a.out, "table.md"), md)
+    cli.write_text(os.path.join(a.out, "table.md"), md)
     results = {"rows": rows, "curve": curve, "train_seconds": secs, "eval_seconds": t2 - t1, "total_seconds": t2 - t0,
                "recipe": {**r, "data": base_flags(a), "teacher_flags": TEACHER_FLAGS}}
-    train.write_json(os.path.join(a.out, "results.json"), results, indent=1)
+    cli.write_json(os.path.join(a.out, "results.json"), results, indent=1)
     print("\n" + md)
     if a.assets:
         os.makedirs(a.assets, exist_ok=True)
         save_fp16(paths["teacher"], os.path.join(a.assets, "toy_teacher.safetensors"))
         save_fp16(paths["sfv_both"], os.path.join(a.assets, "toy_sfv.safetensors"))
-        train.write_json(os.path.join(a.assets, "toy_results.json"), results, indent=1)
+        cli.write_json(os.path.join(a.assets, "toy_results.json"), results, indent=1)
         for i, name in enumerate(("example.png", "example2.png", "example3.png")):
             big = F.interpolate((real[i, :1] + 1) / 2, scale_factor=PIC_SCALE, mode="nearest")[0]
             write_png(to_uint8(big), os.path.join(a.assets, name))

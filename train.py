@@ -41,7 +41,6 @@ at start; rank-0-only work (video probing is sharded; saving, samples) is bounde
 """
 import argparse
 import copy
-import datetime
 import json
 import math
 import os
@@ -50,22 +49,22 @@ import resource
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import cli
 import load_svd
-from load_svd import UserError, atomic_write
+from cli import UserError, atomic_write, write_json, write_text
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
-from model import CONFIGS, SVD, added_time_ids, denoise, karras_sigmas, latent_factor, sample_latents
-from sample import VIDEO_EXTS, read_video, resize_center_crop, write_video
+from data import (VIDEO_EXTS, ItemDataset, LatentCache, StepBatches, SyntheticVideos, VideoFolder, build_cache, collate,
+                  encode_videos, move_frozen, probe_videos, sample_seed, unusable_videos, video_paths, write_video)
+from distributed import all_reduce_mean, barrier, broadcast_from_rank0, dist_setup
+from memory_plan import check_plan, format_plan, memory_plan
+from model import CONFIGS, SVD, added_time_ids, denoise, karras_sigmas, sample_latents
 
 # -----------------------------------------------------------------------------
 # default config values, each overridable by a flag (--name-with-dashes); `--help` lists them all
@@ -447,308 +446,9 @@ def make_optimizer(args, params, lr):
 # data: every item is get(index, seed) -> dict; randomness only from `seed`
 
 
-def sample_seed(*keys):
-    """A 63-bit seed from a tuple of ints (stable across processes and runs)."""
-    h = 0x9E3779B97F4A7C15
-    for k in keys:
-        h = ((h ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
-
-
-class SyntheticVideos:
-    """Toy videos, video i a pure function of (seed, i); video(i) -> (T, 3, size, size) float in [-1, 1]. The first
-    frame does not determine the motion (random velocities), so image-to-video is ambiguous, like real data.
-    style textured: 1-3 coloured discs/squares with random velocities over a smooth random textured background;
-    simple: one disc or square of a colour that stands out, moving in a uniformly random direction at a random speed
-    (uniform in speed x size pixels per frame) over a flat background; static: simple without motion (every frame equals the
-    first: the sanity test of a conditioning path). Shapes bounce off the borders."""
-
-    def __init__(self, n=100000, frames=8, size=64, seed=0, max_shapes=3, style="textured", speed=(0.04, 0.08)):
-        self.n, self.frames, self.size, self.seed, self.max_shapes = n, frames, size, seed, max_shapes
-        self.style, self.speed = style, speed
-
-    def __len__(self):
-        return self.n
-
-    def scene(self, rng):
-        """-> background (3, S, S), shapes [(kind 0 disc | 1 square, radius, position (2,), velocity (2,), colour)]."""
-        S = self.size
-        if self.style == "textured":
-            tex = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 5, 5))).float()
-            bg = torch.from_numpy(rng.uniform(-0.6, 0.6, (3, 1, 1))).float() + 0.35 * F.interpolate(tex, (S, S), mode="bicubic", align_corners=True)[0]
-            shapes = []
-            for _ in range(rng.integers(1, self.max_shapes + 1)):
-                r = rng.uniform(0.08, 0.18) * S
-                pos = rng.uniform(r, S - r, 2)
-                vel = rng.uniform(-0.06, 0.06, 2) * S                     # pixels per frame
-                col = torch.from_numpy(rng.uniform(-1, 1, (3, 1, 1))).float()
-                shapes.append((rng.integers(2), r, pos, vel, col))
-            return bg, shapes
-        bg_col = rng.uniform(-0.7, 0.7, 3)
-        col = rng.uniform(-1, 1, 3)
-        while np.abs(col - bg_col).max() < 0.8:                           # visible against the background
-            col = rng.uniform(-1, 1, 3)
-        r = rng.uniform(0.16, 0.24) * S
-        pos = rng.uniform(r, S - r, 2)
-        angle = rng.uniform(0, 2 * np.pi)
-        speed = rng.uniform(*self.speed) * S * (self.style != "static")        # static: the same scene, unmoving
-        vel = speed * np.array([np.cos(angle), np.sin(angle)])
-        bg = torch.from_numpy(bg_col).float().view(3, 1, 1).expand(3, S, S)
-        return bg, [(rng.integers(2), r, pos, vel, torch.from_numpy(col).float().view(3, 1, 1))]
-
-    def video(self, i):
-        S, T = self.size, self.frames
-        bg, shapes = self.scene(np.random.default_rng([self.seed, i]))
-        yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
-        frames = []
-        for _ in range(T):
-            img = bg.clone()
-            for kind, r, pos, vel, col in shapes:
-                dx, dy = xx - pos[0], yy - pos[1]
-                d = (dx.square() + dy.square()).sqrt() if kind == 0 else torch.maximum(dx.abs(), dy.abs())
-                a = (r - d + 0.5).clamp(0, 1)                               # 1-pixel anti-aliased edge
-                img = img * (1 - a) + col * a
-            frames.append(img)
-            for kind, r, pos, vel, col in shapes:                          # move, bounce off the borders
-                pos += vel
-                for ax in range(2):
-                    if pos[ax] < r or pos[ax] > S - r:
-                        vel[ax] = -vel[ax]
-                        pos[ax] = np.clip(2 * np.clip(pos[ax], r, S - r) - pos[ax], r, S - r)
-        return torch.stack(frames).clamp(-1, 1)
-
-    def __getitem__(self, i):
-        return self.video(i)
-
-    def get(self, i, seed):
-        return {"video": self.video(i), "skipped": []}
-
-
-def video_paths(root):
-    """Every video file (VIDEO_EXTS) under root, sorted; UserError if root is not a folder or holds none."""
-    if not os.path.exists(root):
-        raise UserError(f"--data {root} does not exist; pass a folder of videos or --data synthetic")
-    if not os.path.isdir(root):
-        raise UserError(f"--data {root} is a file, not a folder; pass the folder that holds the videos")
-    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(VIDEO_EXTS))
-    if not paths:
-        raise UserError(f"no videos in {root} (searched recursively for {', '.join(VIDEO_EXTS)}); add videos or "
-                        f"pass another --data")
-    return paths
-
-
-def unusable_videos(root, skipped, frames, fps):
-    """The UserError for a folder whose every video was skipped: [(path, reason)] counted as corrupt / too short."""
-    short = sum(r.startswith("too short") for _, r in skipped)
-    parts = [f"{len(skipped) - short} corrupt"] * (short < len(skipped)) + \
-            [f"{short} too short for {frames} frames at {fps} fps"] * (short > 0)
-    return UserError(f"no usable videos in {root}: {', '.join(parts)}; add readable videos" +
-                     (", or lower --frames (or raise --fps: a smaller frame stride)" if short else ""))
-
-
-def probe_videos(root, index, rank=0, world=1):
-    """The probe index {path: {n, fps} | {error}} of every video under root: entries missing from `index` are probed,
-    sharded over ranks and gathered, so no rank waits on a single prober. -> the merged index (same on all ranks)."""
-    todo = [p for p in video_paths(root) if p not in index][rank::world]
-    parts = [{p: VideoFolder.probe(p) for p in todo}]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, {p: VideoFolder.probe(p) for p in todo})
-    return {k: v for part in [index, *parts] for k, v in part.items()}
-
-
-class VideoFolder:
-    """Videos under `root` read with PyAV: random clips of `frames` frames at `fps` (stride = round(src_fps / fps)),
-    resized/centre-cropped. Corrupt or too-short files are skipped with a warning and recorded in self.skipped, at
-    scan time (cannot open / too few frames) and at read time (decoding fails: the next video is used instead and
-    the failure is reported in the item's "skipped" list)."""
-
-    def __init__(self, root, frames, fps, height, width, index=None):
-        self.root, self.frames, self.fps, self.height, self.width = root, frames, fps, height, width
-        self.items, self.skipped = [], []
-        for path in video_paths(root):
-            info = (index or {}).get(path) or self.probe(path)
-            reason = info.get("error") or (None if info["n"] >= self.span(info["fps"]) else
-                                           f"too short ({info['n']} frames < {self.span(info['fps'])})")
-            if reason:
-                warnings.warn(f"skipping video {path}: {reason}")
-                self.skipped.append((path, reason))
-            else:
-                self.items.append((path, info["n"], info["fps"]))
-        self.index = {**(index or {}), **{p: {"n": n, "fps": f} for p, n, f in self.items},
-                      **{p: {"error": r} for p, r in self.skipped}}
-        if not self.items:
-            raise unusable_videos(root, self.skipped, frames, fps)
-
-    def __len__(self):
-        return len(self.items)
-
-    def stride(self, src_fps):
-        return max(1, round(src_fps / self.fps))
-
-    def span(self, src_fps):
-        return (self.frames - 1) * self.stride(src_fps) + 1
-
-    @staticmethod
-    def probe(path):
-        try:
-            import av
-            with av.open(path) as c:
-                s = c.streams.video[0]
-                fps = float(s.average_rate or s.guessed_rate or 0)
-                n = s.frames or int(float(c.duration or 0) / 1e6 * fps)
-                if fps <= 0:
-                    return {"error": "unknown frame rate"}
-                return {"n": n, "fps": fps}
-        except Exception as e:                                             # any open/parse failure = corrupt
-            return {"error": f"cannot open ({type(e).__name__}: {str(e)[:80]})"}
-
-    def read(self, path, start, stride, src_fps):
-        """Decode frames start, start+stride, ... (frame index from the pts) -> (T, 3, H, W) in [-1, 1]."""
-        x = read_video(path, self.frames, start, stride, src_fps) * 2 - 1
-        return resize_center_crop(x, self.height, self.width, mode="bilinear")
-
-    def get(self, i, seed):
-        skipped = []
-        g = np.random.default_rng(seed)
-        for j in range(len(self.items)):
-            path, n, src_fps = self.items[(i + j) % len(self.items)]
-            stride = self.stride(src_fps)
-            start = int(g.integers(0, max(1, n - self.span(src_fps) + 1)))
-            for s0 in dict.fromkeys([start, 0]):                           # frame counts can be estimates
-                try:
-                    return {"video": self.read(path, s0, stride, src_fps), "skipped": skipped}
-                except Exception as e:
-                    err = e
-            warnings.warn(f"skipping video {path}: {type(err).__name__}: {err}")
-            skipped.append(path)
-        raise RuntimeError("no readable video left")
-
-
-class LatentCache:
-    """Pre-encoded items in `root`: <i>.safetensors with latents (T,4,h,w), cond (4,h,w), image_embeds (D,)."""
-
-    def __init__(self, root):
-        self.root = root
-        try:
-            with open(os.path.join(root, "index.json")) as f:
-                meta = json.load(f)
-            self.n, self.skipped = int(meta["n"]), [tuple(s) for s in meta["skipped"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot read the latent cache {os.path.join(root, 'index.json')} ({type(e).__name__}); "
-                            f"delete the --cache folder to rebuild it") from None
-
-    def __len__(self):
-        return self.n
-
-    def path(self, i):
-        return os.path.join(self.root, f"{i:08d}.safetensors")
-
-    def get(self, i, seed):
-        return {**load_file(self.path(i)), "skipped": []}
-
-
-class ItemDataset(torch.utils.data.Dataset):
-    """Map-style wrapper: item = (index, clip seed, global slot k) -> source.get(index, seed) plus k."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, item):
-        i, seed, k = item
-        return {**self.source.get(i, seed), "key": k}
-
-
-def collate(items):
-    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("skipped", "key")}
-    out["keys"] = [it["key"] for it in items]
-    out["skipped"] = [p for it in items for p in it["skipped"]]
-    return out
-
-
-class StepBatches:
-    """Batch sampler: for steps start..max_steps-1, the micro-batches of this rank. Global slot k of step s maps
-    to dataset position g = s * global_batch + k of a per-epoch permutation seeded by (seed, epoch). Rank r's
-    micro-batch m holds slots (m * world + r) * b ... + b - 1. The clip seed is a function of (seed, s, k)."""
-
-    def __init__(self, n, seed, batch, accum, world, rank, start, max_steps):
-        self.n, self.seed, self.b, self.accum, self.world, self.rank = n, seed, batch, accum, world, rank
-        self.start, self.max_steps, self._perm = start, max_steps, {}
-
-    def index(self, g):
-        e = g // self.n
-        if e not in self._perm:
-            self._perm = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(sample_seed(self.seed, e, 1)))}
-        return int(self._perm[e][g % self.n])
-
-    def __len__(self):
-        return (self.max_steps - self.start) * self.accum
-
-    def __iter__(self):
-        G = self.b * self.accum * self.world
-        for s in range(self.start, self.max_steps):
-            for m in range(self.accum):
-                ks = [(m * self.world + self.rank) * self.b + j for j in range(self.b)]
-                yield [(self.index(s * G + k), sample_seed(self.seed, s, k, 2), k) for k in ks]
-
 # -----------------------------------------------------------------------------
 # distributed helpers (torchrun env:// init; NCCL on GPU, gloo on CPU)
 
-
-def dist_setup(device_arg, timeout_min=120):
-    """torchrun env:// init with a `timeout_min` collective timeout (rank 0 alone saves/samples meanwhile)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = load_svd.pick_device(device_arg)
-    cuda = device.type == "cuda"
-    if cuda:
-        device = torch.device(f"cuda:{local}") if device.index is None else device    # torchrun: one GPU per rank
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
-    return rank, world, device
-
-
-def _buckets(tensors, bucket):
-    """Consecutive groups of same-dtype tensors of up to `bucket` elements."""
-    group = []
-    for t in list(tensors) + [None]:
-        if group and (t is None or t.dtype != group[0].dtype or sum(x.numel() for x in group) >= bucket):
-            yield group
-            group = []
-        if t is not None:
-            group.append(t)
-
-
-def _collective_(tensors, fn, bucket, device=None):
-    """fn on flat buckets of the tensors, moved to `device` for it (NCCL: host tensors, e.g. a host EMA)."""
-    for group in _buckets(tensors, bucket):
-        flat = torch.cat([x.reshape(-1) for x in group]).to(device or group[0].device)
-        fn(flat)
-        o = 0
-        for x in group:
-            x.copy_(flat[o:o + x.numel()].view_as(x))
-            o += x.numel()
-
-
-def all_reduce_mean(tensors, world, bucket=1 << 26):
-    """Average tensors across ranks in place, in flat buckets of up to `bucket` elements."""
-    if world > 1:
-        _collective_(tensors, lambda flat: (dist.all_reduce(flat), flat.div_(world)), bucket)
-
-
-def broadcast_from_rank0(tensors, world, bucket=1 << 26, device=None):
-    """Overwrite tensors in place with rank 0's, in flat buckets (sent from `device`)."""
-    if world > 1:
-        _collective_(tensors, lambda flat: dist.broadcast(flat, src=0), bucket, device)
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
 
 def copy_module(m, device, dtype=None):
     """A deep copy of module m with every parameter and buffer copied to `device` (floating ones in `dtype`), tensor
@@ -1042,178 +742,9 @@ class Trainer:
 # encoding, latent cache, sample videos
 
 
-def write_text(path, text):
-    """Atomic text file (load_svd.atomic_write)."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def write_json(path, obj, indent=None):
-    write_text(path, json.dumps(obj, indent=indent))
-
-
-def move_frozen(svd, device, dtype):
-    for m in (svd.vae, svd.cond_encoder, svd.clip):
-        m.to(device=device, dtype=dtype).requires_grad_(False).eval()
-
-
-@torch.no_grad()
-def encode_videos(svd, video, args, keys, seed_keys, device):
-    """video (B, T, 3, H, W) in [-1, 1] -> latents (B,T,4,h,w) (posterior mean * scale), and SVD.condition of the
-    first frame: cond (B,4,h,w) of the noise-augmented frame, image_embeds (B, D) of the clean frame."""
-    B, T = video.shape[:2]
-    dt = svd.clip.conv1.weight.dtype
-    video = video.to(device)
-    gens = [torch.Generator().manual_seed(sample_seed(*seed_keys, k, 4)) for k in keys]
-    cond = svd.condition(video[:, 0], gens, cond_aug=args.cond_aug)
-    lat = torch.cat([svd.vae.encode(c.to(dt))[0] for c in video.flatten(0, 1).split(16)])
-    return {"latents": (lat.float() * svd.cfg.vae.scale_factor).reshape(B, T, *lat.shape[1:]),
-            "cond": cond["cond_latent"].float(), "image_embeds": cond["image_embeds"].float()}
-
-
-def build_cache(source, svd, args, root, rank, world, device):
-    """Encode every item of `source` once (clip seed and cond-aug noise fixed per item) into root/<i>.safetensors.
-    Resumable: existing files are kept. Items are sharded over ranks; rank 0 writes index.json last."""
-    os.makedirs(root, exist_ok=True)
-    todo = [i for i in range(rank, len(source), world) if not os.path.exists(os.path.join(root, f"{i:08d}.safetensors"))]
-    for i in tqdm(todo, desc="caching latents", disable=rank != 0):
-        item = source.get(i, sample_seed(args.seed, i, 5))
-        enc = encode_videos(svd, item["video"][None], args, [i], (args.seed, -1), device)
-        tensors = {k: v[0].cpu().contiguous() for k, v in enc.items()}
-        atomic_write(os.path.join(root, f"{i:08d}.safetensors"), lambda tmp: save_file(tensors, tmp))
-    barrier(world)
-    if rank == 0:
-        write_json(os.path.join(root, "index.json"), {"n": len(source), "skipped": getattr(source, "skipped", [])})
-    barrier(world)
-
 # -----------------------------------------------------------------------------
 # memory plan: the predicted peak of one training step, before anything is on the device
 
-# Activations of one G step per unit B*T*h*w*model_channels*bytes-per-element (2 under bf16 autocast, else 4), by
-# --grad-ckpt: (live at the peak with every gradient present; the most live at any point, gradients freed as they are
-# produced (--fused-step); on a step that logs the per-term gradient norms, whose first backward pass retains the
-# graph). An estimate: fitted so that the plan reproduces the peaks bench.py --simulate finds for SVD at 14x448x768,
-# batch 1, bf16 (checkpointing: 27.4 GiB, 17.4 fused with the EMA on the host, 23.9 logged with the EMA on the host;
-# without: 72.4, and 73.0 logged with the EMA on the host; the fused case without checkpointing is not simulated).
-ACTIVATION_UNITS = {True: (92.0, 117.2, 139.6), False: (1032.3, 1032.3, 1172.1)}
-
-
-def _grad_params(unet_cfg, T, h, w):
-    """Which generator parameters a backward reaches at this latent size (one-key attention has no q/k gradient):
-    names, from a forward and backward on the meta device (shapes only, no memory, no arithmetic)."""
-    from model import UNet
-    with torch.device("meta"):
-        G = UNet(unet_cfg)
-        x = torch.zeros(1, T, unet_cfg.in_channels, h, w)
-        out = G(x, torch.zeros(1), torch.zeros(1, unet_cfg.context_dim), torch.zeros(1, 3))
-    out.sum().backward()
-    return {n for n, p in G.named_parameters() if p.grad is not None}
-
-
-def memory_plan(args, cfg, T, H, W, device):
-    """Predicted device memory of one training step of `cfg` (an SVDConfig) at T x H x W pixels on `device`:
-    {"items": [(label, bytes)], "peak", "term_grads" (bytes a step that logs the per-term gradient norms adds),
-    "limit" (bytes; None on CPU), "options"}. Weights, EMA, optimiser state, gradients and the frozen D backbone are
-    exact byte counts from the parameter shapes (built on the meta device); activations are an estimate
-    (ACTIVATION_UNITS). The D step and the sample videos (after the step, gradients freed) peak lower."""
-    from model import UNet
-    cuda = device.type == "cuda"
-    amp = args.bf16 and cuda
-    sfv = args.mode == "sfv"
-    with torch.device("meta"):
-        G = UNet(cfg.unet)
-        D = Discriminator(G, args.disc_heads, args.head_channels, args.cmap_dim, args.cond_embed_dim,
-                          args.disc_tap) if sfv else None
-    f = latent_factor(cfg.vae)
-    h, w = H // f, W // f
-    with_grad = _grad_params(cfg.unet, T, h, w)
-    named = list(G.named_parameters())
-    fp32 = 4
-    n_g = sum(p.numel() for _, p in named)
-    state_bytes = STATE_DTYPES[args.optim_state_dtype].itemsize
-
-    def opt_bytes(params):
-        out = 0
-        for p in params:
-            if args.optimizer == "adamw":
-                out += 2 * p.numel() * fp32 + 4                        # exp_avg, exp_avg_sq, step
-            else:
-                acc = p.numel() if p.ndim <= 1 else sum(p.shape)        # SM3: one accumulator per dimension
-                out += acc * fp32 + 4 + (p.numel() * state_bytes if args.beta1 > 0 else 0)
-        return out
-    g_train = [p for n, p in named if n in with_grad]
-    ema_host = cuda and args.ema_device == "cpu"
-    items = [("G weights (fp32)", n_g * fp32),
-             ("EMA (fp32" + (", on the host)" if ema_host else ")"), 0 if ema_host else n_g * fp32),
-             (f"G optimiser state ({args.optimizer}" + (f", {args.optim_state_dtype} momentum)" if args.optimizer == "sm3"
-                                                         else ")"), opt_bytes(g_train)),
-             ("G gradients" + (" (freed as produced: --fused-step)" if args.fused_step else ""),
-              0 if args.fused_step else sum(p.numel() for p in g_train) * fp32)]
-    if sfv:
-        heads = D.head_parameters()
-        items += [("D backbone (frozen" + (", bf16)" if amp else ")"),
-                   sum(p.numel() for p in D.backbone.parameters()) * (2 if amp else fp32)),
-                  ("D heads + optimiser", sum(p.numel() for p in heads) * fp32 + opt_bytes(heads))]
-    if amp and not args.grad_ckpt:
-        items.append(("bf16 weight copies saved for the backward", n_g * 2))
-    unit = args.batch_size * T * h * w * cfg.unet.model_channels * (2 if amp else 4)
-    end, most, logged = ACTIVATION_UNITS[args.grad_ckpt]
-    state = sum(b for _, b in items)
-    grads = dict(items)[items[3][0]]
-    peak = max(state + end * unit, state - grads + most * unit)
-    items.append((f"activations (estimate: {end if grads else most:g} x B*T*h*w*C*bytes)",
-                  peak - state))
-    limit = None
-    if cuda:
-        limit = (args.max_memory * 2 ** 30 if args.max_memory > 0
-                 else torch.cuda.get_device_properties(device).total_memory - 2 ** 30)
-    opts = (f"EMA on {'the host' if ema_host else 'the device'}, autocast cache {'on' if args.autocast_cache else 'off'}, "
-            f"fused step {'on' if args.fused_step else 'off'}, optimiser state {args.optim_state_dtype}, "
-            f"checkpointing {'on' if args.grad_ckpt else 'off'}, bf16 autocast {'on' if amp else 'off'}, "
-            f"sample decode chunk {args.sample_decode_chunk}")
-    term = 0                                   # what a step that logs the per-term gradient norms adds
-    if sfv and args.log_term_grads:            # one micro-batch: Trainer._split_backward (every gradient present)
-        term = max(0, state - grads + sum(p.numel() for p in g_train) * fp32 + logged * unit - peak)
-        if args.grad_accum > 1:                # more: the G-sized buffer of the recon term's gradient
-            term += n_g * fp32
-    return {"items": items, "peak": peak, "term_grads": term, "limit": limit, "options": opts}
-
-
-def format_plan(plan, what):
-    """The plan as printed before the first step."""
-    gib = lambda b: f"{b / 2**30:6.2f} GiB"
-    lines = [f"memory plan ({what}): {plan['options']}"]
-    lines += [f"  {label:<58}{gib(b)}" for label, b in plan["items"]]
-    tail = f" of {plan['limit'] / 2**30:.1f} GiB (--max-memory)" if plan["limit"] else " (checked on CUDA only)"
-    lines.append(f"  {'predicted peak of a training step':<58}{gib(plan['peak'])}{tail}")
-    if plan["term_grads"]:
-        lines.append(f"  {'  steps that log the term gradients (--log-term-grads)':<58}"
-                     f"{gib(plan['peak'] + plan['term_grads'])}")
-    return "\n".join(lines)
-
-
-def check_plan(plan, args):
-    """Refuse a plan predicted not to fit (UserError naming the biggest items and the flags that would help); turn
-    --log-term-grads off (a note) when only its buffer does not fit. -> the note or None."""
-    limit = plan["limit"]
-    if limit is None:
-        return None
-    if plan["peak"] > limit:
-        big = sorted(plan["items"], key=lambda it: -it[1])[:3]
-        fix = [f for f, on in (("--ema-device cpu", args.ema_device != "cpu"),
-                               ("--fused-step --grad-clip 0", not args.fused_step),
-                               ("--optim-state-dtype bf16", args.optimizer == "sm3" and args.optim_state_dtype == "fp32"),
-                               ("--grad-ckpt", not args.grad_ckpt)) if on]
-        raise UserError(f"predicted peak {plan['peak'] / 2**30:.1f} GiB does not fit in {limit / 2**30:.1f} GiB "
-                        f"(--max-memory); largest: " + ", ".join(f"{l.split(' (')[0]} {b / 2**30:.1f}" for l, b in big)
-                        + " GiB; try " + ", ".join(fix + ["fewer --frames or a smaller --height/--width"]))
-    if plan["term_grads"] and plan["peak"] + plan["term_grads"] > limit:
-        args.log_term_grads = False
-        return (f"note: --log-term-grads off: the steps that log them need {plan['term_grads'] / 2**30:.1f} GiB more, "
-                f"over --max-memory ({(plan['peak'] + plan['term_grads']) / 2**30:.1f} > {limit / 2**30:.1f} GiB)")
-    return None
 
 # -----------------------------------------------------------------------------
 # main: checks (seconds, before any model is built), data, model, resume, the loop
@@ -1245,9 +776,9 @@ def resume_mismatch(saved_json, args):
 def prepare_out(args, master):
     """Check that --out (and --cache) can be written and holds no folder where a file goes (or the reverse), create
     --out, remove stale temp files of interrupted writes
-    (load_svd.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). -> the folders created now (removed
+    (cli.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). -> the folders created now (removed
     again if the start fails)."""
-    created = load_svd.check_folder("--out", args.out)
+    created = cli.check_folder("--out", args.out)
     if args.cache and os.path.exists(args.cache) and not os.path.isdir(args.cache):
         raise UserError(f"--cache {args.cache} is a file; pass a folder (it is created if missing)")
     for name in OUT_FILES + ("samples",):                                 # what train.py writes into --out
@@ -1264,7 +795,7 @@ def prepare_out(args, master):
         raise UserError(f"cannot write to --out {args.out} ({e.strerror or e}); pass a writable folder") from None
     if master:
         for d in (args.out, os.path.join(args.out, "samples"), args.cache):
-            for path in load_svd.remove_stale_temps(d) if d else []:
+            for path in cli.remove_stale_temps(d) if d else []:
                 print(f"removed {path} (left by an interrupted write)")
     return created
 
@@ -1545,7 +1076,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except (MemoryError, RuntimeError) as e:                           # torch.OutOfMemoryError is a RuntimeError
-        text = load_svd.oom_text(e)
+        text = cli.oom_text(e)
         if text is None:
             raise
         print(f"error: out of memory ({text}); try a smaller --batch-size (with a larger "
