@@ -45,7 +45,6 @@ import json
 import math
 import os
 import pickle
-import resource
 import sys
 import tempfile
 import time
@@ -53,7 +52,6 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from tqdm import tqdm
 
 import cli
@@ -63,7 +61,7 @@ from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty,
 from data import (VIDEO_EXTS, ItemDataset, LatentCache, StepBatches, SyntheticVideos, VideoFolder, build_cache, collate,
                   encode_videos, move_frozen, probe_videos, sample_seed, unusable_videos, video_paths, write_video)
 from distributed import all_reduce_mean, barrier, broadcast_from_rank0, dist_setup
-from memory_plan import check_plan, format_plan, memory_plan
+from memory_plan import MemoryOptions, check_plan, copy_module, format_plan, memory_plan, peak_memory_gb
 from model import CONFIGS, SVD, added_time_ids, denoise, karras_sigmas, sample_latents
 
 # -----------------------------------------------------------------------------
@@ -450,23 +448,14 @@ def make_optimizer(args, params, lr):
 # distributed helpers (torchrun env:// init; NCCL on GPU, gloo on CPU)
 
 
-def copy_module(m, device, dtype=None):
-    """A deep copy of module m with every parameter and buffer copied to `device` (floating ones in `dtype`), tensor
-    by tensor through the deepcopy memo: no second full copy on m's own device."""
-    memo = {}
-    for t in [*m.parameters(), *m.buffers()]:
-        c = t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
-                          copy=True)
-        memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
-    return copy.deepcopy(m, memo)
-
 # -----------------------------------------------------------------------------
 # the trainer
 
 
-class Trainer:
+class Trainer(MemoryOptions):
     """Holds G (svd.unet), its EMA, D (sfv mode) and the optimisers; step() runs one optimiser step on a list of
-    micro-batches (dicts with latents (B,T,4,h,w), cond (B,4,h,w), image_embeds (B,D), keys)."""
+    micro-batches (dicts with latents (B,T,4,h,w), cond (B,4,h,w), image_embeds (B,D), keys). The memory options of
+    the G step (--fused-step, per-term gradient norms) are inherited: memory_plan.MemoryOptions."""
 
     def __init__(self, args, svd, device, rank=0, world=1):
         self.args, self.svd, self.device, self.rank, self.world = args, svd, device, rank, world
@@ -487,7 +476,7 @@ class Trainer:
         self.ema.requires_grad_(False).eval()
         self.opt_g = make_optimizer(args, self.G.parameters(), args.lr_g)
         self._fused = None                         # --fused-step: the running squared gradient norms during a backward
-        if args.fused_step:
+        if args.fused_step:                        # each G weight steps inside the backward (MemoryOptions)
             for p in self.G.parameters():
                 p.register_post_accumulate_grad_hook(self._fused_hook)
         self.step_num, self.skipped_run = 0, 0
@@ -524,74 +513,18 @@ class Trainer:
         gens = [torch.Generator().manual_seed(sample_seed(self.args.seed, step, k, 7)) for k in keys]
         return [torch.stack([torch.randn(f.shape[1:], generator=g) for g in gens]).to(self.device) for f in feats]
 
-    def _finish(self, opt, params, lr, term=None, reduced=False):
-        """All-reduce gradients (unless `reduced` already), clip, step. Returns {"": global grad norm before
-        clipping}; with `term` (one loss term's gradient, aligned with params) also {"_rec": its global norm, "_adv":
-        the norm of the rest}."""
-        keep = [i for i, p in enumerate(params) if p.grad is not None]
-        params = [params[i] for i in keep]
+    def _finish(self, opt, params, lr, reduced=False):
+        """All-reduce the gradients (data parallel; unless `reduced` already), clip, step. -> {"": the global gradient
+        norm before clipping}"""
+        params = [p for p in params if p.grad is not None]
         if not reduced:
             all_reduce_mean([p.grad for p in params], self.world)
-        norms = {}
-        if term is not None:
-            term = [term[i] for i in keep]
-            all_reduce_mean(term, self.world)
-            norms["_rec"] = torch.stack([t.square().sum() for t in term]).sum().sqrt().item()
-            norms["_adv"] = torch.stack([(p.grad - t).square().sum() for p, t in zip(params, term)]).sum().sqrt().item()
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip if self.args.grad_clip > 0 else float("inf"))
-        norms[""] = norm.item()
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return norms
-
-    def _fused_hook(self, p):
-        """--fused-step (post-accumulate-grad hook of every G weight): p's gradient is complete. All-reduce it (data
-        parallel; unless _split_backward did), add its squares to the running norm, step p alone (the optimiser's
-        group narrowed to [p]) and free the gradient."""
-        f = self._fused
-        if f is None:                                                   # a backward outside g_step
-            return
-        if not f["reduced"]:
-            all_reduce_mean([p.grad], self.world)
-        f["sq"] += p.grad.float().square().sum()
-        group = self.opt_g.param_groups[0]
-        params, group["params"] = group["params"], [p]
-        try:
-            self.opt_g.step()
-        finally:
-            group["params"] = params
-        p.grad = None
-
-    def _split_backward(self, adv, rec, params):
-        """backward() of adv + rec as two passes, for the gradient norm of each term of one micro-batch without a
-        G-sized buffer: pass 1 leaves the adversarial term's gradient in .grad (data parallel: all-reduced), pass 2
-        adds the reconstruction term's, whose norm a tensor hook on each weight takes before it is accumulated (data
-        parallel: all-reduced there, per weight). -> ({"_adv", "_rec"} norms, whether .grad is all-reduced)."""
-        fused, self._fused = self._fused, None                          # no fused step on a partial gradient
-        adv.backward(retain_graph=True)
-        live = [p for p in params if p.grad is not None]
-        all_reduce_mean([p.grad for p in live], self.world)
-        sq = {"_adv": torch.stack([p.grad.float().square().sum() for p in live]).sum(),
-              "_rec": torch.zeros((), device=self.device)}
-
-        def hook(g):
-            if self.world > 1:
-                g = g.clone()
-                all_reduce_mean([g], self.world)
-            sq["_rec"] += g.float().square().sum()
-            return g
-        handles = [p.register_hook(hook) for p in params]
-        if fused is not None:
-            fused["reduced"] = True
-        self._fused = fused
-        try:
-            rec.backward()
-        finally:
-            for h in handles:
-                h.remove()
-        return {k: v.sqrt().item() for k, v in sq.items()}
+        return {"": norm.item()}
 
     def lr(self, base):
         """Linear warm-up over --warmup steps, then a cosine decay to lr_final * base at --lr-decay-steps."""
@@ -607,22 +540,15 @@ class Trainer:
         return x0, mb["cond"].to(self.device), mb["image_embeds"].to(self.device), self.ids.expand(x0.shape[0], -1)
 
     def g_step(self, micros, noises, log_terms=False):
-        """Generator step on the mode's objective (sfv_generator_loss: the D heads frozen, gradients flow through D to
-        x0_hat; diffusion_loss). noises: one Trainer.noise per micro-batch. Returns (metrics, detached x0_hat per
-        micro-batch). log_terms (sfv): also the gradient norms of the adversarial and the weighted recon term."""
-        a, n_micro = self.args, len(micros)
-        m, fakes = {}, []
+        """Generator step on the mode's objective (sfv_generator_loss: D frozen, its gradient reaches x0_hat only;
+        diffusion_loss), the gradient averaged over the micro-batches; then the EMA. noises: one Trainer.noise per
+        micro-batch. log_terms (sfv): also the gradient norms of the adversarial and the weighted recon term (both,
+        and --fused-step, run by MemoryOptions). -> (metrics, detached x0_hat per micro-batch)"""
+        a, n = self.args, len(micros)
         if self.D is not None:
             self.D.requires_grad_(False)
-        params = list(self.G.parameters())
-        terms = log_terms and a.log_term_grads and self.D is not None
-        # per-term gradient norms: one micro-batch: _split_backward; more: the weighted recon term's gradient summed
-        # over the micro-batches in `term`, a G-sized buffer
-        term, norms, split = None, {}, terms and n_micro == 1
-        fused = a.fused_step
-        if fused:                       # the optimiser steps inside backward() (_fused_hook)
-            self.opt_g.param_groups[0]["lr"] = self.lr(a.lr_g)
-            self._fused = {"sq": torch.zeros((), device=self.device), "reduced": False}
+        opts = self._memory_begin(log_terms, n)                        # None: the plain step
+        m, fakes = {}, []
         for mb, nz in zip(micros, noises):
             x0, cond, emb, ids = self.inputs(mb)
             with self.autocast():
@@ -631,28 +557,18 @@ class Trainer:
                 else:
                     loss, logs, x0_hat = diffusion_loss(self.G, x0, cond, emb, ids, nz, a)
             for k, v in logs.items():
-                m[k] = m.get(k, 0.0) + v.item() / n_micro
+                m[k] = m.get(k, 0.0) + v.item() / n
             if self.D is not None:
-                fakes.append(x0_hat.detach())
-            if split:
-                norms = self._split_backward(logs["adv_g"], a.recon_weight * logs["recon"], params)
-                continue
-            if terms:
-                grads = torch.autograd.grad(a.recon_weight * logs["recon"] / n_micro, params, retain_graph=True,
-                                            allow_unused=True)
-                grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-                term = grads if term is None else [t.add_(g) for t, g in zip(term, grads)]
-                del grads
-            (loss / n_micro).backward()
-        if fused:
-            norms[""] = self._fused["sq"].sqrt().item()
-            self._fused = None
-        else:
-            norms.update(self._finish(self.opt_g, params, self.lr(a.lr_g), term, split))
-        del term
+                fakes.append(x0_hat.detach())                          # the D step's fakes: no second G forward
+            if opts is None:
+                (loss / n).backward()
+            else:
+                self._memory_backward(opts, loss, logs, n)
+        params = list(self.G.parameters())
+        norms = self._finish(self.opt_g, params, self.lr(a.lr_g)) if opts is None else self._memory_end(opts)
         m.update({"grad_norm_g" + k: v for k, v in norms.items()})
         with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.G.parameters()):
+            for e, p in zip(self.ema.parameters(), params):
                 e.lerp_(p.detach().to(e.device, e.dtype), 1 - a.ema)     # --ema-device cpu: a copy to the host
         m["lr_g"] = self.lr(a.lr_g)
         return m, fakes
@@ -748,12 +664,6 @@ class Trainer:
 
 # -----------------------------------------------------------------------------
 # main: checks (seconds, before any model is built), data, model, resume, the loop
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20          # Linux: KiB -> GiB (process RSS)
 
 
 MODEL_ARGS = ("mode", "init", "disc_heads", "head_channels", "cmap_dim", "cond_embed_dim", "disc_tap", "bf16",
