@@ -141,7 +141,6 @@ def check_plan(plan, args):
                 f"over --max-memory ({(plan['peak'] + plan['term_grads']) / 2**30:.1f} > {limit / 2**30:.1f} GiB)")
     return None
 
-
 # -----------------------------------------------------------------------------
 # the measured peak, and module copies on another device
 
@@ -161,7 +160,6 @@ def copy_module(m, device, dtype=None):
                           copy=True)
         memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
     return copy.deepcopy(m, memo)
-
 
 # -----------------------------------------------------------------------------
 # the memory options of train.py's generator step (not part of SF-V): the same step with less memory, or with the
