@@ -1,13 +1,20 @@
 """
-The memory plan of one train.py step: the predicted peak device memory, printed before the first step, and the refusal
-of a configuration predicted not to fit (--max-memory). Weights, EMA, optimiser state, gradients and the frozen D
-backbone are exact byte counts from the parameter shapes (built on the meta device); activations are an estimate
-fitted to bench.py --simulate.
+The memory side of train.py, none of it part of SF-V. The memory plan of one training step: the predicted peak device
+memory, printed before the first step, and the refusal of a configuration predicted not to fit (--max-memory).
+Weights, EMA, optimiser state, gradients and the frozen D backbone are exact byte counts from the parameter shapes
+(built on the meta device); activations are an estimate fitted to bench.py --simulate. Then the measured peak, the
+tensor-by-tensor module copy behind --ema-device cpu, and the memory options of the generator step (MemoryOptions:
+--fused-step and the per-term gradient norms), which train.Trainer inherits.
 """
+import copy
+import resource
+
 import torch
+import torch.nn as nn
 
 from cli import UserError
 from discriminator import Discriminator
+from distributed import all_reduce_mean
 from model import UNet, latent_factor
 
 STATE_BYTES = {"fp32": 4, "bf16": 2}                         # --optim-state-dtype -> bytes per momentum element
@@ -133,3 +140,125 @@ def check_plan(plan, args):
         return (f"note: --log-term-grads off: the steps that log them need {plan['term_grads'] / 2**30:.1f} GiB more, "
                 f"over --max-memory ({(plan['peak'] + plan['term_grads']) / 2**30:.1f} > {limit / 2**30:.1f} GiB)")
     return None
+
+# -----------------------------------------------------------------------------
+# the measured peak, and module copies on another device
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20          # Linux: KiB -> GiB (process RSS)
+
+
+def copy_module(m, device, dtype=None):
+    """A deep copy of module m with every parameter and buffer copied to `device` (floating ones in `dtype`), tensor
+    by tensor through the deepcopy memo: no second full copy on m's own device."""
+    memo = {}
+    for t in [*m.parameters(), *m.buffers()]:
+        c = t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
+                          copy=True)
+        memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
+    return copy.deepcopy(m, memo)
+
+# -----------------------------------------------------------------------------
+# the memory options of train.py's generator step (not part of SF-V): the same step with less memory, or with the
+# per-term gradient norms of the logged steps
+
+
+class MemoryOptions:
+    """Methods of train.Trainer (it inherits them) that run its G step under the memory options. --fused-step: each G
+    weight steps inside the backward as soon as its gradient is complete (_fused_hook), and that gradient is freed: no
+    G-sized gradient memory. Per-term gradient norms (--log-term-grads, on logged steps): with one micro-batch the
+    backward is split in two passes (_split_backward); with more, the weighted recon term's gradient is summed in a
+    G-sized buffer. Uses the Trainer's args, G, D, opt_g, world, device, lr(), _finish() and _fused."""
+
+    def _memory_begin(self, log_terms, n_micro):
+        """The state of one G step under the memory options; None if none applies (the plain step)."""
+        a = self.args
+        terms = log_terms and a.log_term_grads and self.D is not None
+        if not (terms or a.fused_step):
+            return None
+        if a.fused_step:                       # the optimiser steps inside backward() (_fused_hook)
+            self.opt_g.param_groups[0]["lr"] = self.lr(a.lr_g)
+            self._fused = {"sq": torch.zeros((), device=self.device), "reduced": False}
+        return {"split": terms and n_micro == 1, "buffer": terms and n_micro > 1, "term": None, "norms": {}}
+
+    def _memory_backward(self, o, loss, logs, n_micro):
+        """backward() of one micro-batch's loss / n_micro; per-term norms: the split passes, or the term buffer."""
+        params = list(self.G.parameters())
+        if o["split"]:
+            o["norms"] = self._split_backward(logs["adv_g"], self.args.recon_weight * logs["recon"], params)
+            return
+        if o["buffer"]:
+            grads = torch.autograd.grad(self.args.recon_weight * logs["recon"] / n_micro, params, retain_graph=True,
+                                        allow_unused=True)
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+            o["term"] = grads if o["term"] is None else [t.add_(g) for t, g in zip(o["term"], grads)]
+            del grads
+        (loss / n_micro).backward()
+
+    def _memory_end(self, o):
+        """Step G (unless the fused hooks did) -> gradient norms {"": global; "_rec", "_adv" per term (logged steps)}:
+        the term buffer's norm and that of the rest of the (all-reduced) gradient."""
+        norms, params = o["norms"], list(self.G.parameters())
+        if self.args.fused_step:
+            norms[""] = self._fused["sq"].sqrt().item()
+            self._fused = None
+            return norms
+        if o["buffer"]:
+            live = [(p, t) for p, t in zip(params, o["term"]) if p.grad is not None]
+            all_reduce_mean([p.grad for p, _ in live], self.world)
+            all_reduce_mean([t for _, t in live], self.world)
+            norms["_rec"] = torch.stack([t.square().sum() for _, t in live]).sum().sqrt().item()
+            norms["_adv"] = torch.stack([(p.grad - t).square().sum() for p, t in live]).sum().sqrt().item()
+            o["term"] = live = None                                  # the buffer is freed before the step
+        return {**norms, **self._finish(self.opt_g, params, self.lr(self.args.lr_g), reduced=o["split"] or o["buffer"])}
+
+    def _fused_hook(self, p):
+        """--fused-step (post-accumulate-grad hook of every G weight): p's gradient is complete. All-reduce it (data
+        parallel; unless _split_backward did), add its squares to the running norm, step p alone (the optimiser's
+        group narrowed to [p]) and free the gradient."""
+        f = self._fused
+        if f is None:                                                   # a backward outside g_step
+            return
+        if not f["reduced"]:
+            all_reduce_mean([p.grad], self.world)
+        f["sq"] += p.grad.float().square().sum()
+        group = self.opt_g.param_groups[0]
+        params, group["params"] = group["params"], [p]
+        try:
+            self.opt_g.step()
+        finally:
+            group["params"] = params
+        p.grad = None
+
+    def _split_backward(self, adv, rec, params):
+        """backward() of adv + rec as two passes, for the gradient norm of each term of one micro-batch without a
+        G-sized buffer: pass 1 leaves the adversarial term's gradient in .grad (data parallel: all-reduced), pass 2
+        adds the reconstruction term's, whose norm a tensor hook on each weight takes before it is accumulated (data
+        parallel: all-reduced there, per weight). -> {"_adv", "_rec"} norms; .grad is then all-reduced."""
+        fused, self._fused = self._fused, None                          # no fused step on a partial gradient
+        adv.backward(retain_graph=True)
+        live = [p for p in params if p.grad is not None]
+        all_reduce_mean([p.grad for p in live], self.world)
+        sq = {"_adv": torch.stack([p.grad.float().square().sum() for p in live]).sum(),
+              "_rec": torch.zeros((), device=self.device)}
+
+        def hook(g):
+            if self.world > 1:
+                g = g.clone()
+                all_reduce_mean([g], self.world)
+            sq["_rec"] += g.float().square().sum()
+            return g
+        handles = [p.register_hook(hook) for p in params]
+        if fused is not None:
+            fused["reduced"] = True
+        self._fused = fused
+        try:
+            rec.backward()
+        finally:
+            for h in handles:
+                h.remove()
+        return {k: v.sqrt().item() for k, v in sq.items()}
+

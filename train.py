@@ -1,51 +1,38 @@
 """
-SF-V training (Zhang et al., NeurIPS 2024, sec. 3): fine-tune the SVD UNet into a single-step image-to-video
-generator by adversarial training against a discriminator made of the frozen SVD UNet encoder plus trainable
-spatial and temporal heads (discriminator.py). Also a plain SVD-style diffusion mode (stage 1 of the toy run).
+SF-V training (Zhang et al., NeurIPS 2024): fine-tune the SVD UNet into a single-step image-to-video generator by
+adversarial training against a discriminator made of the frozen SVD UNet encoder plus trainable spatial and temporal
+heads (discriminator.py). Also plain SVD-style diffusion training (--mode diffusion: stage 1 of the toy run).
 
     python train.py --init tiny --data synthetic --max-steps 200                     # toy run on CPU
     python train.py --init svd_xt.safetensors --data /videos --cache /cache/latents   # one GPU
     torchrun --nproc_per_node=8 train.py --init svd_xt.safetensors --data /videos ... # data parallel
-    python train.py ... --resume                     # continue from <out>/train_state.pt (a note if there is none)
-Peak GPU memory of one training step: `python bench.py --train-memory` (bench.py); before the first step train.py
-prints a memory plan (memory_plan: exact state bytes, estimated activations) and refuses one over --max-memory.
+    python train.py ... --resume                                  # continue from <out>/train_state.pt
 
-The objective (paper sec. 3.3, Eq. 1-3; every number is a flag below):
-  generator:     s ~ uniform over the 3 largest levels of a 4-level Karras grid; x_t = x0 + s eps;
-                 x0_hat = D_G(x_t, s) (SVD preconditioning, image/CLIP/vector conditioning, no CFG)
-  discriminator: s' ~ discretised lognormal (P_mean -1, P_std 1) snapped to a 1000-level Karras grid;
-                 SAME s' and eps' for real and fake: x' = x0 + s' eps', x0_hat' = x0_hat + s' eps'
-  L_D = mean relu(1 - D(real)) + mean relu(1 + D(fake)) + gamma * R1(real)       (standard hinge)
-  L_G = -mean D(fake) + 0.1 * pseudo-Huber(x0_hat, x0),  pseudo-Huber = sqrt(||x0_hat - x0||^2 + c^2) - c
-Choices the paper leaves open, each a flag (defaults follow the paper's wording where it has any):
-  R1: the paper adds "gamma R1" on the real samples without defining gamma or the gradient's scale. We penalise the
-      gradient w.r.t. the heads' input features (the backbone is frozen), per position of every head, in fp32
-      (discriminator.r1_penalty); gamma 0.05 makes gamma*R1 8-11% of L_D at init on the tiny config (logged as
-      r1_share every logged step). --r1 exact (forward-mode AD) and --r1 fd estimate the same quantity.
-  --huber-form norm (the paper's ||.||) | mean; --disc-tap after ("after each downsampling block") | before;
-  --sm3-variant plain (the reference SM3) | debiased.
-One iteration (Trainer.step): each micro-batch's noise is drawn once (Trainer.noise); the G step
-(sfv_generator_loss; diffusion mode: diffusion_loss) runs one G forward, whose fakes are reused detached by the D step
-(discriminator_loss), as in ADD (Sauer et al. 2023). The D step runs the frozen backbone without a graph (nothing
-upstream of the heads needs a gradient there).
-main -> run: check_args, prepare_out, read_state, probe_data, build_model_and_data (every bad input is one line
-`error: ...` before a model is built), then prepare_data, resume and train_loop.
+The objective (SF-V sec. 3.3), x0 a clean video latent, eps and eps' ~ N(0, I), D_G the SVD-preconditioned UNet:
+  generator:     sigma ~ uniform over the 3 largest levels of a 4-level Karras grid; x0_hat = D_G(x0 + sigma eps, sigma)
+                 (one evaluation, with the image/CLIP/vector conditioning, no CFG)
+  discriminator: sigma' ~ lognormal (P_mean -1, P_std 1) snapped to a 1000-level Karras grid; real and fake get the
+                 SAME noise:  x' = x0 + sigma' eps',  x0_hat' = x0_hat + sigma' eps'
+  L_D = E max(0, 1 - D(x')) + E max(0, 1 + D(x0_hat')) + gamma R1(x')                  (hinge; x0_hat detached)
+  L_G = -E D(x0_hat') + 0.1 pseudo-Huber(x0_hat, x0),     pseudo-Huber(a, b) = sqrt(||a - b||^2 + c^2) - c
+The paper leaves gamma, R1's variable and c open: R1 here is the squared gradient w.r.t. the heads' input features
+(the backbone is frozen; discriminator.r1_penalty), gamma 0.05, c 0.001 (OSV's). Every number is a flag (the table at
+the end of this file). One iteration (Trainer.step) draws each micro-batch's noise once; one G forward makes the fakes
+that the D step reuses, detached (as in ADD, Sauer et al. 2023).
 
-Reproducibility and scale-out: every random number of a training sample (clip choice, sigmas, noises, cond-aug,
-R1 perturbation) comes from a generator seeded by (seed, step, global slot in the batch), and the dataset order is
-a per-epoch permutation of (seed, epoch). So the data position is the step counter, resume is exact, and N
-processes with batch b give the same result as one process with batch N*b. Data parallelism all-reduces gradients
-once per optimiser step (DDP semantics with no_sync during accumulation); we do not wrap in nn.parallel.DDP because
-G and D alternate and R1 differentiates a forward-mode derivative. All trainable weights are broadcast from rank 0
-at start; rank-0-only work (video probing is sharded; saving, samples) is bounded by --dist-timeout.
+Every random number of a training sample comes from a generator seeded by (seed, step, global slot in the batch) and
+the data order is a per-epoch permutation of (seed, epoch): resume is exact, and N processes with batch b give the same
+result as one with batch N*b (gradients all-reduced once per optimiser step; not nn.parallel.DDP, since G and D
+alternate and R1 differentiates a forward-mode derivative).
 """
 import argparse
 import copy
 import json
 import math
+import operator
 import os
 import pickle
-import resource
+import re
 import sys
 import tempfile
 import time
@@ -53,7 +40,6 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from tqdm import tqdm
 
 import cli
@@ -63,226 +49,11 @@ from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty,
 from data import (VIDEO_EXTS, ItemDataset, LatentCache, StepBatches, SyntheticVideos, VideoFolder, build_cache, collate,
                   encode_videos, move_frozen, probe_videos, sample_seed, unusable_videos, video_paths, write_video)
 from distributed import all_reduce_mean, barrier, broadcast_from_rank0, dist_setup
-from memory_plan import check_plan, format_plan, memory_plan
+from memory_plan import MemoryOptions, check_plan, copy_module, format_plan, memory_plan, peak_memory_gb
 from model import CONFIGS, SVD, added_time_ids, denoise, karras_sigmas, sample_latents
 
 # -----------------------------------------------------------------------------
-# default config values, each overridable by a flag (--name-with-dashes); `--help` lists them all
-
-DEFAULTS = [
-    # run
-    ("mode", "sfv", "sfv: adversarial single-step fine-tuning; diffusion: plain SVD-style EDM training (stage 1)"),
-    ("init", "tiny", "generator init: a model.CONFIGS preset name (tiny, toy: random weights) or a checkpoint for "
-                     "load_svd.load (official single file, diffusers folder, our bundle)"),
-    ("data", "synthetic", "'synthetic' (SyntheticVideos) or a folder of videos (" + ", ".join(e[1:] for e in VIDEO_EXTS)
-                          + "; searched recursively; corrupt or too-short files are skipped and counted)"),
-    ("out", "out/sfv", "output dir: model.safetensors (EMA bundle), train_state.pt, log.jsonl, samples/"),
-    ("resume", False, "continue from <out>/train_state.pt (optimisers, EMA, step, RNG, data position) and say so; "
-                      "if there is none yet, a one-line note and a fresh start. Without --resume an existing state "
-                      "is overwritten at the first save (a note says so)"),
-    ("resume_any_args", False, "--resume even if the model-defining arguments (init, mode, D heads/sizes/tap, bf16, "
-                               "optimizer) differ from the saved run's"),
-    ("seed", 0, "seed of the init and of every sample's randomness"),
-    ("device", "auto", "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps; under torchrun cuda means cuda:LOCAL_RANK"),
-    ("max_steps", 50000, "optimiser steps (the paper: 50K)"),
-    # data
-    ("frames", 0, "frames per clip T (0: the config's num_frames, 14 for svd)"),
-    ("height", 0, "training height in pixels (0: the config's; SF-V trained at 448)"),
-    ("width", 0, "training width in pixels (0: the config's; SF-V trained at 768)"),
-    ("fps", 7, "clip frame rate: frame stride = round(source fps / fps); fps_id = fps - 1"),
-    ("motion_bucket_id", 127, "vector conditioning (constant; SVD's default)"),
-    ("cond_aug", 0.02, "noise std added to the conditioning frame (also the vector conditioning value)"),
-    ("synthetic_size", 100000, "number of distinct synthetic videos"),
-    ("synthetic_style", "textured", "textured: 1-3 shapes with random velocities over a textured background | simple: "
-                                    "one shape moving in a random direction at a random speed over a flat background (the toy) | "
-                                    "static: simple without motion (a sanity test)"),
-    ("cache", "", "dir of pre-encoded latents/CLIP embeddings (built on first use; VAE/CLIP then stay off the GPU). "
-                  "The cache fixes one clip and one cond-aug noise draw per video"),
-    ("workers", 2, "DataLoader worker processes (0: load in the main process)"),
-    # batch and optimisation
-    ("batch_size", 1, "micro-batch per process"),
-    ("grad_accum", 1, "micro-batches per optimiser step (global batch = batch_size * grad_accum * world size)"),
-    ("optimizer", "sm3", "sm3 (the paper's choice, memory-light) | adamw"),
-    ("lr_g", 1e-5, "generator learning rate"),
-    ("lr_d", 1e-4, "discriminator-head learning rate"),
-    ("beta1", 0.5, "momentum (SM3) / Adam beta1"),
-    ("beta2", 0.999, "second-moment EMA (SM3: EMA of the accumulators; 0 = SM3-II sums of squares)"),
-    ("sm3_variant", "plain", "plain: the reference SM3 update (Anil et al. 2019; beta2 > 0: EMA with non-decreasing "
-                             "accumulators, no bias correction) | debiased: Adam-style bias-corrected EMA, accumulators "
-                             "set to the new maxima (early steps up to 1/sqrt(1-beta2) ~ 32x smaller than plain)"),
-    ("weight_decay", 0.0, "decoupled weight decay"),
-    ("warmup", 0, "linear learning-rate warm-up steps"),
-    ("lr_final", 1.0, "learning rate at the end of the decay as a fraction of the base one, reached by a cosine "
-                      "decay after the warm-up (1: constant)"),
-    ("lr_decay_steps", 0, "step at which the cosine decay ends (0: --max-steps; set it to train one schedule in "
-                          "several --resume'd runs with growing --max-steps)"),
-    ("grad_clip", 1.0, "clip the global gradient norm (0: off)"),
-    ("ema", 0.95, "EMA decay of the generator; the EMA is saved and used for sampling"),
-    # SF-V objective
-    ("gen_levels", 4, "Karras grid size for the generator noise level (s uniform over all but the smallest)"),
-    ("sigma_min", 0.002, "Karras grid sigma_min"),
-    ("sigma_max", 700.0, "Karras grid sigma_max"),
-    ("rho", 7.0, "Karras grid rho"),
-    ("p_mean", -1.0, "discriminator sigma' lognormal mean of log sigma'"),
-    ("p_std", 1.0, "discriminator sigma' lognormal std of log sigma'"),
-    ("disc_levels", 1000, "Karras grid the discriminator sigma' is snapped to"),
-    ("r1", "exact", "R1 on real samples, per position w.r.t. the D heads' input features (discriminator.r1_penalty): "
-                    "exact (forward-mode AD) | fd (finite difference, same quantity) | off"),
-    ("r1_gamma", 0.05, "R1 weight gamma (unstated in the paper): at init on the tiny config gamma*R1 is 8-11%% of L_D and "
-                       "its head gradient 0.9-1.6x the hinge's (logged as r1_share = gamma*R1 / L_D)"),
-    ("r1_fd_eps", 1e-2, "fd: step relative to the RMS of each sample's level features (exact and fd agree to ~2%%)"),
-    ("recon_weight", 0.1, "weight of the pseudo-Huber reconstruction term in L_G"),
-    ("huber_c", 0.001, "pseudo-Huber c (OSV's value; unstated in SF-V)"),
-    ("huber_form", "norm", "norm: sqrt(||d||^2 + c^2) - c per sample (the paper's form) | mean: sqrt(mean d^2 + c^2) - c "
-                           "(the norm form / sqrt(dim): ~549x smaller at 14x4x56x96)"),
-    ("disc_heads", "both", "both | spatial | temporal (paper Table 2 ablation)"),
-    ("head_channels", 256, "hidden channels of each discriminator head"),
-    ("cmap_dim", 64, "projection-conditioning dim of the heads"),
-    ("cond_embed_dim", 128, "dim of each of the image/noise/frame condition embeddings of the heads"),
-    ("disc_tap", "after", "D features per level: after (the paper: 'after each downsampling block') | before the "
-                          "downsampling conv that ends the level"),
-    # diffusion mode
-    ("train_p_mean", 0.7, "diffusion mode: lognormal mean of log sigma (SVD's video fine-tuning shift, inferred)"),
-    ("train_p_std", 1.6, "diffusion mode: lognormal std of log sigma"),
-    ("high_sigma_frac", 0.0, "diffusion mode: fraction of the noise draws taken log-uniform in [2, --sigma-max] "
-                             "instead (the sampler's first steps start at sigma_max, which the lognormal rarely draws)"),
-    ("cond_drop", 0.1, "diffusion mode: probability of zeroing the image embedding and cond latent (for CFG)"),
-    # multi-process
-    ("dist_timeout", 120, "process-group timeout in minutes: how long ranks wait in a collective while rank 0 alone "
-                          "saves train_state or writes samples"),
-    # memory
-    ("bf16", True, "bf16 autocast on CUDA (ignored on CPU); the frozen D backbone and VAE/CLIP are stored in bf16"),
-    ("grad_ckpt", True, "gradient checkpointing of every UNet block (generator and D backbone)"),
-    ("ema_device", "cpu", "where the generator EMA lives on a CUDA run: cpu (host memory: frees one fp32 copy of G, "
-                          "5.7 GiB at SVD size; the same fp32 update, no accuracy cost, but every step copies G's "
-                          "weights to the host, ~5.7 GiB over PCIe, and updates the EMA on the CPU: ~0.5-2 s per step "
-                          "at SVD size) | same (on the training device). Ignored on CPU"),
-    ("autocast_cache", True, "keep autocast's bf16 copy of each weight until the forward ends (PyTorch's default); "
-                             "--no-autocast-cache recasts at each use: no accuracy cost, but it saves under 0.1 GiB at "
-                             "the peak of an SF-V step at SVD size (the cache is freed before the backward, where the "
-                             "peak is; simulated by bench.py --simulate)"),
-    ("fused_step", False, "step each generator weight inside the backward as soon as its gradient is complete "
-                          "(register_post_accumulate_grad_hook) and free that gradient: saves the G gradients (5.5 GiB "
-                          "at SVD size) on steps that do not log term gradients. Needs --grad-accum 1 and --grad-clip 0 "
-                          "(no global-norm clipping: a different, unclipped update); data parallel: one all-reduce per "
-                          "weight (slower than bucketed)"),
-    ("optim_state_dtype", "fp32", "dtype of the SM3 momentum buffer: fp32 | bf16 (halves it, 2.8 GiB saved at SVD "
-                                  "size; the update is computed in fp32, the stored momentum rounded to bf16's 8-bit "
-                                  "mantissa: a small accuracy cost). sm3 only"),
-    ("sample_decode_chunk", 2, "frames the VAE decodes at a time for the sample videos (a small chunk bounds the "
-                               "decode's transient memory; each chunk is decoded as its own video, so the temporal "
-                               "decoder sees fewer frames: sample videos only, training is unaffected)"),
-    ("max_memory", 0.0, "GiB the training step may use on a CUDA device (0: the device's total memory less 1 GiB for "
-                        "the CUDA context and allocator fragmentation; ignored on CPU). A plan printed before the first "
-                        "step predicts the peak; a configuration predicted not to fit is refused, and the term-gradient "
-                        "logging is turned off (with a note) if only it does not fit"),
-    # visibility
-    ("log_every", 10, "log to log.jsonl and tqdm every N steps"),
-    ("log_term_grads", True, "sfv: on logged steps also log the generator gradient norms of the adversarial and the "
-                             "reconstruction term (grad_norm_g_adv, grad_norm_g_rec; one extra G backward on those "
-                             "steps, split in two passes: ~2 GiB more activations at SVD size, and with --fused-step the "
-                             "G gradients; with --grad-accum > 1 also a G-sized buffer)"),
-    ("save_every", 1000, "checkpoint every N steps (and at the end)"),
-    ("sample_every", 1000, "write sample videos every N steps (0: never)"),
-    ("num_samples", 2, "sample videos per round (fixed seeds and conditioning images)"),
-    ("sample_steps", 25, "diffusion mode: Euler steps for the sample videos (sfv mode always samples in 1 step)"),
-]
-
-
-CHOICES = {"mode": ("sfv", "diffusion"), "synthetic_style": ("textured", "simple", "static"), "optimizer": ("sm3", "adamw"), "sm3_variant": ("plain", "debiased"),
-           "r1": ("exact", "fd", "off"), "huber_form": ("norm", "mean"), "disc_heads": ("both", "spatial", "temporal"),
-           "disc_tap": ("after", "before"), "ema_device": ("cpu", "same"), "optim_state_dtype": ("fp32", "bf16")}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, default, help_ in DEFAULTS:
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
-        else:
-            p.add_argument(flag, default=default, type=type(default), help=help_, choices=CHOICES.get(name))
-    return p.parse_args(argv)
-
-
-# flag -> (lowest allowed value, whether it is allowed itself, what the flag is); every other number: finite
-LIMITS = {"max_steps": (1, True, ""), "batch_size": (1, True, ""), "grad_accum": (1, True, ""), "workers": (0, True, ""),
-          "frames": (0, True, "0: the config's"), "height": (0, True, "0: the config's"),
-          "width": (0, True, "0: the config's"), "fps": (1, True, ""), "motion_bucket_id": (0, True, ""),
-          "cond_aug": (0, True, "a noise level"), "synthetic_size": (1, True, ""), "seed": (0, True, ""),
-          "lr_g": (0, True, ""), "lr_d": (0, True, ""), "beta1": (0, True, ""), "beta2": (0, True, ""),
-          "weight_decay": (0, True, ""), "warmup": (0, True, ""), "grad_clip": (0, True, "0: off"), "ema": (0, True, ""),
-          "gen_levels": (2, True, ""), "sigma_min": (0, False, ""), "rho": (0, False, ""), "p_std": (0, True, ""),
-          "disc_levels": (2, True, ""), "r1_gamma": (0, True, ""), "r1_fd_eps": (0, False, ""),
-          "recon_weight": (0, True, ""), "huber_c": (0, True, ""), "head_channels": (1, True, ""),
-          "cmap_dim": (1, True, ""), "cond_embed_dim": (1, True, ""), "train_p_std": (0, True, ""),
-          "cond_drop": (0, True, "a probability"), "lr_final": (0, True, "a fraction of the base rate"),
-          "lr_decay_steps": (0, True, "0: --max-steps"),
-          "high_sigma_frac": (0, True, "a probability"), "dist_timeout": (1, True, "minutes"), "log_every": (1, True, ""),
-          "save_every": (1, True, ""), "sample_every": (0, True, "0: never"), "num_samples": (1, True, ""),
-          "sample_steps": (1, True, ""), "sample_decode_chunk": (1, True, ""),
-          "max_memory": (0, True, "GiB; 0: the CUDA device's total memory less 1 GiB")}
-BELOW_ONE = ("beta1", "beta2")                        # [0, 1)
-AT_MOST_ONE = ("ema", "cond_drop", "lr_final", "high_sigma_frac")   # [0, 1]
-# flag -> (highest allowed value, why): sizes held in memory or passed to a library, beyond any real use
-UPPER = {"batch_size": (65536, "per process"), "synthetic_size": (10 ** 7, "its epoch permutation is held in memory"),
-         "gen_levels": (10 ** 6, "the grid is held in memory"), "disc_levels": (10 ** 6, "the grid is held in memory"),
-         "fps": (1000, "frames per second"), "dist_timeout": (525600, "minutes: one year")}
-
-
-def check_args(args):
-    """Every flag value, before anything expensive: UserError "bad --flag v: must be ...; <fix>"."""
-    for name, _, _ in DEFAULTS:
-        v = getattr(args, name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise UserError(f"bad --{name.replace('_', '-')} {v}: must be a finite number")
-    for name, (low, inclusive, what) in LIMITS.items():
-        v, flag = getattr(args, name), "--" + name.replace("_", "-")
-        note = f" ({what})" if what else ""
-        if v < low or (v == low and not inclusive):
-            raise UserError(f"bad {flag} {v}: must be {'at least' if inclusive else 'greater than'} {low}{note}")
-        if name in BELOW_ONE and v >= 1 or name in AT_MOST_ONE and v > 1:
-            raise UserError(f"bad {flag} {v}: must be {'below' if name in BELOW_ONE else 'at most'} 1{note}")
-    for name, (high, why) in UPPER.items():
-        if getattr(args, name) > high:
-            raise UserError(f"bad --{name.replace('_', '-')} {getattr(args, name)}: must be at most {high} ({why})")
-    if not args.out.strip():
-        raise UserError("bad --out '': pass the folder for checkpoints, logs and samples, e.g. --out out/sfv")
-    if args.init not in CONFIGS and not os.path.exists(args.init):
-        raise UserError(f"--init {args.init}: no such file or folder, and not a model.CONFIGS preset "
-                        f"({', '.join(CONFIGS)}); pass a checkpoint path or a preset name")
-    if args.seed >= 2 ** 63:
-        raise UserError(f"bad --seed {args.seed}: must be an integer from 0 to 2^63-1")
-    if args.sigma_max <= args.sigma_min:
-        raise UserError(f"bad --sigma-max {args.sigma_max:g}: must be greater than --sigma-min {args.sigma_min:g}")
-    try:                                              # the noise grids, in fp32 as training uses them
-        grid = karras_sigmas(max(args.gen_levels, args.disc_levels), args.sigma_min, args.sigma_max, args.rho)
-    except (OverflowError, ZeroDivisionError):
-        grid = torch.tensor([math.inf])
-    if not torch.isfinite(grid.square()).all() or not (grid[:-1] > 0).all():
-        raise UserError(f"bad --sigma-min {args.sigma_min:g} / --sigma-max {args.sigma_max:g} / --rho {args.rho:g}: "
-                        f"the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near "
-                        f"the defaults (0.002 / 700 / 7)")
-    for name in ("height", "width"):
-        v = getattr(args, name)
-        if v % 64:
-            raise UserError(f"bad --{name} {v}: must be a multiple of 64 (the UNet halves the latent three times); "
-                            f"try --{name} {max(64, round(v / 64) * 64)}")
-    if args.fused_step and args.grad_accum > 1:
-        raise UserError(f"--fused-step steps each weight inside the backward, so it cannot accumulate gradients over "
-                        f"--grad-accum {args.grad_accum}; pass --grad-accum 1 (a larger --batch-size), or drop --fused-step")
-    if args.fused_step and args.grad_clip > 0:
-        raise UserError(f"--fused-step steps each weight inside the backward, so it cannot clip the global gradient "
-                        f"norm (--grad-clip {args.grad_clip:g}); pass --grad-clip 0, or drop --fused-step")
-    if args.optim_state_dtype != "fp32" and args.optimizer != "sm3":
-        raise UserError(f"--optim-state-dtype {args.optim_state_dtype} is implemented for --optimizer sm3 only; pass "
-                        f"--optim-state-dtype fp32 with --optimizer {args.optimizer}")
-    if args.data == "synthetic" and args.height != args.width:
-        raise UserError(f"--data synthetic makes square videos, but --height {args.height} != --width {args.width}; "
-                        f"pass equal sizes (or 0 for the config's)")
-
-# -----------------------------------------------------------------------------
-# noise levels and losses (SF-V: Zhang et al. 2024, sec. 3.3)
+# noise levels (SF-V sec. 3.3)
 
 
 def sample_generator_sigma(n, generator=None, levels=4, sigma_min=0.002, sigma_max=700.0, rho=7.0):
@@ -299,6 +70,11 @@ def sample_disc_sigma(n, generator=None, p_mean=-1.0, p_std=1.0, levels=1000, si
     log_s = p_mean + p_std * torch.randn(n, generator=generator)
     return grid[(log_s[:, None] - grid.log()[None]).abs().argmin(1)]
 
+# -----------------------------------------------------------------------------
+# losses (SF-V sec. 3.3): x0 (B, T, 4, h, w) clean latents, cond (B, 4, h, w) cond latent, emb (B, D) CLIP image
+# embedding, ids (B, 3) added_time_ids, nz the micro-batch's noise (Trainer.noise). Each returns (loss, {metric: scalar
+# tensor}, ...)
+
 
 def pseudo_huber(x, y, c, form="norm"):
     """Pseudo-Huber reconstruction distance per sample, averaged over the batch.
@@ -307,12 +83,6 @@ def pseudo_huber(x, y, c, form="norm"):
     d = (x.float() - y.float()).flatten(1).square()
     d = d.sum(1) if form == "norm" else d.mean(1)
     return ((d + c * c).sqrt() - c).mean()
-
-
-# -----------------------------------------------------------------------------
-# the objectives, one function each: x0 (B, T, 4, h, w) clean latents, cond (B, 4, h, w) cond latent, emb (B, D) CLIP
-# image embedding, ids (B, 3) added_time_ids, nz the micro-batch's noise (Trainer.noise). Each returns
-# (loss, {metric name: scalar tensor}, ...)
 
 
 def sfv_generator_loss(G, D, x0, cond, emb, ids, nz, args):
@@ -443,30 +213,13 @@ def make_optimizer(args, params, lr):
     raise ValueError(f"unknown --optimizer {args.optimizer!r} (sm3 | adamw)")
 
 # -----------------------------------------------------------------------------
-# data: every item is get(index, seed) -> dict; randomness only from `seed`
+# the trainer: one iteration = the G step, then the D step (SF-V sec. 3.3)
 
 
-# -----------------------------------------------------------------------------
-# distributed helpers (torchrun env:// init; NCCL on GPU, gloo on CPU)
-
-
-def copy_module(m, device, dtype=None):
-    """A deep copy of module m with every parameter and buffer copied to `device` (floating ones in `dtype`), tensor
-    by tensor through the deepcopy memo: no second full copy on m's own device."""
-    memo = {}
-    for t in [*m.parameters(), *m.buffers()]:
-        c = t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
-                          copy=True)
-        memo[id(t)] = nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c
-    return copy.deepcopy(m, memo)
-
-# -----------------------------------------------------------------------------
-# the trainer
-
-
-class Trainer:
+class Trainer(MemoryOptions):
     """Holds G (svd.unet), its EMA, D (sfv mode) and the optimisers; step() runs one optimiser step on a list of
-    micro-batches (dicts with latents (B,T,4,h,w), cond (B,4,h,w), image_embeds (B,D), keys)."""
+    micro-batches (dicts with latents (B,T,4,h,w), cond (B,4,h,w), image_embeds (B,D), keys). The memory options of
+    the G step (--fused-step, per-term gradient norms) are inherited: memory_plan.MemoryOptions."""
 
     def __init__(self, args, svd, device, rank=0, world=1):
         self.args, self.svd, self.device, self.rank, self.world = args, svd, device, rank, world
@@ -487,17 +240,30 @@ class Trainer:
         self.ema.requires_grad_(False).eval()
         self.opt_g = make_optimizer(args, self.G.parameters(), args.lr_g)
         self._fused = None                         # --fused-step: the running squared gradient norms during a backward
-        if args.fused_step:
+        if args.fused_step:                        # each G weight steps inside the backward (MemoryOptions)
             for p in self.G.parameters():
                 p.register_post_accumulate_grad_hook(self._fused_hook)
         self.step_num, self.skipped_run = 0, 0
         self.ids = added_time_ids(args.fps - 1, args.motion_bucket_id, args.cond_aug, device=device)
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
-                              cache_enabled=self.args.autocast_cache)
+    def step(self, micros, log_terms=False):
+        """One iteration: the noise of every micro-batch (drawn once, shared by both steps), the G step, then (sfv)
+        the D step on the G step's fakes. Returns rank-averaged metrics."""
+        noises = [self.noise(self.step_num, mb["keys"], mb["latents"].shape[1:]) for mb in micros]
+        m, fakes = self.g_step(micros, noises, log_terms)
+        if self.D is not None:
+            m.update(self.d_step(micros, noises, fakes))
+        self.step_num += 1
+        # global metrics: average over ranks (gradient norms are global already)
+        keys = sorted(k for k in m if not k.startswith(("lr_", "grad_norm")))
+        t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
+        all_reduce_mean([t], self.world)
+        m.update(zip(keys, t.tolist()))
+        if "r1" in m:
+            r = self.args.r1_gamma * m["r1"]
+            m["r1_share"] = r / (m["loss_d"] + r) if m["loss_d"] + r > 0 else 0.0   # gamma R1 / L_D
+        return m
 
-    # ---- per-sample randomness: a generator per (seed, step, global slot)
     def noise(self, step, keys, shape):
         """The noise of one micro-batch, drawn once per step and shared by its G and D step: sfv: s_g, s_d (B,), eps,
         eps_d (B, *shape); diffusion: s_g, drop (B,), eps. Sample k's values depend only on (seed, step, k)."""
@@ -507,7 +273,8 @@ class Trainer:
             g = torch.Generator().manual_seed(sample_seed(a.seed, step, k, 3))
             if a.mode == "sfv":
                 out["s_g"].append(sample_generator_sigma(1, g, a.gen_levels, a.sigma_min, a.sigma_max, a.rho))
-                out["s_d"].append(sample_disc_sigma(1, g, a.p_mean, a.p_std, a.disc_levels, a.sigma_min, a.sigma_max, a.rho))
+                out["s_d"].append(sample_disc_sigma(1, g, a.p_mean, a.p_std, a.disc_levels, a.sigma_min, a.sigma_max,
+                                                    a.rho))
             else:
                 log_s = a.train_p_mean + a.train_p_std * torch.randn(1, generator=g)
                 high = math.log(2.0) + (math.log(a.sigma_max) - math.log(2.0)) * torch.rand(1, generator=g)
@@ -516,113 +283,19 @@ class Trainer:
             out["eps"].append(torch.randn(shape, generator=g))
             if a.mode == "sfv":
                 out["eps_d"].append(torch.randn(shape, generator=g))
-        return {n: torch.stack(v).to(self.device).squeeze(-1) if n in ("s_g", "s_d", "drop") else torch.stack(v).to(self.device)
-                for n, v in out.items() if v}
-
-    def r1_noise(self, step, keys, feats):
-        """The R1 direction n ~ N(0, I) over the heads' input features, per sample. feats: per level (B, ...)."""
-        gens = [torch.Generator().manual_seed(sample_seed(self.args.seed, step, k, 7)) for k in keys]
-        return [torch.stack([torch.randn(f.shape[1:], generator=g) for g in gens]).to(self.device) for f in feats]
-
-    def _finish(self, opt, params, lr, term=None, reduced=False):
-        """All-reduce gradients (unless `reduced` already), clip, step. Returns {"": global grad norm before
-        clipping}; with `term` (one loss term's gradient, aligned with params) also {"_rec": its global norm, "_adv":
-        the norm of the rest}."""
-        keep = [i for i, p in enumerate(params) if p.grad is not None]
-        params = [params[i] for i in keep]
-        if not reduced:
-            all_reduce_mean([p.grad for p in params], self.world)
-        norms = {}
-        if term is not None:
-            term = [term[i] for i in keep]
-            all_reduce_mean(term, self.world)
-            norms["_rec"] = torch.stack([t.square().sum() for t in term]).sum().sqrt().item()
-            norms["_adv"] = torch.stack([(p.grad - t).square().sum() for p, t in zip(params, term)]).sum().sqrt().item()
-        norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip if self.args.grad_clip > 0 else float("inf"))
-        norms[""] = norm.item()
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return norms
-
-    def _fused_hook(self, p):
-        """--fused-step (post-accumulate-grad hook of every G weight): p's gradient is complete. All-reduce it (data
-        parallel; unless _split_backward did), add its squares to the running norm, step p alone (the optimiser's
-        group narrowed to [p]) and free the gradient."""
-        f = self._fused
-        if f is None:                                                   # a backward outside g_step
-            return
-        if not f["reduced"]:
-            all_reduce_mean([p.grad], self.world)
-        f["sq"] += p.grad.float().square().sum()
-        group = self.opt_g.param_groups[0]
-        params, group["params"] = group["params"], [p]
-        try:
-            self.opt_g.step()
-        finally:
-            group["params"] = params
-        p.grad = None
-
-    def _split_backward(self, adv, rec, params):
-        """backward() of adv + rec as two passes, for the gradient norm of each term of one micro-batch without a
-        G-sized buffer: pass 1 leaves the adversarial term's gradient in .grad (data parallel: all-reduced), pass 2
-        adds the reconstruction term's, whose norm a tensor hook on each weight takes before it is accumulated (data
-        parallel: all-reduced there, per weight). -> ({"_adv", "_rec"} norms, whether .grad is all-reduced)."""
-        fused, self._fused = self._fused, None                          # no fused step on a partial gradient
-        adv.backward(retain_graph=True)
-        live = [p for p in params if p.grad is not None]
-        all_reduce_mean([p.grad for p in live], self.world)
-        sq = {"_adv": torch.stack([p.grad.float().square().sum() for p in live]).sum(),
-              "_rec": torch.zeros((), device=self.device)}
-
-        def hook(g):
-            if self.world > 1:
-                g = g.clone()
-                all_reduce_mean([g], self.world)
-            sq["_rec"] += g.float().square().sum()
-            return g
-        handles = [p.register_hook(hook) for p in params]
-        if fused is not None:
-            fused["reduced"] = True
-        self._fused = fused
-        try:
-            rec.backward()
-        finally:
-            for h in handles:
-                h.remove()
-        return {k: v.sqrt().item() for k, v in sq.items()}
-
-    def lr(self, base):
-        """Linear warm-up over --warmup steps, then a cosine decay to lr_final * base at --lr-decay-steps."""
-        a, t = self.args, self.step_num + 1
-        if t <= a.warmup:
-            return base * t / a.warmup
-        u = min(1.0, (t - a.warmup) / max(1, (a.lr_decay_steps or a.max_steps) - a.warmup))
-        return base * (a.lr_final + (1 - a.lr_final) * 0.5 * (1 + math.cos(math.pi * u)))
-
-    def inputs(self, mb):
-        """A micro-batch's latents (B,T,4,h,w) fp32, cond (B,4,h,w), image_embeds (B,D), added_time_ids (B,3)."""
-        x0 = mb["latents"].to(self.device).float()
-        return x0, mb["cond"].to(self.device), mb["image_embeds"].to(self.device), self.ids.expand(x0.shape[0], -1)
+        return {n: torch.stack(v).to(self.device).squeeze(-1) if n in ("s_g", "s_d", "drop")
+                else torch.stack(v).to(self.device) for n, v in out.items() if v}
 
     def g_step(self, micros, noises, log_terms=False):
-        """Generator step on the mode's objective (sfv_generator_loss: the D heads frozen, gradients flow through D to
-        x0_hat; diffusion_loss). noises: one Trainer.noise per micro-batch. Returns (metrics, detached x0_hat per
-        micro-batch). log_terms (sfv): also the gradient norms of the adversarial and the weighted recon term."""
-        a, n_micro = self.args, len(micros)
-        m, fakes = {}, []
+        """Generator step on the mode's objective (sfv_generator_loss: D frozen, its gradient reaches x0_hat only;
+        diffusion_loss), the gradient averaged over the micro-batches; then the EMA. noises: one Trainer.noise per
+        micro-batch. log_terms (sfv): also the gradient norms of the adversarial and the weighted recon term (both,
+        and --fused-step, run by MemoryOptions). -> (metrics, detached x0_hat per micro-batch)"""
+        a, n = self.args, len(micros)
         if self.D is not None:
             self.D.requires_grad_(False)
-        params = list(self.G.parameters())
-        terms = log_terms and a.log_term_grads and self.D is not None
-        # per-term gradient norms: one micro-batch: _split_backward; more: the weighted recon term's gradient summed
-        # over the micro-batches in `term`, a G-sized buffer
-        term, norms, split = None, {}, terms and n_micro == 1
-        fused = a.fused_step
-        if fused:                       # the optimiser steps inside backward() (_fused_hook)
-            self.opt_g.param_groups[0]["lr"] = self.lr(a.lr_g)
-            self._fused = {"sq": torch.zeros((), device=self.device), "reduced": False}
+        opts = self._memory_begin(log_terms, n)                        # None: the plain step
+        m, fakes = {}, []
         for mb, nz in zip(micros, noises):
             x0, cond, emb, ids = self.inputs(mb)
             with self.autocast():
@@ -631,28 +304,18 @@ class Trainer:
                 else:
                     loss, logs, x0_hat = diffusion_loss(self.G, x0, cond, emb, ids, nz, a)
             for k, v in logs.items():
-                m[k] = m.get(k, 0.0) + v.item() / n_micro
+                m[k] = m.get(k, 0.0) + v.item() / n
             if self.D is not None:
-                fakes.append(x0_hat.detach())
-            if split:
-                norms = self._split_backward(logs["adv_g"], a.recon_weight * logs["recon"], params)
-                continue
-            if terms:
-                grads = torch.autograd.grad(a.recon_weight * logs["recon"] / n_micro, params, retain_graph=True,
-                                            allow_unused=True)
-                grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-                term = grads if term is None else [t.add_(g) for t, g in zip(term, grads)]
-                del grads
-            (loss / n_micro).backward()
-        if fused:
-            norms[""] = self._fused["sq"].sqrt().item()
-            self._fused = None
-        else:
-            norms.update(self._finish(self.opt_g, params, self.lr(a.lr_g), term, split))
-        del term
+                fakes.append(x0_hat.detach())                          # the D step's fakes: no second G forward
+            if opts is None:
+                (loss / n).backward()
+            else:
+                self._memory_backward(opts, loss, logs, n)
+        params = list(self.G.parameters())
+        norms = self._finish(self.opt_g, params, self.lr(a.lr_g)) if opts is None else self._memory_end(opts)
         m.update({"grad_norm_g" + k: v for k, v in norms.items()})
         with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.G.parameters()):
+            for e, p in zip(self.ema.parameters(), params):
                 e.lerp_(p.detach().to(e.device, e.dtype), 1 - a.ema)     # --ema-device cpu: a copy to the host
         m["lr_g"] = self.lr(a.lr_g)
         return m, fakes
@@ -675,24 +338,42 @@ class Trainer:
         m["lr_d"] = self.lr(a.lr_d)
         return m
 
-    def step(self, micros, log_terms=False):
-        """One iteration: the noise of every micro-batch (drawn once, shared by both steps), the G step, then (sfv)
-        the D step on the G step's fakes. Returns rank-averaged metrics."""
-        noises = [self.noise(self.step_num, mb["keys"], mb["latents"].shape[1:]) for mb in micros]
-        m, fakes = self.g_step(micros, noises, log_terms)
-        if self.D is not None:
-            m.update(self.d_step(micros, noises, fakes))
-        self.step_num += 1
-        # global metrics: average over ranks (gradient norms are global already)
-        keys = sorted(k for k in m if not k.startswith(("lr_", "grad_norm")))
-        t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
-        all_reduce_mean([t], self.world)
-        m.update(zip(keys, t.tolist()))
-        if "r1" in m:
-            r = self.args.r1_gamma * m["r1"]
-            m["r1_share"] = r / (m["loss_d"] + r) if m["loss_d"] + r > 0 else 0.0   # gamma R1 / L_D
-        return m
+    def _finish(self, opt, params, lr, reduced=False):
+        """All-reduce the gradients (data parallel; unless `reduced` already), clip, step. -> {"": the global gradient
+        norm before clipping}"""
+        params = [p for p in params if p.grad is not None]
+        if not reduced:
+            all_reduce_mean([p.grad for p in params], self.world)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip if self.args.grad_clip > 0 else float("inf"))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"": norm.item()}
 
+    def lr(self, base):
+        """Linear warm-up over --warmup steps, then a cosine decay to lr_final * base at --lr-decay-steps."""
+        a, t = self.args, self.step_num + 1
+        if t <= a.warmup:
+            return base * t / a.warmup
+        u = min(1.0, (t - a.warmup) / max(1, (a.lr_decay_steps or a.max_steps) - a.warmup))
+        return base * (a.lr_final + (1 - a.lr_final) * 0.5 * (1 + math.cos(math.pi * u)))
+
+    def inputs(self, mb):
+        """A micro-batch's latents (B,T,4,h,w) fp32, cond (B,4,h,w), image_embeds (B,D), added_time_ids (B,3)."""
+        x0 = mb["latents"].to(self.device).float()
+        return x0, mb["cond"].to(self.device), mb["image_embeds"].to(self.device), self.ids.expand(x0.shape[0], -1)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+                              cache_enabled=self.args.autocast_cache)
+
+    def r1_noise(self, step, keys, feats):
+        """The R1 direction n ~ N(0, I) over the heads' input features, per sample. feats: per level (B, ...)."""
+        gens = [torch.Generator().manual_seed(sample_seed(self.args.seed, step, k, 7)) for k in keys]
+        return [torch.stack([torch.randn(f.shape[1:], generator=g) for g in gens]).to(self.device) for f in feats]
+
+    # ---- the data-parallel start, checkpoints
     def broadcast_from_rank0(self):
         """Copy rank 0's G, EMA and D heads to every rank (fresh heads need not rely on identical RNG streams)."""
         ts = [*self.G.state_dict().values(), *self.ema.state_dict().values()]
@@ -700,7 +381,6 @@ class Trainer:
             ts += list(self.D.head_state_dict().values())
         broadcast_from_rank0(ts, self.world, device=self.device)
 
-    # ---- checkpoints
     def state_dict(self):
         st = {"step": self.step_num, "unet": self.G.state_dict(), "ema": self.ema.state_dict(),
               "opt_g": self.opt_g.state_dict(), "rng_torch": torch.get_rng_state(), "skipped_run": self.skipped_run,
@@ -739,45 +419,148 @@ class Trainer:
             svd.unet, svd.cfg = unet, cfg
 
 # -----------------------------------------------------------------------------
-# encoding, latent cache, sample videos
+# the training loop: batches, logging, checkpoints, sample videos
 
+
+def train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen):
+    """Optimiser steps from tr.step_num to --max-steps: batches from StepBatches, logging, checkpoints, samples."""
+    master, world, device = tr.rank == 0, tr.world, tr.device
+    sample_cond = sample_conditioning(args, svd, source, device) if args.sample_every > 0 and master else None
+    sampler = StepBatches(len(source), args.seed, args.batch_size, args.grad_accum, world, tr.rank, tr.step_num,
+                          args.max_steps)
+    loader = torch.utils.data.DataLoader(ItemDataset(source), batch_sampler=sampler, num_workers=args.workers,
+                                         collate_fn=collate)
+    it = iter(loader)
+    pbar = tqdm(total=args.max_steps, initial=tr.step_num, disable=not master, dynamic_ncols=True)
+    log = None                                                            # opened at the first line
+    skipped_run, t_last, steps_since = tr.skipped_run, time.time(), 0
+    try:
+        while tr.step_num < args.max_steps:
+            micros = []
+            for _ in range(args.grad_accum):
+                mb = next(it)
+                skipped_run += len(mb["skipped"])
+                if "video" in mb:
+                    mb.update(encode_videos(svd, mb["video"], args, mb["keys"], (args.seed, tr.step_num), device))
+                micros.append(mb)
+            tr.skipped_run = skipped_run
+            m = tr.step(micros, log_terms=(tr.step_num + 1) % args.log_every == 0 or tr.step_num + 1 == args.max_steps)
+            step, steps_since = tr.step_num, steps_since + 1
+            bad = [k for k in sorted(m) if k.startswith("loss") and not math.isfinite(m[k])]
+            if bad:                                         # before any save: the last checkpoint stays a finite one
+                raise UserError(f"training diverged at step {step} ({bad[0]} {m[bad[0]]}, not saved); lower "
+                                f"--lr-g/--lr-d or check --init, --sigma-max and --cond-aug, then --resume or start a "
+                                f"new --out")
+            if step % args.log_every == 0 or step == args.max_steps:
+                n_skip = torch.tensor([float(skipped_run)], device=device)
+                all_reduce_mean([n_skip], world)
+                if master:
+                    rec = {"step": step, **m, "it_s": steps_since / (time.time() - t_last),
+                           "peak_mem_gb": peak_memory_gb(device),
+                           "skipped_videos": len(skipped_scan) + int(round(n_skip.item() * world))}
+                    log = log or open(os.path.join(args.out, "log.jsonl"), "a")
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    pbar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss_g", "loss_d", "recon", "loss") if k in m})
+                t_last, steps_since = time.time(), 0
+            pbar.update(1)
+            try:
+                if master and (step % args.save_every == 0 or step == args.max_steps):
+                    tr.save(args.out, *size)
+                if master and sample_cond is not None and step % args.sample_every == 0:
+                    save_samples(tr, svd, sample_cond, args, step, dtype_frozen)
+            except OSError as e:                                          # e.g. disk full: the old files stay intact
+                raise UserError(f"cannot write to --out {args.out} at step {step} ({e.strerror or e}); free some "
+                                f"space, then continue with --resume") from None
+            barrier(world)                                                    # others wait here (--dist-timeout)
+    finally:                                                              # also on an error: end the bar's line
+        pbar.close()
+        if log:
+            log.close()
+
+
+def sample_conditioning(args, svd, source, device):
+    """The fixed conditioning of the sample videos: the first num_samples items, fixed seeds."""
+    items = [source.get(i % len(source), sample_seed(args.seed, i, 6)) for i in range(args.num_samples)]
+    if "video" in items[0]:
+        enc = encode_videos(svd, torch.stack([it["video"] for it in items]), args, list(range(len(items))),
+                            (args.seed, -2), svd.clip.conv1.weight.device)
+    else:
+        enc = {k: torch.stack([it[k] for it in items]) for k in ("latents", "cond", "image_embeds")}
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def save_samples(tr, svd, c, args, step, dtype_frozen):
+    """Sample videos of the EMA generator: sfv: one evaluation at sigma_max; diffusion: sample_steps Euler steps
+    (no CFG). -> <out>/samples/step<step>_<i>.mp4"""
+    ema = tr.ema                                               # --ema-device cpu: a copy visits the GPU
+    if next(ema.parameters()).device != tr.device:
+        ema = copy_module(tr.ema, tr.device, dtype_frozen)
+    ema.eval()
+    B = c["cond"].shape[0]
+    cond = {"cond_latent": c["cond"], "image_embeds": c["image_embeds"], "added_time_ids": tr.ids.expand(B, -1)}
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(B)]
+    with tr.autocast():
+        z = sample_latents(ema, cond, c["latents"].shape[1], gens, 1 if args.mode == "sfv" else args.sample_steps,
+                           sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
+    vdev = svd.clip.conv1.weight.device                           # cached run: the VAE visits the GPU briefly
+    svd.vae.to(tr.device, dtype_frozen)
+    del ema
+    video = svd.vae.decode(z.to(dtype_frozen), chunk=args.sample_decode_chunk)
+    svd.vae.to(vdev, torch.float32 if vdev.type == "cpu" else dtype_frozen)
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    for i, v in enumerate(video):
+        write_video((v.detach().float().cpu() + 1) / 2, os.path.join(args.out, "samples", f"step{step:07d}_{i}.mp4"),
+                    args.fps)
 
 # -----------------------------------------------------------------------------
-# memory plan: the predicted peak of one training step, before anything is on the device
+# setup: every check first (one-line UserError before a model is built), then data, model, resume
 
 
-# -----------------------------------------------------------------------------
-# main: checks (seconds, before any model is built), data, model, resume, the loop
+def run(args):
+    """The training command: every check first (UserError, one line), then data, model, resume and the loop.
+    -> the Trainer."""
+    check_args(args)
+    rank, world, device = dist_setup(args.device, args.dist_timeout)
+    master = rank == 0
+    created = prepare_out(args, master)
+    try:
+        return _run(args, rank, world, device)
+    except BaseException:
+        remove_created(created)                                        # the folders made now, if still empty
+        raise
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20          # Linux: KiB -> GiB (process RSS)
+def _run(args, rank, world, device):
+    master = rank == 0
+    st = read_state(args, master)                                      # refuse a changed model before building it
+    index = probe_data(args, rank, world)
+    svd, source, size = build_model_and_data(args, index, rank, world)
+    plan = memory_plan(args, svd.cfg, *size, device)
+    note = check_plan(plan, args)
+    if master:
+        print(format_plan(plan, f"{device.type}, {'x'.join(map(str, size))}, batch {args.batch_size}"))
+        if note:
+            print(note)
+    dtype_frozen = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
+    source, skipped_scan = prepare_data(args, svd, source, device, dtype_frozen, rank, world)
+    tr = Trainer(args, svd, device, rank, world)
+    resume(tr, st, args, master)
+    del st
+    tr.broadcast_from_rank0()                                         # every rank starts from rank 0's weights
+    train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen)
+    if world > 1:
+        dist.destroy_process_group()
+    return tr
 
 
-MODEL_ARGS = ("mode", "init", "disc_heads", "head_channels", "cmap_dim", "cond_embed_dim", "disc_tap", "bf16",
-              "optimizer", "sm3_variant")          # define the networks or the optimiser state; a resume must keep them
-STATE_KEYS = {"step", "unet", "ema", "opt_g", "rng_torch", "skipped_run"}
 OUT_FILES = ("model.safetensors", "train_state.pt", "log.jsonl", "video_index.json")    # and the folder samples/
-
-
-def resume_mismatch(saved_json, args):
-    """The first model-defining argument whose saved value differs from this run's, as a phrase; None if all agree
-    (arguments the saved run did not record are not compared)."""
-    saved = json.loads(saved_json) if saved_json else {}
-    for k in MODEL_ARGS:
-        if k in saved and saved[k] != getattr(args, k):
-            flag = "--" + k.replace("_", "-")
-            return f"the saved run has {flag} {saved[k]}, this run {flag} {getattr(args, k)}"
-    return None
 
 
 def prepare_out(args, master):
     """Check that --out (and --cache) can be written and holds no folder where a file goes (or the reverse), create
-    --out, remove stale temp files of interrupted writes
-    (cli.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). -> the folders created now (removed
-    again if the start fails)."""
+    --out, remove stale temp files of interrupted writes (cli.remove_stale_temps: our own `.<name>.tmp-<pid>` files
+    only). -> the folders created now (removed again if the start fails)."""
     created = cli.check_folder("--out", args.out)
     if args.cache and os.path.exists(args.cache) and not os.path.isdir(args.cache):
         raise UserError(f"--cache {args.cache} is a file; pass a folder (it is created if missing)")
@@ -806,6 +589,11 @@ def remove_created(created):
             os.rmdir(d)
         except OSError:
             break
+
+
+MODEL_ARGS = ("mode", "init", "disc_heads", "head_channels", "cmap_dim", "cond_embed_dim", "disc_tap", "bf16",
+              "optimizer", "sm3_variant")          # define the networks or the optimiser state; a resume must keep them
+STATE_KEYS = {"step", "unet", "ema", "opt_g", "rng_torch", "skipped_run"}
 
 
 def read_state(args, master):
@@ -843,6 +631,17 @@ def read_state(args, master):
     if diff and not args.resume_any_args:
         raise UserError(f"--resume: {diff}; start a new --out, or pass --resume-any-args")
     return st
+
+
+def resume_mismatch(saved_json, args):
+    """The first model-defining argument whose saved value differs from this run's, as a phrase; None if all agree
+    (arguments the saved run did not record are not compared)."""
+    saved = json.loads(saved_json) if saved_json else {}
+    for k in MODEL_ARGS:
+        if k in saved and saved[k] != getattr(args, k):
+            flag = "--" + k.replace("_", "-")
+            return f"the saved run has {flag} {saved[k]}, this run {flag} {getattr(args, k)}"
+    return None
 
 
 def probe_data(args, rank, world):
@@ -936,134 +735,182 @@ def logged_step(line):
     except (ValueError, KeyError, TypeError):
         return float("inf")
 
+# -----------------------------------------------------------------------------
+# the flags: (name, default, bounds, help), each --name-with-dashes; `--help` lists them all. bounds: a text flag's
+# choices, or a number's limits, each "op integer (note)" with op >=, >, <=, < (the error message quotes the note)
 
-def sample_conditioning(args, svd, source, device):
-    """The fixed conditioning of the sample videos: the first num_samples items, fixed seeds."""
-    items = [source.get(i % len(source), sample_seed(args.seed, i, 6)) for i in range(args.num_samples)]
-    if "video" in items[0]:
-        enc = encode_videos(svd, torch.stack([it["video"] for it in items]), args, list(range(len(items))),
-                            (args.seed, -2), svd.clip.conv1.weight.device)
-    else:
-        enc = {k: torch.stack([it[k] for it in items]) for k in ("latents", "cond", "image_embeds")}
-    return {k: v.to(device) for k, v in enc.items()}
+FLAGS = [
+    # run
+    ("mode", "sfv", ("sfv", "diffusion"), "sfv: SF-V's adversarial one-step fine-tuning | diffusion: plain SVD-style "
+                                          "EDM training (stage 1)"),
+    ("init", "tiny", None, "generator init: a model.CONFIGS preset (random weights) or a checkpoint (official single "
+                           "file, diffusers folder, our bundle)"),
+    ("data", "synthetic", None, "'synthetic' or a folder searched for videos (" + ", ".join(e[1:] for e in VIDEO_EXTS)
+                                + "); unusable ones are skipped and counted"),
+    ("out", "out/sfv", None, "output dir: model.safetensors (EMA bundle), train_state.pt, log.jsonl, samples/"),
+    ("resume", False, None, "continue from <out>/train_state.pt (optimisers, EMA, step, RNG, data position); if there "
+                            "is none, a note and a fresh start"),
+    ("resume_any_args", False, None, "--resume even if model-defining flags (init, mode, D, bf16, optimizer) differ"),
+    ("seed", 0, ">= 0", "seed of the init and of every sample's randomness"),
+    ("device", "auto", None, "auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps; torchrun: cuda is cuda:LOCAL_RANK"),
+    ("max_steps", 50000, ">= 1", "optimiser steps (the paper: 50K)"),
+    # data
+    ("frames", 0, ">= 0 (0: the config's)", "frames per clip T (0: the config's num_frames, 14 for svd)"),
+    ("height", 0, ">= 0 (0: the config's)", "training height in pixels (0: the config's; SF-V trained at 448)"),
+    ("width", 0, ">= 0 (0: the config's)", "training width in pixels (0: the config's; SF-V trained at 768)"),
+    ("fps", 7, ">= 1, <= 1000 (frames per second)", "clip frame rate (stride: source fps / fps); fps_id = fps - 1"),
+    ("motion_bucket_id", 127, ">= 0", "vector conditioning (constant; SVD's default)"),
+    ("cond_aug", 0.02, ">= 0 (a noise level)", "noise std added to the conditioning frame (and its vector value)"),
+    ("synthetic_size", 100000, ">= 1, <= 10000000 (its epoch permutation is held in memory)",
+     "number of distinct synthetic videos"),
+    ("synthetic_style", "textured", ("textured", "simple", "static"),
+     "textured: 1-3 moving shapes on a texture | simple: one on a flat background (the toy) | static: simple, still"),
+    ("cache", "", None, "dir of pre-encoded latents and CLIP embeddings, built on first use (VAE/CLIP then stay off "
+                        "the GPU); it fixes one clip and one cond-aug draw per video"),
+    ("workers", 2, ">= 0", "DataLoader worker processes (0: load in the main process)"),
+    # batch and optimisation
+    ("batch_size", 1, ">= 1, <= 65536 (per process)", "micro-batch per process"),
+    ("grad_accum", 1, ">= 1", "micro-batches per optimiser step (global batch = batch_size * grad_accum * world)"),
+    ("optimizer", "sm3", ("sm3", "adamw"), "sm3 (the paper's choice, memory-light) | adamw"),
+    ("lr_g", 1e-5, ">= 0", "generator learning rate"),
+    ("lr_d", 1e-4, ">= 0", "discriminator-head learning rate"),
+    ("beta1", 0.5, ">= 0, < 1", "momentum (SM3) / Adam beta1"),
+    ("beta2", 0.999, ">= 0, < 1", "second-moment EMA (SM3: of the accumulators; 0: SM3-II sums of squares)"),
+    ("sm3_variant", "plain", ("plain", "debiased"), "plain: the reference SM3 (Anil et al. 2019) | debiased: "
+                                                    "Adam-style bias-corrected EMA (see SM3)"),
+    ("weight_decay", 0.0, ">= 0", "decoupled weight decay"),
+    ("warmup", 0, ">= 0", "linear learning-rate warm-up steps"),
+    ("lr_final", 1.0, ">= 0 (a fraction of the base rate), <= 1 (a fraction of the base rate)",
+     "learning rate at the end of a cosine decay after the warm-up, as a fraction of the base one (1: constant)"),
+    ("lr_decay_steps", 0, ">= 0 (0: --max-steps)", "step at which the cosine decay ends (0: --max-steps; "
+                                                   "set it to split one schedule over --resume'd runs)"),
+    ("grad_clip", 1.0, ">= 0 (0: off)", "clip the global gradient norm (0: off)"),
+    ("ema", 0.95, ">= 0, <= 1", "EMA decay of the generator; the EMA is saved and used for sampling"),
+    # SF-V objective
+    ("gen_levels", 4, ">= 2, <= 1000000 (the grid is held in memory)", "Karras grid of the generator sigma (all but "
+                                                                       "the smallest level are drawn)"),
+    ("sigma_min", 0.002, "> 0", "Karras grid sigma_min"),
+    ("sigma_max", 700.0, None, "Karras grid sigma_max"),
+    ("rho", 7.0, "> 0", "Karras grid rho"),
+    ("p_mean", -1.0, None, "discriminator sigma': mean of log sigma'"),
+    ("p_std", 1.0, ">= 0", "discriminator sigma': std of log sigma'"),
+    ("disc_levels", 1000, ">= 2, <= 1000000 (the grid is held in memory)", "Karras grid of the discriminator sigma'"),
+    ("r1", "exact", ("exact", "fd", "off"), "R1 on real samples w.r.t. the D heads' input features: exact "
+                                           "(forward-mode AD) | fd (finite difference) | off"),
+    ("r1_gamma", 0.05, ">= 0", "R1 weight gamma (unstated in the paper; logged: r1_share = gamma*R1 / L_D)"),
+    ("r1_fd_eps", 1e-2, "> 0", "fd: step relative to the RMS of each sample's level features"),
+    ("recon_weight", 0.1, ">= 0", "weight of the pseudo-Huber reconstruction term in L_G"),
+    ("huber_c", 0.001, ">= 0", "pseudo-Huber c (OSV's value; unstated in SF-V)"),
+    ("huber_form", "norm", ("norm", "mean"), "norm: sqrt(||d||^2 + c^2) - c per sample (the paper's form) | mean: "
+                                             "sqrt(mean d^2 + c^2) - c"),
+    ("disc_heads", "both", ("both", "spatial", "temporal"), "the discriminator's heads (paper Table 2 ablation)"),
+    ("head_channels", 256, ">= 1", "hidden channels of each discriminator head"),
+    ("cmap_dim", 64, ">= 1", "projection-conditioning dim of the heads"),
+    ("cond_embed_dim", 128, ">= 1", "dim of each of the heads' image/noise/frame condition embeddings"),
+    ("disc_tap", "after", ("after", "before"), "D features per level: after (the paper: 'after each downsampling "
+                                               "block') | before the downsampling conv that ends the level"),
+    # diffusion mode
+    ("train_p_mean", 0.7, None, "diffusion mode: mean of log sigma (SVD's video fine-tuning shift, inferred)"),
+    ("train_p_std", 1.6, ">= 0", "diffusion mode: std of log sigma"),
+    ("high_sigma_frac", 0.0, ">= 0 (a probability), <= 1 (a probability)",
+     "diffusion mode: fraction of sigmas drawn log-uniform in [2, --sigma-max] (where the sampler starts)"),
+    ("cond_drop", 0.1, ">= 0 (a probability), <= 1 (a probability)",
+     "diffusion mode: probability of dropping the image conditioning (for CFG)"),
+    # multi-process
+    ("dist_timeout", 120, ">= 1 (minutes), <= 525600 (minutes: one year)",
+     "process-group timeout: how long ranks wait while rank 0 alone saves or writes samples"),
+    # memory
+    ("bf16", True, None, "bf16 autocast on CUDA; the frozen D backbone and VAE/CLIP stored in bf16 (ignored on CPU)"),
+    ("grad_ckpt", True, None, "gradient checkpointing of every UNet block (generator and D backbone)"),
+    ("ema_device", "cpu", ("cpu", "same"), "where a CUDA run keeps the generator EMA: cpu (host memory; G's weights "
+                                           "are copied there each step) | same (the training device)"),
+    ("autocast_cache", True, None, "keep autocast's bf16 copy of each weight until the forward ends (PyTorch's "
+                                   "default); --no-autocast-cache recasts at each use"),
+    ("fused_step", False, None, "step each G weight inside the backward and free its gradient (no G-sized gradients; "
+                                "needs --grad-accum 1, --grad-clip 0; data parallel: one all-reduce per weight)"),
+    ("optim_state_dtype", "fp32", ("fp32", "bf16"), "dtype of the SM3 momentum (bf16: half the memory; the update is "
+                                                    "computed in fp32, the stored momentum rounded). sm3 only"),
+    ("sample_decode_chunk", 2, ">= 1", "frames the VAE decodes at a time for the sample videos "
+                                       "(each chunk as its own video; training is unaffected)"),
+    ("max_memory", 0.0, ">= 0 (GiB; 0: the CUDA device's total memory less 1 GiB)",
+     "GiB a training step may use on CUDA (0: all but 1 GiB): a predicted peak above it is refused (if only the "
+     "term-gradient logging does not fit, it is turned off with a note)"),
+    # visibility
+    ("log_every", 10, ">= 1", "log to log.jsonl and tqdm every N steps"),
+    ("log_term_grads", True, None, "sfv: on logged steps also log the G gradient norms of the adversarial and the "
+                                   "recon term (grad_norm_g_adv, grad_norm_g_rec; one more G backward)"),
+    ("save_every", 1000, ">= 1", "checkpoint every N steps (and at the end)"),
+    ("sample_every", 1000, ">= 0 (0: never)", "write sample videos every N steps (0: never)"),
+    ("num_samples", 2, ">= 1", "sample videos per round (fixed seeds and conditioning images)"),
+    ("sample_steps", 25, ">= 1", "diffusion mode: Euler steps for the sample videos (sfv: always 1)"),
+]
+BOUND = re.compile(r"([<>]=?) (\d+)(?: \(([^)]*)\))?")            # "op value (note)"
+OPS = {">=": (operator.ge, "at least"), ">": (operator.gt, "greater than"), "<=": (operator.le, "at most"),
+       "<": (operator.lt, "below")}
 
 
-def save_samples(tr, svd, c, args, step, dtype_frozen):
-    """Sample videos of the EMA generator: sfv: one evaluation at sigma_max; diffusion: sample_steps Euler steps
-    (no CFG). -> <out>/samples/step<step>_<i>.mp4"""
-    ema = tr.ema                                               # --ema-device cpu: a copy visits the GPU
-    if next(ema.parameters()).device != tr.device:
-        ema = copy_module(tr.ema, tr.device, dtype_frozen)
-    ema.eval()
-    B = c["cond"].shape[0]
-    cond = {"cond_latent": c["cond"], "image_embeds": c["image_embeds"], "added_time_ids": tr.ids.expand(B, -1)}
-    gens = [torch.Generator().manual_seed(1000 + i) for i in range(B)]
-    with tr.autocast():
-        z = sample_latents(ema, cond, c["latents"].shape[1], gens, 1 if args.mode == "sfv" else args.sample_steps,
-                           sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
-    vdev = svd.clip.conv1.weight.device                           # cached run: the VAE visits the GPU briefly
-    svd.vae.to(tr.device, dtype_frozen)
-    del ema
-    video = svd.vae.decode(z.to(dtype_frozen), chunk=args.sample_decode_chunk)
-    svd.vae.to(vdev, torch.float32 if vdev.type == "cpu" else dtype_frozen)
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-    for i, v in enumerate(video):
-        write_video((v.detach().float().cpu() + 1) / 2, os.path.join(args.out, "samples", f"step{step:07d}_{i}.mp4"),
-                    args.fps)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, default, bounds, help_ in FLAGS:
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            p.add_argument(flag, default=default, type=type(default), help=help_,
+                           choices=bounds if isinstance(bounds, tuple) else None)
+    return p.parse_args(argv)
 
 
-def train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen):
-    """Optimiser steps from tr.step_num to --max-steps: batches from StepBatches, logging, checkpoints, samples."""
-    master, world, device = tr.rank == 0, tr.world, tr.device
-    sample_cond = sample_conditioning(args, svd, source, device) if args.sample_every > 0 and master else None
-    sampler = StepBatches(len(source), args.seed, args.batch_size, args.grad_accum, world, tr.rank, tr.step_num,
-                          args.max_steps)
-    loader = torch.utils.data.DataLoader(ItemDataset(source), batch_sampler=sampler, num_workers=args.workers,
-                                         collate_fn=collate)
-    it = iter(loader)
-    pbar = tqdm(total=args.max_steps, initial=tr.step_num, disable=not master, dynamic_ncols=True)
-    log = None                                                            # opened at the first line
-    skipped_run, t_last, steps_since = tr.skipped_run, time.time(), 0
-    try:
-        while tr.step_num < args.max_steps:
-            micros = []
-            for _ in range(args.grad_accum):
-                mb = next(it)
-                skipped_run += len(mb["skipped"])
-                if "video" in mb:
-                    mb.update(encode_videos(svd, mb["video"], args, mb["keys"], (args.seed, tr.step_num), device))
-                micros.append(mb)
-            tr.skipped_run = skipped_run
-            m = tr.step(micros, log_terms=(tr.step_num + 1) % args.log_every == 0 or tr.step_num + 1 == args.max_steps)
-            step, steps_since = tr.step_num, steps_since + 1
-            bad = [k for k in sorted(m) if k.startswith("loss") and not math.isfinite(m[k])]
-            if bad:                                         # before any save: the last checkpoint stays a finite one
-                raise UserError(f"training diverged at step {step} ({bad[0]} {m[bad[0]]}, not saved); lower "
-                                f"--lr-g/--lr-d or check --init, --sigma-max and --cond-aug, then --resume or start a "
-                                f"new --out")
-            if step % args.log_every == 0 or step == args.max_steps:
-                n_skip = torch.tensor([float(skipped_run)], device=device)
-                all_reduce_mean([n_skip], world)
-                if master:
-                    rec = {"step": step, **m, "it_s": steps_since / (time.time() - t_last),
-                           "peak_mem_gb": peak_memory_gb(device),
-                           "skipped_videos": len(skipped_scan) + int(round(n_skip.item() * world))}
-                    log = log or open(os.path.join(args.out, "log.jsonl"), "a")
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    pbar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss_g", "loss_d", "recon", "loss") if k in m})
-                t_last, steps_since = time.time(), 0
-            pbar.update(1)
-            try:
-                if master and (step % args.save_every == 0 or step == args.max_steps):
-                    tr.save(args.out, *size)
-                if master and sample_cond is not None and step % args.sample_every == 0:
-                    save_samples(tr, svd, sample_cond, args, step, dtype_frozen)
-            except OSError as e:                                          # e.g. disk full: the old files stay intact
-                raise UserError(f"cannot write to --out {args.out} at step {step} ({e.strerror or e}); free some "
-                                f"space, then continue with --resume") from None
-            barrier(world)                                                    # others wait here (--dist-timeout)
-    finally:                                                              # also on an error: end the bar's line
-        pbar.close()
-        if log:
-            log.close()
-
-
-def run(args):
-    """The training command: every check first (UserError, one line), then data, model, resume and the loop.
-    -> the Trainer."""
-    check_args(args)
-    rank, world, device = dist_setup(args.device, args.dist_timeout)
-    master = rank == 0
-    created = prepare_out(args, master)
-    try:
-        return _run(args, rank, world, device)
-    except BaseException:
-        remove_created(created)                                        # the folders made now, if still empty
-        raise
-
-
-def _run(args, rank, world, device):
-    master = rank == 0
-    st = read_state(args, master)                                      # refuse a changed model before building it
-    index = probe_data(args, rank, world)
-    svd, source, size = build_model_and_data(args, index, rank, world)
-    plan = memory_plan(args, svd.cfg, *size, device)
-    note = check_plan(plan, args)
-    if master:
-        print(format_plan(plan, f"{device.type}, {'x'.join(map(str, size))}, batch {args.batch_size}"))
-        if note:
-            print(note)
-    dtype_frozen = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
-    source, skipped_scan = prepare_data(args, svd, source, device, dtype_frozen, rank, world)
-    tr = Trainer(args, svd, device, rank, world)
-    resume(tr, st, args, master)
-    del st
-    tr.broadcast_from_rank0()                                         # every rank starts from rank 0's weights
-    train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen)
-    if world > 1:
-        dist.destroy_process_group()
-    return tr
+def check_args(args):
+    """Every flag value, before anything expensive: UserError "bad --flag v: must be ...; <fix>". The rows' bounds
+    first, then the rules a bound cannot say."""
+    for name, *_ in FLAGS:
+        v = getattr(args, name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"bad --{name.replace('_', '-')} {v}: must be a finite number")
+    for name, _, bounds, _ in FLAGS:
+        for op, limit, note in BOUND.findall(bounds) if isinstance(bounds, str) else ():
+            v = getattr(args, name)
+            if not OPS[op][0](v, int(limit)):
+                raise UserError(f"bad --{name.replace('_', '-')} {v}: must be {OPS[op][1]} {limit}"
+                                + (f" ({note})" if note else ""))
+    # what a bound cannot say: the form of one flag's value, then the rules between flags
+    if not args.out.strip():
+        raise UserError("bad --out '': pass the folder for checkpoints, logs and samples, e.g. --out out/sfv")
+    if args.init not in CONFIGS and not os.path.exists(args.init):
+        raise UserError(f"--init {args.init}: no such file or folder, and not a model.CONFIGS preset "
+                        f"({', '.join(CONFIGS)}); pass a checkpoint path or a preset name")
+    if args.seed >= 2 ** 63:
+        raise UserError(f"bad --seed {args.seed}: must be an integer from 0 to 2^63-1")
+    if args.sigma_max <= args.sigma_min:
+        raise UserError(f"bad --sigma-max {args.sigma_max:g}: must be greater than --sigma-min {args.sigma_min:g}")
+    try:                                              # the noise grids, in fp32 as training uses them
+        grid = karras_sigmas(max(args.gen_levels, args.disc_levels), args.sigma_min, args.sigma_max, args.rho)
+    except (OverflowError, ZeroDivisionError):
+        grid = torch.tensor([math.inf])
+    if not torch.isfinite(grid.square()).all() or not (grid[:-1] > 0).all():
+        raise UserError(f"bad --sigma-min {args.sigma_min:g} / --sigma-max {args.sigma_max:g} / --rho {args.rho:g}: "
+                        f"the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near "
+                        f"the defaults (0.002 / 700 / 7)")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v % 64:
+            raise UserError(f"bad --{name} {v}: must be a multiple of 64 (the UNet halves the latent three times); "
+                            f"try --{name} {max(64, round(v / 64) * 64)}")
+    if args.fused_step and args.grad_accum > 1:
+        raise UserError(f"--fused-step steps each weight inside the backward, so it cannot accumulate gradients over "
+                        f"--grad-accum {args.grad_accum}; pass --grad-accum 1 (a larger --batch-size), or drop "
+                        f"--fused-step")
+    if args.fused_step and args.grad_clip > 0:
+        raise UserError(f"--fused-step steps each weight inside the backward, so it cannot clip the global gradient "
+                        f"norm (--grad-clip {args.grad_clip:g}); pass --grad-clip 0, or drop --fused-step")
+    if args.optim_state_dtype != "fp32" and args.optimizer != "sm3":
+        raise UserError(f"--optim-state-dtype {args.optim_state_dtype} is implemented for --optimizer sm3 only; pass "
+                        f"--optim-state-dtype fp32 with --optimizer {args.optimizer}")
+    if args.data == "synthetic" and args.height != args.width:
+        raise UserError(f"--data synthetic makes square videos, but --height {args.height} != --width {args.width}; "
+                        f"pass equal sizes (or 0 for the config's)")
 
 
 def main(argv=None):
