@@ -78,6 +78,13 @@ class SVDConfig:
     cond_aug: float = 0.02
     height: int = 576
     width: int = 1024
+    # the sampler: "euler" (the teacher: Euler steps on the Karras grid below, with CFG) or "student" (SF-V: one
+    # evaluation at sigma_max, refined at the generator's trained noise levels, student_levels, descending)
+    sampler: str = "euler"
+    sigma_min: float = 0.002
+    sigma_max: float = 700.0
+    rho: float = 7.0
+    student_levels: tuple = ()
 
     def to_dict(self):
         return asdict(self)
@@ -98,7 +105,7 @@ class SVDConfig:
                 if unknown:
                     raise ValueError(f"unknown {f.name} config fields: {sorted(unknown)}")
                 v = sub[f.name](**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
-            kw[f.name] = v
+            kw[f.name] = tuple(v) if isinstance(v, list) else v
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown SVD config fields: {sorted(unknown)}")
