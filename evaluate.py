@@ -19,6 +19,11 @@ i3d(x, rescale=False, resize=False, return_features=True) -> (N, 400) features b
 Toy features (video_features): 64 hand-made, deterministic spatiotemporal statistics of a 64x64 clip, half on
 appearance, half on motion, so the distance sees both blur/colour errors and frozen or jittery motion. No weights,
 no training: a fixed, documented extractor that behaves the same on every machine. Runtime deps: torch, numpy, av.
+
+Toy measures (toy_measures): what the toy's pictures show, per clip, in pixels and colour units: the shape is found by
+its colour (background and shape colour from the conditioning frame), tracked by its centroid (speed, displacement at
+frame 1), and checked for staying one solid blob (solidity), for colours that are neither the background nor the
+shape (off-colour) and for noise on the flat background; means over clips with bootstrap standard errors.
 """
 import argparse
 import os
@@ -227,6 +232,157 @@ def evaluate_videos(fake, real, images=None, real_features=None):
     out["warp"] = warp_error(fake).mean().item()
     out["drift"] = histogram_drift(fake).mean().item()
     return out
+
+# ---- the toy's shape tracked by colour (style "simple": one shape of one colour over a flat background)
+# videos (N, T, 3, H, W) in [-1, 1] at their own size (distances in pixels of that size); reference (N, 3, H, W):
+# the frame the two colours and the shape's size come from (the conditioning image; default the clip's frame 0)
+
+
+def toy_colours(frames):
+    """(N, 3, H, W) -> background (N, 3), shape colour (N, 3). Background: per-channel median of the border pixels
+    (the shape covers less than half of them). Shape: per-channel median of the pixels whose RGB distance from the
+    background is at least 9/10 of the largest (the shape's full pixels: exact on clean clips)."""
+    x = frames.float()
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], -1)   # (N, 3, 2H+2W-4)
+    bg = border.median(-1).values
+    d = (x - bg[..., None, None]).norm(dim=1).flatten(1)                                    # (N, H*W)
+    far = d >= 0.9 * d.max(1, keepdim=True).values
+    return bg, x.flatten(2).masked_fill(~far[:, None], float("nan")).nanmedian(-1).values
+
+
+def largest_component(mask):
+    """(M, H, W) bool -> (M, H, W) bool: each mask's largest 8-connected component (each pixel's raster index spreads
+    by 3x3 max-pooling until the labels settle; of equal components the one that ends first wins; empty stays empty)."""
+    M, H, W = mask.shape
+    lab = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, H, W) * mask       # (M, H, W), 0 = not in mask
+    while True:
+        new = F.max_pool2d(lab[:, None], 3, 1, 1)[:, 0] * mask
+        if torch.equal(new, lab):
+            break
+        lab = new
+    count = torch.zeros(M, H * W + 1).scatter_add_(1, lab.long().flatten(1), torch.ones(M, H * W))
+    count[:, 0] = 0
+    return (lab == count.argmax(1).view(M, 1, 1)) & mask
+
+
+def _toy_shape(videos, reference=None):
+    """-> dict: x (N, T, 3, H, W) float; bg, col (N, 3) the background and shape colours; alpha (N, T, H, W) each
+    pixel's position along the segment bg -> col (0 background, 1 shape, clamped); near (N, T, H, W) the pixels
+    within half the contrast |col - bg| of col (on the segment: alpha > 1/2); cover (N, T, H, W) alpha on the largest
+    connected component of near and its 1 px rim (the shape with its anti-aliased edge), 0 elsewhere; area_ref (N,)
+    cover summed over the reference frame."""
+    x = videos.float()
+    ref = x[:, 0] if reference is None else reference.float()
+    bg, col = toy_colours(ref)
+    y = torch.cat([ref[:, None], x], 1) - bg[:, None, :, None, None]                        # (N, 1+T, 3, H, W)
+    u = (col - bg)[:, None, :, None, None]
+    alpha = ((y * u).sum(2) / u.square().sum(2).clamp(min=1e-12)).clamp(0, 1)              # (N, 1+T, H, W)
+    near = (y - u).norm(dim=2) < 0.5 * u.norm(dim=2)
+    blob = largest_component(near.flatten(0, 1))[:, None].float()                           # (N*(1+T), 1, H, W)
+    cover = alpha * (F.max_pool2d(blob, 3, 1, 1) > 0).view(alpha.shape)
+    return dict(x=x, bg=bg, col=col, alpha=alpha[:, 1:], near=near[:, 1:], cover=cover[:, 1:],
+                area_ref=cover[:, 0].sum((1, 2)))
+
+
+@torch.no_grad()
+def centroids(videos, reference=None):
+    """Per-frame centroid (x, y) in pixels of the shape's coverage (alpha on the blob and its 1 px rim, so sub-pixel
+    motion of an anti-aliased edge counts) -> (N, T, 2). A frame without a blob keeps the previous frame's
+    centroid (frame 0: the frame's centre), so a vanished shape counts as standing still."""
+    w = _toy_shape(videos, reference)["cover"]
+    N, T, H, W = w.shape
+    n = w.sum((2, 3))                                                                        # (N, T)
+    c = torch.stack([(w * torch.arange(W)).sum((2, 3)), (w * torch.arange(H)[:, None]).sum((2, 3))], -1)
+    c = c / n.clamp(min=1e-12)[..., None]
+    c[:, 0][n[:, 0] == 0] = torch.tensor([(W - 1) / 2, (H - 1) / 2])
+    for t in range(1, T):
+        c[:, t] = torch.where(n[:, t, None] > 0, c[:, t], c[:, t - 1])
+    return c
+
+
+@torch.no_grad()
+def centroid_speed(videos, reference=None):
+    """Mean |c_t+1 - c_t| of the shape's centroid, pixels per frame -> (N,)."""
+    c = centroids(videos, reference)
+    return (c[:, 1:] - c[:, :-1]).norm(dim=-1).mean(1)
+
+
+@torch.no_grad()
+def displacement(videos, reference=None):
+    """|c_t - c_0| of the shape's centroid in pixels -> (N, T) (column 1: the displacement at frame 1)."""
+    c = centroids(videos, reference)
+    return (c - c[:, :1]).norm(dim=-1)
+
+
+@torch.no_grad()
+def solidity(videos, reference=None):
+    """The shape's area at frame t (its coverage: alpha summed over the largest connected blob of pixels near the
+    shape colour and that blob's 1 px rim) over its area in the reference frame, capped at 1 -> (N, T). A shape
+    that moves keeps it (~1); one that blurs, fades, changes colour or breaks up falls towards 0."""
+    s = _toy_shape(videos, reference)
+    return (s["cover"].sum((2, 3)) / s["area_ref"].clamp(min=1e-12)[:, None]).clamp(max=1)
+
+
+@torch.no_grad()
+def off_colour(videos, reference=None):
+    """Mean RGB distance of the pixels from the segment between the background and the shape colour -> (N, T), in
+    [-1, 1] units. Every pixel of a real clip lies on it (edges blend the two colours): 0; blurring keeps pixels on
+    it too; colours that are neither (tints, blotches, drift) move them off."""
+    s = _toy_shape(videos, reference)
+    bg, col = s["bg"][:, None, :, None, None], s["col"][:, None, :, None, None]
+    return (s["x"] - bg - s["alpha"][:, :, None] * (col - bg)).norm(dim=2).mean((2, 3))
+
+
+@torch.no_grad()
+def background_noise(videos, reference=None):
+    """Mean |x - background| over channels and over the pixels more than 2 px from any pixel near the shape colour
+    (outside the near mask dilated by a 5x5 window) -> (N, T), in [-1, 1] units. 0 for a flat background; additive
+    Gaussian noise of std s gives s sqrt(2/pi)."""
+    s = _toy_shape(videos, reference)
+    near = s["near"]
+    away = F.max_pool2d(near.flatten(0, 1)[:, None].float(), 5, 1, 2).view(near.shape) == 0     # (N, T, H, W)
+    dev = (s["x"] - s["bg"][:, None, :, None, None]).abs().mean(2)
+    return (dev * away).sum((2, 3)) / away.sum((2, 3)).clamp(min=1)
+
+
+def bootstrap_mean(values, n_boot=200, seed=0, divide_by=None):
+    """Mean of per-clip values (N,) and its bootstrap standard error (clips resampled with replacement, generator
+    seeded `seed`, so every measure and row sees the same resamples) -> (mean, se). divide_by (M,): the ratio of the
+    means mean(values) / mean(divide_by), resampled with the same clip indices when M == N (paired clips), else
+    independently."""
+    v = values.double().flatten()
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, len(v), (n_boot, len(v)), generator=g)
+    est, boot = v.mean(), v[i].mean(1)
+    if divide_by is not None:
+        r = divide_by.double().flatten()
+        j = i if len(r) == len(v) else torch.randint(0, len(r), (n_boot, len(r)), generator=g)
+        est, boot = est / r.mean(), boot / r[j].mean(1)
+    return est.item(), boot.std().item()
+
+
+TOY_MEASURES = {  # name in toy_measures -> what it is
+    "psnr0": "frame-0 PSNR vs the conditioning image, dB",
+    "speed": "centroid speed, px / frame", "speed_x_real": "centroid speed / the real clips' speed",
+    "disp1": "centroid displacement at frame 1, px", "solid_last": "solidity at the last frame (1 = intact)",
+    "off_colour_last": "off-colour at the last frame, RGB distance", "background": "background noise, mean |dev|",
+}
+
+
+@torch.no_grad()
+def toy_measures(fake, images=None, real=None, n_boot=200, seed=0):
+    """The toy's interpretable measures of a generated set -> {name: (mean over clips, bootstrap se)} (TOY_MEASURES;
+    psnr0 needs images (N, 3, H, W), the conditioning frames, which are also the reference frames of the colours;
+    speed_x_real needs real (M, T, 3, H, W), the real clips)."""
+    m = {"speed": centroid_speed(fake, images), "disp1": displacement(fake, images)[:, 1],
+         "solid_last": solidity(fake, images)[:, -1], "off_colour_last": off_colour(fake, images)[:, -1],
+         "background": background_noise(fake, images).mean(1)}
+    if images is not None:
+        m["psnr0"] = first_frame_psnr(fake, images)
+    out = {k: bootstrap_mean(v, n_boot, seed) for k, v in m.items()}
+    if real is not None:
+        out["speed_x_real"] = bootstrap_mean(m["speed"], n_boot, seed, divide_by=centroid_speed(real))
+    return {k: out[k] for k in TOY_MEASURES if k in out}
 
 # -----------------------------------------------------------------------------
 # video folders and FVD
