@@ -30,11 +30,12 @@ import os
 import sys
 import warnings
 
+import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import UserError, pick_device
+from cli import UserError, oom_text, pick_device
 from data import VIDEO_EXTS, read_video
 
 # -----------------------------------------------------------------------------
@@ -46,6 +47,8 @@ def stats(features):
     f = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"need (N >= 2, d) features, got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError(f"features not finite (NaN or inf) in {(~np.isfinite(f)).any(1).sum()} of {len(f)} rows")
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
@@ -390,6 +393,8 @@ def toy_measures(fake, images=None, real=None, n_boot=200, seed=0):
 
 def list_videos(folder):
     """Video files under `folder` (recursive, sorted). Raises UserError if the folder is missing or has none."""
+    if os.path.isfile(folder):
+        raise UserError(f"{folder} is a file, not a folder; pass the folder that holds the videos")
     if not os.path.isdir(folder):
         raise UserError(f"video folder not found: {folder}; pass a folder of {'/'.join(e[1:] for e in VIDEO_EXTS)} files")
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(VIDEO_EXTS))
@@ -398,30 +403,45 @@ def list_videos(folder):
     return paths
 
 
-def first_frames(path, frames):
-    """The first `frames` frames of a video (data.read_video) -> (frames, 3, H, W) in [-1, 1], or None if the
-    file is shorter or undecodable."""
+def count_frames(path):
+    """Decode every frame of a video -> (frames decoded, None), or (frames decoded before the failure, its name)."""
+    n = 0
     try:
-        return read_video(path, frames) * 2 - 1
-    except UserError:
-        return None
+        with av.open(path) as c:
+            for _ in c.decode(video=0):
+                n += 1
+    except (av.FFmpegError, IndexError, ValueError, OSError) as e:
+        return n, "no video stream" if isinstance(e, IndexError) else type(e).__name__
+    return n, None
 
 
-def load_folder(folder, frames, transform=None):
-    """All readable clips of `folder` as a list of transform(clip); warns once about skipped files."""
-    paths, clips, skipped = list_videos(folder), [], []
+def load_folder(folder, frames, transform=None, min_frames=1):
+    """transform(clip) of every video of `folder`, clip (frames, 3, H, W) in [-1, 1] its first `frames` frames.
+    Shorter videos are skipped (one warning). UserError for a video that does not decode (which one; remove or
+    re-encode it) and for fewer than 2 usable videos (with the largest --frames >= min_frames that gives 2)."""
+    paths, clips, short = list_videos(folder), [], []
     for p in paths:
-        v = first_frames(p, frames)
-        if v is None:
-            skipped.append(p)
-        else:
-            clips.append(v if transform is None else transform(v))
-    if skipped:
-        print(f"warning: skipped {len(skipped)} of {len(paths)} videos in {folder} (unreadable or < {frames} frames), "
-              f"e.g. {skipped[0]}", file=sys.stderr)
+        try:
+            v = read_video(p, frames) * 2 - 1
+        except (UserError, RuntimeError) as e:
+            n, err = count_frames(p)
+            if err is not None or n >= frames:
+                why = err or (str(e).splitlines()[0][:100] if isinstance(e, RuntimeError) else
+                              "its timestamps do not match its frame rate")
+                raise UserError(f"cannot decode video {p} ({why}); remove it from {folder} or re-encode it") from None
+            short.append((p, n))
+            continue
+        clips.append(v if transform is None else transform(v))
     if len(clips) < 2:
-        raise UserError(f"{folder}: {len(clips)} usable video(s) with >= {frames} frames; the Frechet distance needs "
-                        f"at least 2 (hundreds for a stable number)")
+        lengths = sorted([frames] * len(clips) + [n for _, n in short], reverse=True)
+        k = lengths[1] if len(lengths) > 1 else 0                      # the most frames 2 videos have
+        raise UserError(f"{folder}: {len(clips)} usable video(s) with >= {frames} frames"
+                        + (f" ({len(short)} shorter, the longest has {max(n for _, n in short)})" if short else "")
+                        + "; the Frechet distance needs at least 2 (hundreds for a stable number): "
+                        + (f"pass --frames {k} or fewer" if short and k >= min_frames else "add videos"))
+    if short:
+        print(f"warning: skipped {len(short)} of {len(paths)} videos in {folder} (< {frames} frames), "
+              f"e.g. {short[0][0]}", file=sys.stderr)
     return clips
 
 
@@ -452,21 +472,37 @@ def load_i3d(path, device="cpu"):
 @torch.no_grad()
 def i3d_features(i3d, clips, batch=8, device="cpu"):
     """clips: list of (3, T, 224, 224) in [-1, 1] -> (N, F) float64 features of i3d(x, rescale=False, resize=False,
-    return_features=True)."""
+    return_features=True). UserError if the I3D rejects the input (its error's last line)."""
     feats = []
     for i in range(0, len(clips), batch):
         x = torch.stack(clips[i:i + batch]).to(device)
-        feats.append(i3d(x, rescale=False, resize=False, return_features=True).double().cpu().flatten(1))
+        try:
+            f = i3d(x, rescale=False, resize=False, return_features=True)
+        except (RuntimeError, torch.jit.Error) as e:                  # a TorchScript raise is a jit.Error
+            if oom_text(e):
+                raise                                                 # main: out of memory, exit 1
+            last = [line.strip() for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise UserError(f"the I3D failed on input {tuple(x.shape)} ({last[0][:200]}); check --size (StyleGAN-V's "
+                            f"I3D takes 224) and --frames") from None
+        feats.append(f.double().cpu().flatten(1))
     return torch.cat(feats)
 
 
 def fvd(i3d_path, real_dir, fake_dir, frames=16, size=224, batch=8, device="cpu"):
-    """FVD between two folders of videos -> (fvd, n_real, n_fake)."""
+    """FVD between two folders of videos -> (fvd, n_real, n_fake). UserError if a set's features are not finite."""
     i3d = load_i3d(i3d_path, device)
+    for folder in (real_dir, fake_dir):
+        list_videos(folder)                                        # both folders hold videos, before any work
     prep = lambda v: i3d_preprocess(v, size)
-    fr = i3d_features(i3d, load_folder(real_dir, frames, prep), batch, device)
-    ff = i3d_features(i3d, load_folder(fake_dir, frames, prep), batch, device)
-    return fd_from_features(fr, ff), len(fr), len(ff)
+    feats = []
+    for folder in (real_dir, fake_dir):
+        f = i3d_features(i3d, load_folder(folder, frames, prep), batch, device)
+        bad = int((~torch.isfinite(f)).any(1).sum())
+        if bad:
+            raise UserError(f"the I3D features of {bad} of {len(f)} videos in {folder} are not finite (NaN or inf); "
+                            f"check the I3D file (StyleGAN-V's i3d_torchscript.pt) and try --device cpu")
+        feats.append(f)
+    return fd_from_features(*feats), len(feats[0]), len(feats[1])
 
 # -----------------------------------------------------------------------------
 # command line
@@ -490,24 +526,36 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """CLI entry: prints the distance; a one-line 'error: ...' on stderr and exit code 2 on bad input."""
+    """CLI entry: prints the distance; a one-line 'error: ...' on stderr and exit code 2 on bad input, 1 when out of
+    memory."""
     a = parse_args(argv)
     try:
         if a.frames < (3 if a.cmd == "toy-fd" else 1):
             raise UserError(f"bad --frames {a.frames}: must be at least {3 if a.cmd == 'toy-fd' else 1}")
         if a.cmd == "fvd":
+            for flag, v in (("--size", a.size), ("--batch", a.batch)):
+                if v < 1:
+                    raise UserError(f"bad {flag} {v}: must be at least 1")
             device = pick_device(a.device)
             d, nr, nf = fvd(a.i3d, a.real_dir, a.fake_dir, a.frames, a.size, a.batch, device)
             print(f"FVD {d:.2f} ({nr} real, {nf} generated videos, {a.frames} frames at {a.size}x{a.size})")
         else:
             to64 = lambda v: _prep(v[None])[0]
-            r = torch.stack(load_folder(a.real_dir, a.frames, to64))
-            g = torch.stack(load_folder(a.fake_dir, a.frames, to64))
+            for folder in (a.real_dir, a.fake_dir):
+                list_videos(folder)                                    # both folders hold videos, before any work
+            r = torch.stack(load_folder(a.real_dir, a.frames, to64, min_frames=3))
+            g = torch.stack(load_folder(a.fake_dir, a.frames, to64, min_frames=3))
             d = toy_fd(video_features(r), video_features(g))
             print(f"toy FD {d:.3f} ({len(r)} real, {len(g)} generated videos, {a.frames} frames at 64x64)")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as e:
+        if oom_text(e) is None:
+            raise
+        fix = "a lower --batch or --size, or fewer videos" if a.cmd == "fvd" else "fewer videos"
+        print(f"error: out of memory ({oom_text(e)}); try {fix}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2687,6 +2687,92 @@ def test_toy_fd_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("toy FD ") and math.isfinite(float(out.split()[2]))
 
+
+class _NaNI3D(torch.nn.Module):
+    """_FakeI3D's features, NaN for every clip whose top-left pixel is bright."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
+        nan = torch.where(x[:, 0, 0, 0, 0] > 0, float("nan"), 1.0)
+        return x.mean((2, 3, 4)) * nan[:, None]
+
+
+def test_evaluate_careless_inputs_one_line(tmp_path, fake_i3d, capsys):
+    real = _video_dir(tmp_path / "real", 5, 0)
+    short = _video_dir(tmp_path / "short", 2, 2, T=8)
+
+    def err(args):
+        assert E.main(args) == 2
+        e = capsys.readouterr().err
+        assert "Traceback" not in e and e.count("\n") == 1, e
+        return e.strip()
+
+    fvd = ["fvd", "--i3d", fake_i3d]
+    assert err(fvd + ["--batch", "0", real, real]) == "error: bad --batch 0: must be at least 1"
+    assert err(fvd + ["--batch", "-1", real, real]) == "error: bad --batch -1: must be at least 1"
+    assert err(fvd + ["--size", "0", real, real]) == "error: bad --size 0: must be at least 1"
+    assert err(fvd + ["--frames", "0", real, real]) == "error: bad --frames 0: must be at least 1"
+    assert err(["toy-fd", "--frames", "2", real, real]) == "error: bad --frames 2: must be at least 3"
+    clip = os.path.join(real, "v0.mp4")
+    assert err(fvd + [real, clip]) == f"error: {clip} is a file, not a folder; pass the folder that holds the videos"
+    # both folders are checked before any work (the I3D never runs on REAL_DIR)
+    assert err(fvd + [real, str(tmp_path / "nope")]).startswith(f"error: video folder not found: {tmp_path / 'nope'};")
+    # an undecodable video: which file, remove or re-encode it (it used to be skipped)
+    broken = _video_dir(tmp_path / "broken", 3, 3)
+    (tmp_path / "broken" / "x.mp4").write_bytes(b"not a video")
+    bad = os.path.join(broken, "x.mp4")
+    want = f"error: cannot decode video {bad} (InvalidDataError); remove it from {broken} or re-encode it"
+    assert err(fvd + [real, broken]) == want and err(["toy-fd", real, broken]) == want
+    # too few videos with --frames frames: the --frames that works (>= 3 for toy-fd, where 2 frames cannot)
+    assert err(fvd + [real, short]) == (
+        f"error: {short}: 0 usable video(s) with >= 16 frames (2 shorter, the longest has 8); the Frechet distance "
+        f"needs at least 2 (hundreds for a stable number): pass --frames 8 or fewer")
+    two = _video_dir(tmp_path / "two", 1, 4, T=2)
+    write_mp4(tmp_path / "two" / "w.mp4", np.zeros((5, 48, 64, 3), np.uint8))
+    assert err(["toy-fd", real, two]) == (
+        f"error: {two}: 0 usable video(s) with >= 8 frames (2 shorter, the longest has 5); the Frechet distance needs "
+        f"at least 2 (hundreds for a stable number): add videos")
+    assert err(["toy-fd", "--frames", "5", real, two]) == (
+        f"error: {two}: 1 usable video(s) with >= 5 frames (1 shorter, the longest has 2); the Frechet distance needs "
+        f"at least 2 (hundreds for a stable number): add videos")
+    # some videos shorter: skipped with one warning, the rest evaluated
+    mixed = _video_dir(tmp_path / "mixed", 3, 5)
+    write_mp4(tmp_path / "mixed" / "z.mp4", np.zeros((8, 48, 64, 3), np.uint8))
+    assert E.main(fvd + [real, mixed]) == 0
+    out, e = capsys.readouterr()
+    assert e == f"warning: skipped 1 of 4 videos in {mixed} (< 16 frames), e.g. {os.path.join(mixed, 'z.mp4')}\n"
+    assert "5 real, 3 generated videos" in out
+    # the I3D rejects its input: the shape it got and what to check
+    e = err(fvd + ["--frames", "8", real, real])
+    assert e.startswith("error: the I3D failed on input (5, 3, 8, 224, 224) (") and e.endswith(
+        "wrong I3D input shape); check --size (StyleGAN-V's I3D takes 224) and --frames")
+    # non-finite features: which set, instead of numpy's LinAlgError
+    nan_i3d = str(tmp_path / "nan_i3d.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(_NaNI3D()).save(nan_i3d)
+    (tmp_path / "bright").mkdir()
+    for i in range(3):
+        write_mp4(tmp_path / "bright" / f"b{i}.mp4", np.full((16, 48, 64, 3), 200 + 10 * i, np.uint8))
+    assert err(["fvd", "--i3d", nan_i3d, real, str(tmp_path / "bright")]) == (
+        f"error: the I3D features of 3 of 3 videos in {tmp_path / 'bright'} are not finite (NaN or inf); check the "
+        f"I3D file (StyleGAN-V's i3d_torchscript.pt) and try --device cpu")
+    with pytest.raises(ValueError, match=r"^features not finite \(NaN or inf\) in 1 of 3 rows$"):
+        E.fd_from_features(np.eye(3), np.array([[0, 1, 2], [1, np.nan, 0], [2, 2, 2.0]]))
+
+
+def test_evaluate_out_of_memory_one_line(monkeypatch, capsys):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 9633792000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(E, "fvd", oom)
+    monkeypatch.setattr(E, "load_folder", oom)
+    assert E.main(["fvd", "--i3d", "x.pt", "a", "b"]) == 1
+    assert capsys.readouterr().err == ("error: out of memory (DefaultCPUAllocator: can't allocate memory: you tried to "
+                                       "allocate 9633792000 bytes); try a lower --batch or --size, or fewer videos\n")
+    monkeypatch.setattr(E, "list_videos", lambda folder: [])
+    assert E.main(["toy-fd", "a", "b"]) == 1
+    assert capsys.readouterr().err.endswith("bytes); try fewer videos\n")
+
 # -----------------------------------------------------------------------------
 # the toy latent: a linear autoencoder on 4x4 patches (PCA, whitened)
 
