@@ -509,19 +509,31 @@ def fvd(i3d_path, real_dir, fake_dir, frames=16, size=224, batch=8, device="cpu"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="FVD (user-supplied StyleGAN-V I3D) and the toy Frechet distance.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fvd", help="FVD with StyleGAN-V's i3d_torchscript.pt between two folders of videos")
-    f.add_argument("--i3d", required=True, help="path to StyleGAN-V's i3d_torchscript.pt (TorchScript)")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description="FVD (user-supplied StyleGAN-V I3D) and the toy Frechet distance.",
+                                epilog="python evaluate.py COMMAND --help shows a command's arguments",
+                                formatter_class=fmt)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="the evaluation to run:")
+    f = sub.add_parser("fvd", formatter_class=fmt,
+                       help="FVD with StyleGAN-V's i3d_torchscript.pt between two folders of videos",
+                       description="FVD: the Frechet distance of I3D features of two folders of videos (StyleGAN-V's "
+                                   "convention: the first --frames frames, short side resized to --size, centre crop)")
+    f.add_argument("--i3d", required=True, default=argparse.SUPPRESS,      # required: no default to show
+                   help="path to StyleGAN-V's i3d_torchscript.pt (TorchScript; not on PyPI, download it yourself)")
     f.add_argument("--frames", type=int, default=16, help="first N frames of each video (shorter ones are skipped)")
     f.add_argument("--size", type=int, default=224, help="I3D input size (short side resize + centre crop)")
-    f.add_argument("--batch", type=int, default=8)
-    f.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    t = sub.add_parser("toy-fd", help="the toy feature Frechet distance (64x64 clips, standardised by REAL_DIR)")
-    t.add_argument("--frames", type=int, default=8, help="first N frames of each video (>= 3)")
+    f.add_argument("--batch", type=int, default=8, help="videos per I3D forward pass")
+    f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    t = sub.add_parser("toy-fd", formatter_class=fmt,
+                       help="the toy feature Frechet distance (64x64 clips, standardised by REAL_DIR)",
+                       description="The Frechet distance of the toy's 64 hand-made video features (no weights), each "
+                                   "standardised by its mean and std over REAL_DIR; clips are resized to 64x64")
+    t.add_argument("--frames", type=int, default=8,
+                   help="first N frames of each video (>= 3; shorter ones are skipped)")
     for s in (f, t):
-        s.add_argument("real_dir")
-        s.add_argument("fake_dir")
+        s.add_argument("real_dir", metavar="REAL_DIR", help=f"folder of real videos (searched recursively for "
+                                                            f"{', '.join(VIDEO_EXTS)})")
+        s.add_argument("fake_dir", metavar="FAKE_DIR", help="folder of generated videos (same extensions)")
     return p.parse_args(argv)
 
 

@@ -2773,6 +2773,21 @@ def test_evaluate_out_of_memory_one_line(monkeypatch, capsys):
     assert E.main(["toy-fd", "a", "b"]) == 1
     assert capsys.readouterr().err.endswith("bytes); try fewer videos\n")
 
+
+def test_evaluate_help_describes_every_argument_with_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")                              # argparse wraps at the terminal width
+    for cmd, want in ((["--help"], ["COMMAND", "fvd", "toy-fd"]),
+                      (["fvd", "--help"], ["(default: 16)", "(default: 224)", "(default: 8)", "(default: auto)"]),
+                      (["toy-fd", "--help"], ["(default: 8)"])):
+        with pytest.raises(SystemExit):
+            E.parse_args(cmd)
+        out = capsys.readouterr().out
+        lines = out[out.index("positional arguments:"):].splitlines()
+        for arg in ("REAL_DIR", "FAKE_DIR") if cmd[0] != "--help" else ("COMMAND",):
+            line = next(l for l in lines if l.strip().startswith(arg))
+            assert len(line.split()) > 1, (cmd, line)                 # the argument has a text
+        assert all(w in out for w in want) and "default: None" not in out, out
+
 # -----------------------------------------------------------------------------
 # the toy latent: a linear autoencoder on 4x4 patches (PCA, whitened)
 
