@@ -2482,6 +2482,127 @@ def test_toy_features_see_appearance_and_motion():
     # real vs real stays near the floor in both halves
     assert rr["fd_app"] < 0.5 * blurred["fd_app"] and rr["fd"] < 0.2 * frozen["fd"]
 
+
+def _square_clip(T=8, S=16, side=4, step=1, bg=(-0.3, 0.2, 0.1), col=(0.8, -0.5, 0.6)):
+    """A side x side square of colour `col` moving `step` px right per frame over a flat `bg`: (T, 3, S, S)."""
+    v = torch.tensor(bg).view(1, 3, 1, 1).repeat(T, 1, S, S)
+    for t in range(T):
+        v[t, :, 5:5 + side, 2 + step * t:2 + step * t + side] = torch.tensor(col).view(3, 1, 1)
+    return v
+
+
+def test_largest_component_and_toy_colours():
+    m = torch.zeros(2, 8, 8, dtype=torch.bool)
+    m[0, 0:2, 0:2] = True                                             # 4 px
+    m[0, 2, 2] = m[0, 3, 3] = True                                    # joined diagonally: 6 px (8-connected)
+    m[0, 5:8, 6:8] = True                                             # 6 px, separate
+    m[0, 0, 7] = True                                                 # 1 px
+    a = torch.zeros(8, 8, dtype=torch.bool)
+    a[0:2, 0:2] = a[2, 2] = a[3, 3] = True
+    got = E.largest_component(m)
+    assert torch.equal(got[0], a) and not got[1].any()               # a tie: the blob that ends first; empty stays empty
+    m[0, 4, 7] = True                                                 # the second blob grows to 7 px and wins
+    b = torch.zeros(8, 8, dtype=torch.bool)
+    b[5:8, 6:8] = b[4, 7] = True
+    assert torch.equal(E.largest_component(m)[0], b)
+    bg, col = E.toy_colours(_square_clip()[:1])
+    assert torch.allclose(bg, torch.tensor([[-0.3, 0.2, 0.1]])) and torch.allclose(col, torch.tensor([[0.8, -0.5, 0.6]]))
+
+
+def test_toy_measures_on_a_square_moving_one_pixel_per_frame():
+    v = _square_clip()[None]
+    assert E.centroid_speed(v).tolist() == [1.0]
+    assert E.displacement(v).tolist() == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]
+    assert torch.equal(E.solidity(v), torch.ones(1, 8))
+    assert E.off_colour(v).abs().max() < 1e-6 and E.background_noise(v).abs().max() == 0
+    frozen = v[:, :1].expand_as(v)
+    assert E.centroid_speed(frozen).tolist() == [0.0] and torch.equal(E.solidity(frozen), torch.ones(1, 8))
+    # the shape vanishes after frame 3: its centroid stays where it was last seen, its solidity drops to 0
+    gone = v.clone()
+    gone[0, 4:] = torch.tensor([-0.3, 0.2, 0.1]).view(3, 1, 1)
+    assert E.centroid_speed(gone).item() == pytest.approx(3 / 7)
+    assert E.solidity(gone)[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    # a one-pixel speck of the shape colour elsewhere is not the shape (largest blob) and not background noise
+    speck = v.clone()
+    speck[0, 5, :, 13, 13] = torch.tensor([0.8, -0.5, 0.6])
+    assert E.centroid_speed(speck).tolist() == [1.0] and E.background_noise(speck).abs().max() == 0
+    # the summary: means with bootstrap errors (0 for identical clips), the speed ratio to real clips
+    m = E.toy_measures(v.repeat(4, 1, 1, 1, 1), v[:, 0].repeat(4, 1, 1, 1), frozen.repeat(3, 1, 1, 1, 1) + 0 * v)
+    assert list(m) == ["psnr0", "speed", "speed_x_real", "disp1", "solid_last", "off_colour_last", "background"]
+    assert list(m) == list(E.TOY_MEASURES)
+    assert m["speed"] == (1.0, 0.0) and m["disp1"] == (1.0, 0.0) and m["solid_last"] == (1.0, 0.0)
+    assert m["psnr0"] == (pytest.approx(100.0), 0.0) and m["background"] == (0.0, 0.0)
+    assert m["off_colour_last"][0] < 1e-6 and m["speed_x_real"][0] == math.inf
+    assert E.toy_measures(v, real=v) == {k: m[k] for k in m if k != "psnr0"} | {"speed_x_real": (1.0, 0.0)}
+
+
+def test_toy_measures_of_noise_blur_and_a_wrong_colour():
+    g = torch.Generator().manual_seed(0)
+    v = _square_clip()[None].repeat(64, 1, 1, 1, 1)
+    s = 0.05
+    noisy = v + s * torch.randn(v.shape, generator=g)
+    # background: E|N(0, s)| = s sqrt(2/pi). off-colour: the distance from the segment is the noise across it (a 2-D
+    # Gaussian, mean s sqrt(pi/2)) where the pixel projects inside the segment, the whole 3-D noise (mean
+    # 2 s sqrt(2/pi)) where it projects past an end (half of the pixels: every pixel is background or shape)
+    assert E.background_noise(noisy).mean().item() == pytest.approx(s * math.sqrt(2 / math.pi), rel=0.03)
+    want_off = s * (math.sqrt(math.pi / 2) + 2 * math.sqrt(2 / math.pi)) / 2
+    assert E.off_colour(noisy).mean().item() == pytest.approx(want_off, rel=0.03)
+    assert E.centroid_speed(noisy).mean().item() == pytest.approx(1.0, abs=0.01)
+    assert E.solidity(noisy).mean().item() > 0.98
+    # blur: frame t is the first frame box-blurred t times: it stays on the colour segment but stops being solid
+    b = [v[0, 0]]
+    for _ in range(7):
+        b.append(torch.nn.functional.avg_pool2d(torch.nn.functional.pad(b[-1][None], (1,) * 4, mode="replicate"),
+                                                3, 1)[0])
+    blur = torch.stack(b)[None]
+    sol = E.solidity(blur)[0]
+    assert sol[0] == 1 and torch.all(sol[1:] <= sol[:-1]) and sol[-1] < 0.5
+    assert E.off_colour(blur).max() < 1e-6 and E.centroid_speed(blur).item() < 1e-5
+    # a wrong colour: the last frame's 16 shape pixels turn green: off-colour = 16/256 of green's distance from
+    # the segment, and the shape is gone (solidity 0)
+    green = v[:1].clone()
+    green[0, -1, :, 5:9, 9:13] = torch.tensor([-0.5, 0.9, -0.5]).view(3, 1, 1)
+    p, a, b_ = np.array([-0.5, 0.9, -0.5]), np.array([-0.3, 0.2, 0.1]), np.array([0.8, -0.5, 0.6])
+    t = np.clip((p - a) @ (b_ - a) / ((b_ - a) @ (b_ - a)), 0, 1)
+    assert E.off_colour(green)[0, -1].item() == pytest.approx(16 / 256 * np.linalg.norm(p - a - t * (b_ - a)), rel=1e-5)
+    assert E.solidity(green)[0, -1] == 0
+
+
+def test_toy_measures_on_real_toy_clips_and_sub_pixel_motion():
+    """Real toy clips: exact colours, no off-colour, no background noise, solid throughout; an anti-aliased disc (the
+    toy's renderer) moving (0.6, 0.3) px per frame is tracked to a few hundredths of a pixel."""
+    ds = data.SyntheticVideos(10 ** 6, 8, 16, seed=0, style="simple")
+    n = 64
+    v = torch.stack([ds.video(i) for i in range(n)])
+    scenes = [ds.scene(np.random.default_rng([0, i])) for i in range(n)]
+    bg, col = E.toy_colours(v[:, 0])
+    assert torch.equal(bg, torch.stack([s[0][:, 0, 0] for s in scenes]))
+    assert torch.equal(col, torch.stack([s[1][0][4].flatten() for s in scenes]))
+    assert E.off_colour(v).max() < 1e-6 and E.background_noise(v).max() == 0
+    assert E.solidity(v).min() > 0.98
+    yy, xx = torch.meshgrid(torch.arange(16) + 0.5, torch.arange(16) + 0.5, indexing="ij")
+    frames = []
+    for t in range(8):
+        d = ((xx - 4.2 - 0.6 * t).square() + (yy - 5.1 - 0.3 * t).square()).sqrt()
+        a = (3.0 - d + 0.5).clamp(0, 1)
+        frames.append(torch.tensor([-0.2, 0.1, 0.3]).view(3, 1, 1) * (1 - a) + torch.tensor([0.9, 0.9, -0.6]).view(3, 1, 1) * a)
+    disc = torch.stack(frames)[None]
+    assert E.centroid_speed(disc).item() == pytest.approx(math.hypot(0.6, 0.3), abs=0.01)
+    assert torch.allclose(E.displacement(disc)[0], torch.arange(8) * math.hypot(0.6, 0.3), atol=0.05)
+    assert E.solidity(disc).min() > 0.98
+
+
+def test_bootstrap_mean():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, generator=g, dtype=torch.float64)
+    mean, se = E.bootstrap_mean(x, n_boot=400, seed=3)
+    assert mean == x.mean().item() and se == pytest.approx(x.std().item() / 20, rel=0.15)
+    assert E.bootstrap_mean(x, n_boot=400, seed=3) == (mean, se)      # seeded
+    assert E.bootstrap_mean(torch.full((10,), 2.5)) == (2.5, 0.0)
+    # a ratio of paired clips resamples both with the same indices: x / 2x is 0.5 in every resample
+    assert E.bootstrap_mean(x + 5, divide_by=2 * (x + 5)) == (pytest.approx(0.5), pytest.approx(0, abs=1e-12))
+    assert E.bootstrap_mean(x + 5, divide_by=2 * (x[:300] + 5))[1] > 0     # unpaired sets: resampled independently
+
 # -----------------------------------------------------------------------------
 # FVD command with a fake TorchScript I3D (same call convention as StyleGAN-V's i3d_torchscript.pt)
 
@@ -2565,6 +2686,107 @@ def test_toy_fd_command(tmp_path, capsys):
     assert E.main(["toy-fd", real, static]) == 0
     out = capsys.readouterr().out
     assert out.startswith("toy FD ") and math.isfinite(float(out.split()[2]))
+
+
+class _NaNI3D(torch.nn.Module):
+    """_FakeI3D's features, NaN for every clip whose top-left pixel is bright."""
+
+    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
+        nan = torch.where(x[:, 0, 0, 0, 0] > 0, float("nan"), 1.0)
+        return x.mean((2, 3, 4)) * nan[:, None]
+
+
+def test_evaluate_careless_inputs_one_line(tmp_path, fake_i3d, capsys):
+    real = _video_dir(tmp_path / "real", 5, 0)
+    short = _video_dir(tmp_path / "short", 2, 2, T=8)
+
+    def err(args):
+        assert E.main(args) == 2
+        e = capsys.readouterr().err
+        assert "Traceback" not in e and e.count("\n") == 1, e
+        return e.strip()
+
+    fvd = ["fvd", "--i3d", fake_i3d]
+    assert err(fvd + ["--batch", "0", real, real]) == "error: bad --batch 0: must be at least 1"
+    assert err(fvd + ["--batch", "-1", real, real]) == "error: bad --batch -1: must be at least 1"
+    assert err(fvd + ["--size", "0", real, real]) == "error: bad --size 0: must be at least 1"
+    assert err(fvd + ["--frames", "0", real, real]) == "error: bad --frames 0: must be at least 1"
+    assert err(["toy-fd", "--frames", "2", real, real]) == "error: bad --frames 2: must be at least 3"
+    clip = os.path.join(real, "v0.mp4")
+    assert err(fvd + [real, clip]) == f"error: {clip} is a file, not a folder; pass the folder that holds the videos"
+    # both folders are checked before any work (the I3D never runs on REAL_DIR)
+    assert err(fvd + [real, str(tmp_path / "nope")]).startswith(f"error: video folder not found: {tmp_path / 'nope'};")
+    # an undecodable video: which file, remove or re-encode it (it used to be skipped)
+    broken = _video_dir(tmp_path / "broken", 3, 3)
+    (tmp_path / "broken" / "x.mp4").write_bytes(b"not a video")
+    bad = os.path.join(broken, "x.mp4")
+    want = f"error: cannot decode video {bad} (InvalidDataError); remove it from {broken} or re-encode it"
+    assert err(fvd + [real, broken]) == want and err(["toy-fd", real, broken]) == want
+    # too few videos with --frames frames: the --frames that works (>= 3 for toy-fd, where 2 frames cannot)
+    assert err(fvd + [real, short]) == (
+        f"error: {short}: 0 usable video(s) with >= 16 frames (2 shorter, the longest has 8); the Frechet distance "
+        f"needs at least 2 (hundreds for a stable number): pass --frames 8 or fewer")
+    two = _video_dir(tmp_path / "two", 1, 4, T=2)
+    write_mp4(tmp_path / "two" / "w.mp4", np.zeros((5, 48, 64, 3), np.uint8))
+    assert err(["toy-fd", real, two]) == (
+        f"error: {two}: 0 usable video(s) with >= 8 frames (2 shorter, the longest has 5); the Frechet distance needs "
+        f"at least 2 (hundreds for a stable number): add videos")
+    assert err(["toy-fd", "--frames", "5", real, two]) == (
+        f"error: {two}: 1 usable video(s) with >= 5 frames (1 shorter, the longest has 2); the Frechet distance needs "
+        f"at least 2 (hundreds for a stable number): add videos")
+    # some videos shorter: skipped with one warning, the rest evaluated
+    mixed = _video_dir(tmp_path / "mixed", 3, 5)
+    write_mp4(tmp_path / "mixed" / "z.mp4", np.zeros((8, 48, 64, 3), np.uint8))
+    assert E.main(fvd + [real, mixed]) == 0
+    out, e = capsys.readouterr()
+    assert e == f"warning: skipped 1 of 4 videos in {mixed} (< 16 frames), e.g. {os.path.join(mixed, 'z.mp4')}\n"
+    assert "5 real, 3 generated videos" in out
+    # the I3D rejects its input: the shape it got and what to check
+    e = err(fvd + ["--frames", "8", real, real])
+    assert e.startswith("error: the I3D failed on input (5, 3, 8, 224, 224) (") and e.endswith(
+        "wrong I3D input shape); check --size (StyleGAN-V's I3D takes 224) and --frames")
+    # non-finite features: which set, instead of numpy's LinAlgError
+    nan_i3d = str(tmp_path / "nan_i3d.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(_NaNI3D()).save(nan_i3d)
+    (tmp_path / "bright").mkdir()
+    for i in range(3):
+        write_mp4(tmp_path / "bright" / f"b{i}.mp4", np.full((16, 48, 64, 3), 200 + 10 * i, np.uint8))
+    assert err(["fvd", "--i3d", nan_i3d, real, str(tmp_path / "bright")]) == (
+        f"error: the I3D features of 3 of 3 videos in {tmp_path / 'bright'} are not finite (NaN or inf); check the "
+        f"I3D file (StyleGAN-V's i3d_torchscript.pt) and try --device cpu")
+    with pytest.raises(ValueError, match=r"^features not finite \(NaN or inf\) in 1 of 3 rows$"):
+        E.fd_from_features(np.eye(3), np.array([[0, 1, 2], [1, np.nan, 0], [2, 2, 2.0]]))
+
+
+def test_evaluate_out_of_memory_one_line(monkeypatch, capsys):
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 9633792000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(E, "fvd", oom)
+    monkeypatch.setattr(E, "load_folder", oom)
+    assert E.main(["fvd", "--i3d", "x.pt", "a", "b"]) == 1
+    assert capsys.readouterr().err == ("error: out of memory (DefaultCPUAllocator: can't allocate memory: you tried to "
+                                       "allocate 9633792000 bytes); try a lower --batch or --size, or fewer videos\n")
+    monkeypatch.setattr(E, "list_videos", lambda folder: [])
+    assert E.main(["toy-fd", "a", "b"]) == 1
+    assert capsys.readouterr().err.endswith("bytes); try fewer videos\n")
+
+
+def test_evaluate_help_describes_every_argument_with_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")                              # argparse wraps at the terminal width
+    for cmd, want in ((["--help"], ["COMMAND", "fvd", "toy-fd"]),
+                      (["fvd", "--help"], ["(default: 16)", "(default: 224)", "(default: 8)", "(default: auto)"]),
+                      (["toy-fd", "--help"], ["(default: 8)"])):
+        with pytest.raises(SystemExit):
+            E.parse_args(cmd)
+        out = capsys.readouterr().out
+        lines = out[out.index("positional arguments:"):].splitlines()
+        for arg in ("REAL_DIR", "FAKE_DIR") if cmd[0] != "--help" else ("COMMAND",):
+            line = next(l for l in lines if l.strip().startswith(arg))
+            assert len(line.split()) > 1, (cmd, line)                 # the argument has a text
+        assert all(w in out for w in want) and "default: None" not in out, out
 
 # -----------------------------------------------------------------------------
 # the toy latent: a linear autoencoder on 4x4 patches (PCA, whitened)
