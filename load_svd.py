@@ -197,7 +197,7 @@ def _combine(tensors, kind, shape):
         return torch.cat(tensors, dim=0)
     if kind == "t":
         return tensors[0].t().contiguous()
-    return tensors[0].reshape(shape)          # "copy" is a no-op reshape; "view" adds/drops the 1x1 conv dims
+    return tensors[0].reshape(shape) if kind == "view" else tensors[0]       # view: adds/drops the 1x1 conv dims
 
 
 def _short(keys, n=8):
