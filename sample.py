@@ -6,11 +6,10 @@ Image-to-video with SVD (many steps + CFG) or SF-V (one step): `python sample.py
     python sample.py img.png --ckpt sfv.safetensors --steps 1 --gif --frames-dir frames/
     python sample.py --download svd_xt               # explicit; nothing is ever downloaded implicitly
 
-The maths is in model.py: SVD.condition (CLIP embedding of the clean image, conditioning latent of the image plus
-cond_aug * noise, vector conditioning; SVD, Blattmann et al. 2023) and SVD.sample (steps=1: SF-V's single evaluation
-at sigma_max, Zhang et al. 2024, sec. 3; steps>1: EDM Euler on the Karras grid with per-frame linear CFG). This file
-is the command line; data.py reads and writes the image and video files (pixels in [0, 1]).
-Runtime deps: torch, numpy, safetensors, tqdm, av.
+The maths is in model.py: SVD.condition (SVD, Blattmann et al. 2023) and SVD.sample (steps=1: SF-V's single
+evaluation at sigma_max, Zhang et al. 2024, sec. 3; steps>1: EDM Euler on the Karras grid with per-frame linear CFG).
+This file is the command line; data.py reads the image and writes the video. Runtime deps: torch, numpy,
+safetensors, tqdm, av.
 """
 import argparse
 import math
