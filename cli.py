@@ -1,12 +1,17 @@
 """
-What every command-line script shares (sample.py, train.py, toy.py, evaluate.py, bench.py): the one-line error for
-expected failures (UserError), atomic file writes, folder checks and the choice of device.
+What the command-line scripts share (sample.py, train.py, toy.py, evaluate.py, bench.py): the one-line error for
+expected failures (UserError) and for running out of memory (oom_text), atomic file writes (and the temp files a
+killed writer leaves), folder checks, and the choice of device.
 """
 import json
 import os
 import re
 
 import torch
+
+# -----------------------------------------------------------------------------
+# errors: one line, "error: <what is wrong>; <how to fix it>", never a traceback
+
 
 class UserError(Exception):
     """An expected failure caused by the input (a file, a flag, the network), not a bug. The message is one line:
@@ -24,20 +29,8 @@ def oom_text(e):
     text = re.sub(r"\.?\s*Error code \d+ \(.*\)$", "", text)     # the CPU allocator's errno, said already
     return text[:100] or type(e).__name__
 
-
-def check_folder(flag, path):
-    """A folder flag: `path` is a folder or can be created as one (its nearest existing parent is a folder).
-    -> the folders that are missing, deepest first. UserError otherwise."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a file; pass a folder (it is created if missing)")
-    missing, p = [], os.path.abspath(path)
-    while not os.path.exists(p):
-        missing.append(p)
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise UserError(f"cannot create {flag} {path}: {p} is a file; pass another {flag}")
-    return missing
-
+# -----------------------------------------------------------------------------
+# files and folders: atomic writes (a temp file in the same folder, then os.replace: never a half-written file)
 
 TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")                         # .<name>.tmp-<pid>
 
@@ -54,6 +47,19 @@ def atomic_write(path, write_fn):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def write_text(path, text):
+    """Atomic text file (atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path, obj, indent=None):
+    """Atomic JSON file (atomic_write)."""
+    write_text(path, json.dumps(obj, indent=indent))
 
 
 def remove_stale_temps(folder):
@@ -76,6 +82,23 @@ def remove_stale_temps(folder):
     return removed
 
 
+def check_folder(flag, path):
+    """A folder flag: `path` is a folder or can be created as one (its nearest existing parent is a folder).
+    -> the folders that are missing, deepest first. UserError otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; pass a folder (it is created if missing)")
+    missing, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UserError(f"cannot create {flag} {path}: {p} is a file; pass another {flag}")
+    return missing
+
+# -----------------------------------------------------------------------------
+# devices
+
+
 def pick_device(name="auto"):
     """--device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps -> torch.device; UserError if unusable here."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -95,15 +118,3 @@ def pick_device(name="auto"):
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name}: unsupported device type {dev.type}; use auto, cpu, cuda, cuda:N or mps")
     return dev
-
-
-def write_text(path, text):
-    """Atomic text file (atomic_write)."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def write_json(path, obj, indent=None):
-    write_text(path, json.dumps(obj, indent=indent))

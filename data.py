@@ -1,7 +1,8 @@
 """
-Data for training and evaluation: images and videos in and out (PyAV; resizing with torch), the synthetic videos of
-the toy, folders of real videos, the latent cache, and the per-sample seeded batch order of train.py.
-Pixels are float in [0, 1] at the file boundary, in [-1, 1] inside the datasets.
+Data for sampling, training and evaluation: images and videos in and out (PyAV; resizing with torch), the datasets
+(the toy's synthetic videos, folders of real videos, the latent cache), the per-sample seeded batch order of
+train.py, and the encoding of videos with the frozen VAE and CLIP. Pixels are float in [0, 1] at the file boundary,
+in [-1, 1] inside the datasets.
 """
 import json
 import os
@@ -24,9 +25,7 @@ from distributed import barrier
 # images and videos in and out (frames in [0, 1])
 
 VIDEO_EXTS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")     # videos read from folders (train.py, evaluate.py)
-
-
-IMAGE_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP"}
+IMAGE_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP"}     # first bytes -> format
 
 
 def _image_kind(path):
@@ -103,7 +102,7 @@ def read_video(path, frames, start=0, stride=1, fps=None):
 
 def resize_center_crop(x, height, width, mode="bicubic"):
     """(..., C, h, w) -> (..., C, height, width): scale to cover (antialiased `mode` interpolation), centre-crop.
-    Used for the input image here (bicubic) and for training clips in train.py (bilinear)."""
+    Used for sample.py's input image (bicubic) and for training clips (bilinear, VideoFolder)."""
     h, w = x.shape[-2:]
     s = max(height / h, width / w)
     nh, nw = max(height, round(h * s)), max(width, round(w * s))
@@ -389,6 +388,9 @@ class LatentCache:
     def get(self, i, seed):
         return {**load_file(self.path(i)), "skipped": []}
 
+# -----------------------------------------------------------------------------
+# batches: train.py's seeded order of (index, clip seed, slot) items over steps, ranks and micro-batches
+
 
 class ItemDataset(torch.utils.data.Dataset):
     """Map-style wrapper: item = (index, clip seed, global slot k) -> source.get(index, seed) plus k."""
@@ -436,8 +438,12 @@ class StepBatches:
                 ks = [(m * self.world + self.rank) * self.b + j for j in range(self.b)]
                 yield [(self.index(s * G + k), sample_seed(self.seed, s, k, 2), k) for k in ks]
 
+# -----------------------------------------------------------------------------
+# encoding with the frozen networks: VAE latents and SVD's conditioning (per batch, or once into the latent cache)
+
 
 def move_frozen(svd, device, dtype):
+    """The frozen networks (VAE, conditioning encoder, CLIP) to device/dtype, without gradients, in eval mode."""
     for m in (svd.vae, svd.cond_encoder, svd.clip):
         m.to(device=device, dtype=dtype).requires_grad_(False).eval()
 

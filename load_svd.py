@@ -1,5 +1,6 @@
 """
-Load Stability AI's official SVD weights (and our own SF-V bundles) into model.SVD.
+Load Stability AI's official SVD weights (and our own SF-V bundles) into model.SVD; save bundles; find a checkpoint
+(--ckpt > $SFV_CKPT > checkpoints/ > the bundled toy model); download the official weights, only when asked.
 
 Layouts:
   single file   svd.safetensors / svd_xt.safetensors / svd_xt_1_1.safetensors (sgm key names; our module names
@@ -11,9 +12,7 @@ Layouts:
 Strict: every parameter is filled exactly once; every checkpoint key is consumed or on a named list of known-unused
 keys; shape mismatches name the key and both shapes. Memory-frugal: the model is built on the meta device and each
 tensor is read lazily, converted to the target dtype/device and placed, so the fp32 file is never held twice.
-
-Also here: LoadError (cli.UserError for checkpoints),
-finding a checkpoint (find_checkpoint) and the explicit download of the official weights (download_official).
+Every failure is a LoadError, a cli.UserError: one line, what is wrong and how to fix it.
 """
 import hashlib
 import http.client
@@ -46,14 +45,22 @@ OFFICIAL = {  # download name -> (Hugging Face repo, file)
     "svd_xt_1_1": ("stabilityai/stable-video-diffusion-img2vid-xt-1-1", "svd_xt_1_1.safetensors"),
 }
 HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+SHA256_ETAG = re.compile(r'(?:W/)?"?([0-9a-fA-F]{64})"?')             # an ETag that is the file's sha256
 
 # single-file prefixes of our four sub-networks
-SGM_PREFIX = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "cond_encoder": "conditioner.embedders.3.encoder.",
-    "clip": "conditioner.embedders.0.open_clip.model.visual.",
-}
+SGM_PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+              "cond_encoder": "conditioner.embedders.3.encoder.",
+              "clip": "conditioner.embedders.0.open_clip.model.visual."}
+# sgm ResBlock layers -> diffusers ResnetBlock layers (UNet: in_/emb_/out_layers; VAE: norm1, conv1, nin_shortcut)
+RES_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
+             "out_layers.3": "conv2", "skip_connection": "conv_shortcut", "nin_shortcut": "conv_shortcut"}
+# open_clip visual -> transformers CLIPVisionModelWithProjection name prefixes (the last five: inside a layer)
+CLIP_NAMES = {"conv1.": "vision_model.embeddings.patch_embedding.",
+              "class_embedding": "vision_model.embeddings.class_embedding",
+              "positional_embedding": "vision_model.embeddings.position_embedding.weight",
+              "ln_pre.": "vision_model.pre_layrnorm.", "ln_post.": "vision_model.post_layernorm.",
+              "ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_proj.": "self_attn.out_proj.",
+              "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
 # keys present in the official files that SVD never uses
 KNOWN_UNUSED = {
     "single": [
@@ -70,25 +77,18 @@ class LoadError(UserError, ValueError):
 
 
 # -----------------------------------------------------------------------------
-# atomic writes: a temp file in the same folder, then os.replace (never a half-written file under the real name)
-
-
-# -----------------------------------------------------------------------------
 # key maps: our parameter name -> (source keys, how to combine them)
 # kinds: "copy"; "view" (Linear (C, C) <-> 1x1 conv (C, C, 1, 1)); "cat" (q, k, v -> in_proj); "t" (transpose)
 
 
-def _diffusers_res(rest, temporal_prefix):
-    """sgm ResBlock names inside a UNet VideoResBlock -> diffusers SpatioTemporalResBlock names."""
-    sub = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
-           "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-    if rest.startswith("time_mixer."):
-        return rest
-    prefix = "spatial_res_block."
-    if rest.startswith("time_stack."):
-        prefix, rest = temporal_prefix, rest[len("time_stack."):]
+def _diffusers_res(rest):
+    """sgm VideoResBlock names (UNet, VAE decoder) -> diffusers SpatioTemporalResBlock names."""
+    if rest.endswith("mix_factor"):                       # UNet: time_mixer.mix_factor; VAE decoder: mix_factor
+        return "time_mixer.mix_factor"
     layer, param = rest.rsplit(".", 1)
-    return prefix + sub[layer] + "." + param
+    if layer.startswith("time_stack."):
+        return "temporal_res_block." + RES_NAMES[layer[len("time_stack."):]] + "." + param
+    return "spatial_res_block." + RES_NAMES.get(layer, layer) + "." + param
 
 
 def _diffusers_attn(rest):
@@ -106,27 +106,21 @@ def unet_to_diffusers(key, cfg):
         if key.startswith(a):
             return b + key[len(a):]
     n = cfg.num_res_blocks + 1
-    m = re.match(r"middle_block\.(\d+)\.(.*)", key)
+    m = re.match(r"middle_block\.(\d+)\.(.*)", key)                   # resnet, attention, resnet
+    if m and m.group(1) == "1":
+        return "mid_block.attentions.0." + _diffusers_attn(m.group(2))
     if m:
-        i, rest = int(m.group(1)), m.group(2)
-        if i == 1:
-            return "mid_block.attentions.0." + _diffusers_attn(rest)
-        return f"mid_block.resnets.{i // 2}." + _diffusers_res(rest, "temporal_res_block.")
+        return f"mid_block.resnets.{int(m.group(1)) // 2}." + _diffusers_res(m.group(2))
     m = re.match(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.*)", key)
     if m is None:
         raise KeyError(key)
-    kind, i, sub, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
-    sub = int(sub)
-    if kind == "input_blocks":
-        b, j = (i - 1) // n, (i - 1) % n
-        if j == cfg.num_res_blocks:
-            return f"down_blocks.{b}.downsamplers.0.conv." + rest[len("op."):]
-        blk = f"down_blocks.{b}."
-    else:
-        b, j = i // n, i % n
-        blk = f"up_blocks.{b}."
+    down, i, sub, rest = m.group(1) == "input_blocks", int(m.group(2)), int(m.group(3)), m.group(4)
+    b, j = divmod(i - 1, n) if down else divmod(i, n)          # input block 0 is conv_in
+    if down and j == cfg.num_res_blocks:
+        return f"down_blocks.{b}.downsamplers.0.conv." + rest[len("op."):]
+    blk = f"down_blocks.{b}." if down else f"up_blocks.{b}."
     if sub == 0:
-        return blk + f"resnets.{j}." + _diffusers_res(rest, "temporal_res_block.")
+        return blk + f"resnets.{j}." + _diffusers_res(rest)
     if rest.startswith("conv."):                                      # Upsample at .1 or .2
         return blk + "upsamplers.0." + rest
     return blk + f"attentions.{j}." + _diffusers_attn(rest)
@@ -134,59 +128,36 @@ def unet_to_diffusers(key, cfg):
 
 def vae_to_diffusers(key, cfg):
     """Our (= sgm) VAE key (encoder.*, quant_conv.*, decoder.*) -> (diffusers AutoencoderKLTemporalDecoder key, kind)."""
-    sub = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
-    attn = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-    time = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2", "out_layers.3": "conv2"}
     part, rest = key.split(".", 1)
     if part == "quant_conv":
         return key, "copy"
     m = re.match(r"mid\.attn_1\.(\w+)\.(\w+)$", rest)
     if m:
-        return f"{part}.mid_block.attentions.0.{attn[m.group(1)]}.{m.group(2)}", "view" if m.group(2) == "weight" else "copy"
+        attn = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}[m.group(1)]
+        return f"{part}.mid_block.attentions.0.{attn}.{m.group(2)}", "view" if m.group(2) == "weight" else "copy"
     rest = rest.replace("norm_out.", "conv_norm_out.").replace("conv_out.time_mix_conv.", "time_conv_out.")
     rest = re.sub(r"^mid\.block_(\d)\.", lambda g: f"mid_block.resnets.{int(g.group(1)) - 1}.", rest)
     if part == "encoder":
         rest = re.sub(r"^down\.(\d+)\.block\.(\d+)\.", r"down_blocks.\1.resnets.\2.", rest)
         rest = re.sub(r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", rest)
-        m = re.match(r"(.*resnets\.\d+\.)(\w+)\.(\w+)$", rest)
-        if m:
-            rest = m.group(1) + sub[m.group(2)] + "." + m.group(3)
-        return f"encoder.{rest}", "copy"
+        return "encoder." + rest.replace(".nin_shortcut.", ".conv_shortcut."), "copy"
     n = len(cfg.ch_mult)
     rest = re.sub(r"^up\.(\d+)\.block\.(\d+)\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.resnets.{g.group(2)}.", rest)
     rest = re.sub(r"^up\.(\d+)\.upsample\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.upsamplers.0.", rest)
-    rest = re.sub(r"(resnets\.\d+\.)mix_factor$", r"\1time_mixer.mix_factor", rest)
-    m = re.match(r"(.*resnets\.\d+\.)(.*)\.(\w+)$", rest)
-    if m and not rest.endswith("mix_factor"):
-        head, layer, param = m.groups()
-        if layer.startswith("time_stack."):
-            rest = head + "temporal_res_block." + time[layer[len("time_stack."):]] + "." + param
-        else:
-            rest = head + "spatial_res_block." + sub[layer] + "." + param
-    return f"decoder.{rest}", "copy"
+    m = re.match(r"(.*resnets\.\d+\.)(.*)$", rest)
+    return "decoder." + (m.group(1) + _diffusers_res(m.group(2)) if m else rest), "copy"
 
 
 def clip_to_hf(key):
     """Our (= open_clip visual) key -> ([transformers CLIPVisionModelWithProjection keys], kind)."""
-    fixed = {"conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-             "class_embedding": "vision_model.embeddings.class_embedding",
-             "positional_embedding": "vision_model.embeddings.position_embedding.weight",
-             "ln_pre.weight": "vision_model.pre_layrnorm.weight", "ln_pre.bias": "vision_model.pre_layrnorm.bias",
-             "ln_post.weight": "vision_model.post_layernorm.weight", "ln_post.bias": "vision_model.post_layernorm.bias"}
-    if key in fixed:
-        return [fixed[key]], "copy"
     if key == "proj":
         return ["visual_projection.weight"], "t"
     m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)$", key)
-    if m is None:
-        raise KeyError(key)
-    layer, rest = f"vision_model.encoder.layers.{m.group(1)}.", m.group(2)
+    layer, rest = (f"vision_model.encoder.layers.{m.group(1)}.", m.group(2)) if m else ("", key)
     m = re.match(r"attn\.in_proj_(weight|bias)$", rest)
     if m:
         return [f"{layer}self_attn.{x}_proj.{m.group(1)}" for x in "qkv"], "cat"
-    sub = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_proj.": "self_attn.out_proj.",
-           "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
-    for a, b in sub.items():
+    for a, b in CLIP_NAMES.items():
         if rest.startswith(a):
             return [layer + b + rest[len(a):]], "copy"
     raise KeyError(key)
@@ -226,7 +197,7 @@ def _combine(tensors, kind, shape):
         return torch.cat(tensors, dim=0)
     if kind == "t":
         return tensors[0].t().contiguous()
-    return tensors[0].reshape(shape)          # "copy" is a no-op reshape; "view" adds/drops the 1x1 conv dims
+    return tensors[0].reshape(shape) if kind == "view" else tensors[0]       # view: adds/drops the 1x1 conv dims
 
 
 def _short(keys, n=8):
@@ -246,22 +217,16 @@ def match(cfg: SVDConfig, layout, source_shapes):
             missing.append(srcs[0])
             continue
         consumed.update(srcs)
-        got = _combined_shape([tuple(source_shapes[s]) for s in srcs], kind)
-        want = ours[name]
+        got, want = _combined_shape([tuple(source_shapes[s]) for s in srcs], kind), ours[name]
         if kind == "view" and got != want and (got + (1, 1) == want or got == want + (1, 1)):
             got = want
         if got != want:
             raise LoadError(f"shape mismatch for '{srcs[0]}': checkpoint has {list(got)}, model expects {list(want)} "
                             f"(wrong config? pass the matching config or use the official weights)")
-    skipped, unexpected = {}, []
-    for k in source_shapes:
-        if k in consumed:
-            continue
-        reason = next((why for pat, why in KNOWN_UNUSED.get(layout, []) if re.match(pat, k)), None)
-        if reason is None:
-            unexpected.append(k)
-        else:
-            skipped[reason] = skipped.get(reason, 0) + 1
+    rest = [k for k in source_shapes if k not in consumed]
+    reasons = [next((why for pat, why in KNOWN_UNUSED.get(layout, []) if re.match(pat, k)), None) for k in rest]
+    unexpected = [k for k, why in zip(rest, reasons) if why is None]
+    skipped = {why: reasons.count(why) for why in dict.fromkeys(reasons) if why is not None}
     if missing:
         raise LoadError(f"checkpoint is missing {len(missing)} keys: {_short(missing)} (incomplete or not an SVD checkpoint)")
     if unexpected:
@@ -274,51 +239,44 @@ def match(cfg: SVDConfig, layout, source_shapes):
 
 
 class _Source:
-    """Lazy, uniform access to tensors in safetensors files (safe_open) or a weights_only torch.load dict."""
+    """The tensors of checkpoint files under one key space (tag/key; tag '' adds plain keys): .shapes {key: shape}
+    up front, get(key) reads one tensor (lazily with safe_open, or from a weights_only torch.load dict)."""
 
     def __init__(self):
-        self.files = {}     # tag -> handle (safe_open) or dict
+        self.files, self.shapes = {}, {}     # tag -> safe_open handle or dict; key -> shape
 
     def open(self, tag, path):
+        """Add the tensors of `path` -> its safetensors metadata ({} if none)."""
+        pre = tag + "/" if tag else ""
         if path.endswith(".safetensors"):
             try:
-                self.files[tag] = safe_open(path, framework="pt", device="cpu")
+                f = safe_open(path, framework="pt", device="cpu")
             except Exception as e:
                 raise LoadError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
                                 f"it may be truncated: download it again") from None
+            self.shapes.update({pre + k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         else:
             sd = _torch_load(path)
             sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
             if not isinstance(sd, dict):
                 raise LoadError(f"{path} does not contain a state dict; convert it to .safetensors")
-            self.files[tag] = {k: v for k, v in sd.items() if torch.is_tensor(v)}
-        return self.files[tag]
-
-    def shapes(self):
-        out = {}
-        for tag, f in self.files.items():
-            pre = "" if tag == "" else tag + "/"
-            if isinstance(f, dict):
-                out.update({pre + k: tuple(v.shape) for k, v in f.items()})
-            else:
-                out.update({pre + k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-        return out
+            f = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+            self.shapes.update({pre + k: tuple(v.shape) for k, v in f.items()})
+        self.files[tag] = f
+        return {} if isinstance(f, dict) else f.metadata() or {}
 
     def get(self, key):
         tag, k = key.split("/", 1) if "/" in key else ("", key)
         f = self.files[tag]
-        if isinstance(f, dict):
-            return f[k]
         try:
-            return f.get_tensor(k)
+            return f[k] if isinstance(f, dict) else f.get_tensor(k)
         except Exception as e:
             raise LoadError(f"could not read '{key}' ({str(e).splitlines()[0]}); the file may be truncated: "
                             f"download it again") from None
 
 
 def _pickle_globals(path):
-    """The module.name globals a (legacy, non-zip) pickle file imports, read statically with pickletools (nothing is
-    executed). Best effort: [] when the stream cannot be parsed."""
+    """Globals (module.name) a legacy (non-zip) pickle imports, read with pickletools (nothing runs); [] if unparsable."""
     found, strings = [], []
     try:
         with open(path, "rb") as f:
@@ -357,14 +315,11 @@ def _torch_load(path):
 
 
 def _diffusers_file(folder, sub, stem, dtype):
-    """Pick unet/diffusion_pytorch_model[.fp16].safetensors (fp16 file when loading in half precision)."""
-    cands = [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
-    if dtype in (torch.float16, torch.bfloat16):
-        cands.reverse()
-    for c in cands:
-        p = os.path.join(folder, sub, c)
-        if os.path.isfile(p):
-            return p
+    """folder/sub/stem.safetensors or stem.fp16.safetensors (the fp16 file first when loading in half precision)."""
+    names = [f"{stem}.safetensors", f"{stem}.fp16.safetensors"]
+    for name in names[::-1] if dtype in (torch.float16, torch.bfloat16) else names:
+        if os.path.isfile(os.path.join(folder, sub, name)):
+            return os.path.join(folder, sub, name)
     raise LoadError(f"diffusers folder {folder} has no {sub}/{stem}.safetensors (or .fp16.safetensors); "
                     f"download the complete folder")
 
@@ -377,10 +332,12 @@ def _read_json(path):
         return {}
 
 
-def _official_config(name_hint, unet_in_shape):
-    cfg = CONFIGS["svd_xt" if "xt" in name_hint.lower() else "svd"]
-    if unet_in_shape is not None and tuple(unet_in_shape) != (cfg.unet.model_channels, cfg.unet.in_channels, 3, 3):
-        raise LoadError(f"unrecognised SVD shapes (UNet conv_in {list(unet_in_shape)}); pass the model config explicitly")
+def _official_config(xt, shapes):
+    """CONFIGS svd_xt or svd (the same shapes, other sampling defaults); the UNet's conv_in must have their shape."""
+    cfg = CONFIGS["svd_xt" if xt else "svd"]
+    cin = shapes.get("unet/conv_in.weight", shapes.get("model.diffusion_model.input_blocks.0.0.weight"))
+    if cin is not None and tuple(cin) != (cfg.unet.model_channels, cfg.unet.in_channels, 3, 3):
+        raise LoadError(f"unrecognised SVD shapes (UNet conv_in {list(cin)}); pass the model config explicitly")
     return cfg
 
 
@@ -397,10 +354,9 @@ def _reject_non_svd(path, shapes):
 
 
 def load(path, config=None, dtype=torch.float32, device="cpu"):
-    """Load an official single file, a diffusers folder, a legacy .ckpt (weights_only) or our bundle -> SVD (eval mode).
-
+    """An official single file, a diffusers folder, a legacy .ckpt (weights_only) or our bundle -> SVD (eval mode).
     config: an SVDConfig for non-official shapes (e.g. tiny models); otherwise the official shapes are recognised.
-    The returned model has .load_info = {"layout", "path", "skipped", "metadata"}."""
+    The model carries .load_info = {"layout", "path", "skipped", "metadata"}."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise LoadError(f"checkpoint not found: {path}; pass a path to svd.safetensors, a diffusers folder or an SF-V bundle")
@@ -412,41 +368,34 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
                             f"folder that holds unet/, vae/ and image_encoder/")
         for tag, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("image_encoder", "model")):
             src.open(tag, _diffusers_file(path, tag, stem, dtype))
-        shapes = src.shapes()
         if config is None:
-            frames = _read_json(os.path.join(path, "unet", "config.json")).get("num_frames", 14)
-            config = _official_config("xt" if frames == 25 else "", shapes.get("unet/conv_in.weight"))
+            frames = _read_json(os.path.join(path, "unet", "config.json")).get("num_frames")
+            config = _official_config(frames == 25, src.shapes)
         config = replace(config, vae=replace(config.vae, use_quant_conv=True))   # diffusers' vae/ has a quant_conv
     else:
-        f = src.open("", path)
-        metadata = (f.metadata() or {}) if not isinstance(f, dict) else {}
-        shapes = src.shapes()
-        if metadata.get("format") == BUNDLE_FORMAT:
-            layout = "bundle"
+        metadata = src.open("", path)
+        layout = "bundle" if metadata.get("format") == BUNDLE_FORMAT else "single"
+        if layout == "bundle":
             try:
                 config = SVDConfig.from_dict(json.loads(metadata["config"]))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise LoadError(f"bundle {path} has a damaged config in its metadata ({type(e).__name__}); save or "
                                 f"download it again") from None
         else:
-            layout = "single"
-            _reject_non_svd(path, shapes)
+            _reject_non_svd(path, src.shapes)
             if config is None:
-                config = _official_config(os.path.basename(path), shapes.get("model.diffusion_model.input_blocks.0.0.weight"))
-    if layout == "bundle":
-        with torch.device("meta"):
-            want = {k: ([k], "copy") for k in SVD(config).state_dict()}
-        extra = sorted(set(shapes) - set(want))
-        missing = sorted(set(want) - set(shapes))
-        if missing or extra:
-            raise LoadError(f"bundle {path} does not match its config: missing {_short(missing)}; unexpected {_short(extra)}")
-        plan, skipped = want, {}
-    else:
-        plan, skipped = match(config, layout, shapes)
+                config = _official_config("xt" in os.path.basename(path).lower(), src.shapes)
 
     with torch.device("meta"):
         svd = SVD(config)
     ours = {k: tuple(v.shape) for k, v in svd.state_dict().items()}
+    if layout == "bundle":                        # our names: exactly the model's keys
+        missing, extra = sorted(set(ours) - set(src.shapes)), sorted(set(src.shapes) - set(ours))
+        if missing or extra:
+            raise LoadError(f"bundle {path} does not match its config: missing {_short(missing)}; unexpected {_short(extra)}")
+        plan, skipped = {k: ([k], "copy") for k in ours}, {}
+    else:
+        plan, skipped = match(config, layout, src.shapes)
     state, used = {}, set()
     for name, (srcs, kind) in plan.items():
         t = _combine([src.get(s) for s in srcs], kind, ours[name])
@@ -465,8 +414,8 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
 def save(svd: SVD, path, extra_metadata=None):
     """Write our bundle atomically: one safetensors file, our parameter names, config JSON in the metadata (plus
     extra_metadata, e.g. the training step). The sampling defaults live in the config."""
-    meta = {"format": BUNDLE_FORMAT, "config": json.dumps(svd.cfg.to_dict())}
-    meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    meta = {"format": BUNDLE_FORMAT, "config": json.dumps(svd.cfg.to_dict()),
+            **{k: str(v) for k, v in (extra_metadata or {}).items()}}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in svd.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -475,8 +424,7 @@ def save(svd: SVD, path, extra_metadata=None):
 
 
 def bundle_metadata(path):
-    """The metadata of a safetensors file (a bundle's config, format tag, training step), without reading tensors;
-    {} if it has none or is not a readable safetensors file."""
+    """A safetensors file's metadata (a bundle's format tag, config, training step) without reading tensors; {} if none."""
     try:
         with safe_open(path, framework="pt") as f:
             return f.metadata() or {}
@@ -484,31 +432,22 @@ def bundle_metadata(path):
         return {}
 
 
-def is_bundle(path):
-    """True if path is one of our SF-V bundles (a safetensors file with our format tag in its metadata)."""
-    return bundle_metadata(path).get("format") == BUNDLE_FORMAT
-
-
 def candidates(folder):
-    """Usable checkpoints in a folder, best first: SF-V bundles, then svd_xt_1_1, svd_xt, svd, then others
-    (diffusers folders and other files). Partial downloads and temp files are skipped."""
-    if not os.path.isdir(folder):
-        return []
+    """Usable checkpoints in a folder, best first: SF-V bundles, svd_xt_1_1, svd_xt, svd, then the rest (diffusers
+    folders, other files). Partial downloads and temp files are skipped."""
     out = []
-    for name in sorted(os.listdir(folder)):
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         p = os.path.join(folder, name)
         if os.path.isdir(p) and os.path.isdir(os.path.join(p, "unet")):
             out.append((3, p))
         elif os.path.isfile(p) and name.endswith((".safetensors", ".ckpt", ".pt", ".pth")) and ".tmp-" not in name:
-            stem = name.rsplit(".", 1)[0]
-            rank = 0 if name.endswith(".safetensors") and is_bundle(p) else {"svd_xt_1_1": 1, "svd_xt": 2, "svd": 2.5}.get(stem, 3)
-            out.append((rank, p))
+            bundle = name.endswith(".safetensors") and bundle_metadata(p).get("format") == BUNDLE_FORMAT
+            out.append((0 if bundle else {"svd_xt_1_1": 1, "svd_xt": 2, "svd": 2.5}.get(name.rsplit(".", 1)[0], 3), p))
     return [p for _, p in sorted(out, key=lambda r: r[0])]
 
 
 def find_checkpoint(ckpt=None, env=None, dirs=None, toy=None):
-    """ckpt > $SFV_CKPT > the first of candidates(d) for d in dirs (default CKPT_DIRS) > the toy bundle (default
-    TOY_CKPT). -> (path, is_toy). Raises LoadError when nothing is found."""
+    """ckpt > $SFV_CKPT > candidates(d) for d in dirs (default CKPT_DIRS) > toy (default TOY_CKPT) -> (path, is_toy)."""
     env = os.environ if env is None else env
     if ckpt:
         return ckpt, False
@@ -530,20 +469,15 @@ def find_checkpoint(ckpt=None, env=None, dirs=None, toy=None):
 # explicit download (never implicit): HTTP with resume, size and sha256 checks
 
 
-def _sha256_etag(headers):
-    for k in ("X-Linked-Etag", "ETag"):
-        m = re.fullmatch(r'(?:W/)?"?([0-9a-fA-F]{64})"?', (headers.get(k) or "").strip())
-        if m:
-            return m.group(1).lower()
-    return None
-
-
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None
 
 
-def _http_error(e, url):
+def _request_error(e, url, fix):
+    """The LoadError of a failed request: an HTTP status (401/403: the gated licence) or the network (then `fix`)."""
+    if not isinstance(e, urllib.error.HTTPError):
+        return LoadError(f"network error for {url}: {getattr(e, 'reason', e)}; {fix}")
     if e.code in (401, 403):
         return LoadError(f"access denied (HTTP {e.code}) for {url}: the SVD weights are gated: accept the licence on "
                          f"the model page and set HF_TOKEN=<your token>")
@@ -551,9 +485,8 @@ def _http_error(e, url):
 
 
 def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
-    """Fetch url to dest: resumes dest + '.part' with an HTTP Range request, tqdm bar, checks the size against
-    Content-Length / X-Linked-Size and the sha256 against an ETag / X-Linked-Etag that is one. Returns dest.
-    The token (Bearer) goes to the first host only, never to the redirect target."""
+    """Fetch url to dest, resuming dest + '.part' (HTTP Range); checks the size (Content-Length / X-Linked-Size) and
+    the sha256 (an ETag / X-Linked-Etag that is one). The token goes to the first host only, not to a redirect."""
     from tqdm import tqdm
 
     def request(method, extra=None):
@@ -564,16 +497,14 @@ def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
 
     try:   # metadata from the first hop (the Hub answers a HEAD with a redirect carrying X-Linked-Size/-Etag)
         head = urllib.request.build_opener(_NoRedirect).open(request("HEAD"), timeout=60).headers
-    except urllib.error.HTTPError as e:
-        if not 300 <= e.code < 400:
-            raise _http_error(e, url) from None
-        head = e.headers
     except (urllib.error.URLError, OSError) as e:
-        raise LoadError(f"network error for {url}: {getattr(e, 'reason', e)}; check the connection or download the "
-                        f"file yourself into checkpoints/") from None
+        if not (isinstance(e, urllib.error.HTTPError) and 300 <= e.code < 400):
+            raise _request_error(e, url, "check the connection or download the file yourself into checkpoints/") from None
+        head = e.headers
     total = head.get("X-Linked-Size") or (head.get("Content-Length") if head.get("Location") is None else None)
     total = int(total) if total else None
-    sha = _sha256_etag(head)
+    etags = [(head.get(k) or "").strip() for k in ("X-Linked-Etag", "ETag")]
+    sha = next((m.group(1).lower() for m in map(SHA256_ETAG.fullmatch, etags) if m), None)
 
     part = dest + ".part"
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -582,16 +513,13 @@ def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
         os.remove(part)
         start = 0
     if total is None or start < total:
-        extra = {"Range": f"bytes={start}-"} if start else {}
         try:
-            resp = urllib.request.urlopen(request("GET", extra), timeout=60)
-        except urllib.error.HTTPError as e:
-            if e.code != 416:
-                raise _http_error(e, url) from None
+            resp = urllib.request.urlopen(request("GET", {"Range": f"bytes={start}-"} if start else {}), timeout=60)
+        except (urllib.error.URLError, OSError) as e:
+            if not (isinstance(e, urllib.error.HTTPError) and e.code == 416):
+                raise _request_error(e, url, "run the same command to resume") from None
             os.remove(part)                         # our partial file does not fit the remote one: start over
             return download(url, dest, token, chunk_size, progress)
-        except (urllib.error.URLError, OSError) as e:
-            raise LoadError(f"network error for {url}: {getattr(e, 'reason', e)}; run the same command to resume") from None
         if resp.status != 206:                      # the server ignored the range: start from zero
             start = 0
         if total is None and resp.headers.get("Content-Length"):
@@ -599,10 +527,7 @@ def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
         with resp, open(part, "ab" if start else "wb") as f, \
                 tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=os.path.basename(dest), disable=not progress) as bar:
             try:
-                while True:
-                    buf = resp.read(chunk_size)
-                    if not buf:
-                        break
+                for buf in iter(lambda: resp.read(chunk_size), b""):
                     f.write(buf)
                     bar.update(len(buf))
             except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
@@ -611,13 +536,11 @@ def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
     if total is not None and size != total:
         raise LoadError(f"download incomplete: {size} of {total} bytes in {part}; run the same command again to resume")
     if sha is not None:
-        h = hashlib.sha256()
         with open(part, "rb") as f:
-            for buf in iter(lambda: f.read(1 << 24), b""):
-                h.update(buf)
-        if h.hexdigest() != sha:
+            got = hashlib.file_digest(f, "sha256").hexdigest()
+        if got != sha:
             os.remove(part)
-            raise LoadError(f"sha256 mismatch for {dest} (expected {sha}, got {h.hexdigest()}); the corrupt file was "
+            raise LoadError(f"sha256 mismatch for {dest} (expected {sha}, got {got}); the corrupt file was "
                             f"removed: run the same command again")
     os.replace(part, dest)
     return dest

@@ -6,11 +6,10 @@ Image-to-video with SVD (many steps + CFG) or SF-V (one step): `python sample.py
     python sample.py img.png --ckpt sfv.safetensors --steps 1 --gif --frames-dir frames/
     python sample.py --download svd_xt               # explicit; nothing is ever downloaded implicitly
 
-The maths is in model.py: SVD.condition (CLIP embedding of the clean image, conditioning latent of the image plus
-cond_aug * noise, vector conditioning; SVD, Blattmann et al. 2023) and SVD.sample (steps=1: SF-V's single evaluation
-at sigma_max, Zhang et al. 2024, sec. 3; steps>1: EDM Euler on the Karras grid with per-frame linear CFG). This file
-is the command line; image and video files are read and written by data.py (pixels in [0, 1]).
-Runtime deps: torch, numpy, safetensors, tqdm, av.
+The maths is in model.py: SVD.condition (SVD, Blattmann et al. 2023) and SVD.sample (steps=1: SF-V's single
+evaluation at sigma_max, Zhang et al. 2024, sec. 3; steps>1: EDM Euler on the Karras grid with per-frame linear CFG).
+This file is the command line; data.py reads the image and writes the video. Runtime deps: torch, numpy,
+safetensors, tqdm, av.
 """
 import argparse
 import math
@@ -19,7 +18,6 @@ import sys
 import time
 
 import av
-import av.filter
 import torch
 
 import cli
@@ -36,9 +34,8 @@ GIF_MAX_FPS = 100
 OUT_EXTS = (".mp4", ".gif")                     # --out: H.264 mp4 or GIF
 SAMPLING_KEYS = ("num_frames", "steps", "min_cfg", "max_cfg", "fps_id", "motion_bucket_id", "cond_aug", "height", "width")
 
-
 # -----------------------------------------------------------------------------
-# images and videos in
+# sampling: image -> video
 
 
 def snap_size(height, width, multiple=64):
@@ -87,10 +84,6 @@ def _sync(device):
         torch.mps.synchronize()
 
 # -----------------------------------------------------------------------------
-# videos and images out, atomically (frames in [0, 1])
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 
@@ -110,32 +103,29 @@ def sampling_defaults(svd):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Image-to-video with SVD / SF-V. Writes an H.264 mp4 next to the image.")
     p.add_argument("image", nargs="?", help="input image (PNG, JPEG, WebP, ...)")
-    p.add_argument("--out", help="output .mp4 or .gif (default: next to the image, same name, .mp4)")
+    p.add_argument("--out", help="output .mp4 or .gif (default: the image's name with .mp4)")
     p.add_argument("--gif", action="store_true", help="also write a .gif next to the mp4")
     p.add_argument("--frames-dir", help="also write every frame as PNG into this folder")
-    p.add_argument("--ckpt", help=f"official .safetensors, diffusers folder or SF-V bundle (default: "
-                                  f"${load_svd.CKPT_ENV}, checkpoints/, then the toy model)")
-    p.add_argument("--config", choices=sorted(CONFIGS), help="model config for a non-official single file / diffusers "
-                                                              "folder (default: recognised from the shapes)")
+    p.add_argument("--ckpt", help=f"official .safetensors, diffusers folder or SF-V bundle "
+                                  f"(default: ${load_svd.CKPT_ENV}, checkpoints/, then the toy model)")
+    p.add_argument("--config", choices=sorted(CONFIGS), help="config of non-official weights (default: from the shapes)")
     p.add_argument("--download", choices=sorted(load_svd.OFFICIAL), help="download official weights into "
                                                                           "checkpoints/ (uses $HF_TOKEN; resumes)")
-    p.add_argument("--steps", type=int, help="1 = SF-V single step (no guidance); >1 = Euler EDM with CFG "
-                                             "(default: checkpoint's)")
+    p.add_argument("--steps", type=int, help="1: SF-V, one step, no CFG; >1: EDM Euler + CFG (default: checkpoint's)")
     p.add_argument("--frames", type=int, help="number of frames (default: checkpoint's, 14 or 25)")
     p.add_argument("--height", type=int, help="multiple of 64 (default: checkpoint's, 576)")
     p.add_argument("--width", type=int, help="multiple of 64 (default: checkpoint's, 1024)")
     p.add_argument("--min-cfg", type=float, help="guidance at the first frame (default: checkpoint's)")
     p.add_argument("--max-cfg", type=float, help="guidance at the last frame (default: checkpoint's)")
-    p.add_argument("--fps-id", type=int, help="fps conditioning (default 6)")
-    p.add_argument("--motion-bucket-id", type=int, help="motion conditioning, higher = more motion (default 127)")
-    p.add_argument("--cond-aug", type=float, help="noise added to the conditioning image (default 0.02)")
-    p.add_argument("--fps", type=float, help="output frame rate (default fps_id + 1)")
-    p.add_argument("--seed", type=int, default=23, help="seed of all noise, 0 .. 2^64-1; same seed -> same video "
-                                                        "(default 23)")
-    p.add_argument("--decode-chunk", type=int, default=14, help="frames per VAE decode chunk (lower = less memory)")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--fps-id", type=int, help="fps conditioning (default: checkpoint's, 6)")
+    p.add_argument("--motion-bucket-id", type=int, help="higher = more motion (default: checkpoint's, 127)")
+    p.add_argument("--cond-aug", type=float, help="noise on the conditioning image (default: checkpoint's, 0.02)")
+    p.add_argument("--fps", type=float, help="output frame rate (default: fps-id + 1)")
+    p.add_argument("--seed", type=int, default=23, help="seed of all noise, 0 .. 2^64-1 (default: 23)")
+    p.add_argument("--decode-chunk", type=int, default=14, help="frames per VAE decode, lower saves memory (default: 14)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 (fp16 without bf16 support) on GPU, fp32 on CPU")
+                   help="auto (default): bf16 (fp16 without bf16 support) on GPU, fp32 on CPU")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="move the CLIP/VAE encoders to CPU after use (default: on for GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
@@ -146,15 +136,39 @@ def parse_args(argv=None):
     return args
 
 
-def _check_out(path):
-    """Fail before any work if the output cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
+def _check_numbers(args):
+    """Every numeric flag, before anything expensive. A rule is (flags, fails(value), why); the first broken one is
+    the error."""
+    rules = [
+        ("frames steps decode_chunk", lambda v: v < 1, "must be at least 1"),
+        ("frames", lambda v: v > MAX_FRAMES, f"at most {MAX_FRAMES} (SVD is trained on 14/25)"),
+        ("steps", lambda v: v > MAX_STEPS, f"at most {MAX_STEPS} (Euler sampling uses 25-50)"),
+        ("height width", lambda v: v < MIN_SIDE, f"must be at least {MIN_SIDE} (a multiple of 64)"),
+        ("fps_id motion_bucket_id", lambda v: v < 0, "must be at least 0"),
+        ("fps_id", lambda v: args.fps is None and v + 1 > FPS_RANGE[1],
+         lambda v: f"the video would play at fps-id + 1 = {v + 1} fps, over {FPS_RANGE[1]:g}; pass --fps too"),
+        ("fps min_cfg max_cfg cond_aug", lambda v: not math.isfinite(v), "must be a finite number"),
+        ("fps", lambda v: v <= 0, "must be positive"),
+        ("fps", lambda v: not FPS_RANGE[0] <= v <= FPS_RANGE[1], f"must be from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}"),
+        ("cond_aug", lambda v: v < 0, "must be at least 0 (it is a noise level)"),
+        ("seed", lambda v: not 0 <= v < 2 ** 64, "must be an integer from 0 to 2^64-1"),
+    ]
+    for names, fails, why in rules:
+        for name in names.split():
+            v = getattr(args, name)
+            if v is not None and fails(v):
+                shown = f"{v:g}" if isinstance(v, float) else v         # ints in full (--seed up to 2^64-1)
+                raise UserError(f"bad --{name.replace('_', '-')} {shown}: {why(v) if callable(why) else why}")
+
+
+def _check_out(path, image, gif):
+    """Fail before any work if the output (and the .gif of --gif) cannot be written or would overwrite the image."""
+    folder, ext = os.path.dirname(os.path.abspath(path)), os.path.splitext(path)[1].lower()
     if os.path.isdir(path):
         raise UserError(f"output path {path} is a folder; pass a file name such as --out {os.path.join(path, 'video.mp4')}")
-    ext = os.path.splitext(path)[1].lower()
     if ext not in OUT_EXTS:
         raise UserError(f"cannot write {path}: unsupported output type '{ext or '(no extension)'}'; name it "
-                          f"{' or '.join(OUT_EXTS)}")
+                        f"{' or '.join(OUT_EXTS)}")
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist; create it or pass another --out")
     probe = os.path.join(folder, f".sfv-write-test-{os.getpid()}")
@@ -163,54 +177,16 @@ def _check_out(path):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}; pass --out to a writable folder") from None
-
-
-def _check_paths(args):
-    """Path flags given as '' (e.g. an unset shell variable) would silently mean their defaults."""
-    for name in ("out", "ckpt", "frames_dir"):
-        if getattr(args, name) == "":
-            raise UserError(f"bad --{name.replace('_', '-')} '': an empty path; pass a path or leave the flag out")
+    for o in [path] + ([os.path.splitext(path)[0] + ".gif"] if gif else []):
+        if os.path.exists(o) and os.path.samefile(o, image):
+            raise UserError(f"the output {o} is the input image {image} (it would be overwritten); pass "
+                            f"another --out, e.g. --out {os.path.splitext(image)[0]}_sfv.mp4")
 
 
 def _check_gif_fps(fps, out, gif):
     if fps > GIF_MAX_FPS and (out.lower().endswith(".gif") or gif):
         raise UserError(f"a GIF plays at most {GIF_MAX_FPS} fps (its frame delays are in 1/100 s), not {fps:g}; pass "
-                          f"--fps {GIF_MAX_FPS} or lower, or write only an .mp4")
-
-
-def _check_numbers(args):
-    """Every numeric flag, before anything expensive."""
-    for name in ("frames", "steps", "decode_chunk"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UserError(f"bad --{name.replace('_', '-')} {v}: must be at least 1")
-    if args.frames is not None and args.frames > MAX_FRAMES:
-        raise UserError(f"bad --frames {args.frames}: at most {MAX_FRAMES} (SVD is trained on 14/25)")
-    if args.steps is not None and args.steps > MAX_STEPS:
-        raise UserError(f"bad --steps {args.steps}: at most {MAX_STEPS} (Euler sampling uses 25-50)")
-    for name in ("height", "width"):
-        v = getattr(args, name)
-        if v is not None and v < MIN_SIDE:
-            raise UserError(f"bad --{name} {v}: must be at least {MIN_SIDE} (a multiple of 64)")
-    for name in ("fps_id", "motion_bucket_id"):
-        v = getattr(args, name)
-        if v is not None and v < 0:
-            raise UserError(f"bad --{name.replace('_', '-')} {v}: must be at least 0")
-    if args.fps_id is not None and args.fps is None and args.fps_id + 1 > FPS_RANGE[1]:
-        raise UserError(f"bad --fps-id {args.fps_id}: the video would play at fps-id + 1 = {args.fps_id + 1} fps, "
-                          f"over {FPS_RANGE[1]:g}; pass --fps too")
-    for name in ("fps", "min_cfg", "max_cfg", "cond_aug"):
-        v = getattr(args, name)
-        if v is not None and not math.isfinite(v):
-            raise UserError(f"bad --{name.replace('_', '-')} {v}: must be a finite number")
-    if args.fps is not None and args.fps <= 0:
-        raise UserError(f"bad --fps {args.fps:g}: must be positive")
-    if args.fps is not None and not FPS_RANGE[0] <= args.fps <= FPS_RANGE[1]:
-        raise UserError(f"bad --fps {args.fps:g}: must be from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}")
-    if args.cond_aug is not None and args.cond_aug < 0:
-        raise UserError(f"bad --cond-aug {args.cond_aug:g}: must be at least 0 (it is a noise level)")
-    if not 0 <= args.seed < 2 ** 64:
-        raise UserError(f"bad --seed {args.seed}: must be an integer from 0 to 2^64-1")
+                        f"--fps {GIF_MAX_FPS} or lower, or write only an .mp4")
 
 
 def run(args):
@@ -221,20 +197,18 @@ def run(args):
             print(path)
             return path
         args.ckpt = args.ckpt or path
-    # cheap checks first: the numbers, the device, the image, the output paths
-    _check_paths(args)
+    # cheap checks first: the paths, the numbers, the device, the image, the outputs
+    for name in ("out", "ckpt", "frames_dir"):   # '' (e.g. an unset shell variable) would silently mean the default
+        if getattr(args, name) == "":
+            raise UserError(f"bad --{name.replace('_', '-')} '': an empty path; pass a path or leave the flag out")
     _check_numbers(args)
     device = pick_device(args.device)
     image = read_image(args.image)
     if min(image.shape[1:]) < MIN_SIDE:
         raise UserError(f"image too small: {image.shape[2]}x{image.shape[1]} px; use an image with at least "
-                          f"{MIN_SIDE} px on each side (ideally >= the output size)")
+                        f"{MIN_SIDE} px on each side (ideally >= the output size)")
     out = args.out or os.path.splitext(args.image)[0] + ".mp4"
-    _check_out(out)
-    for o in [out] + ([os.path.splitext(out)[0] + ".gif"] if args.gif else []):
-        if os.path.exists(o) and os.path.samefile(o, args.image):
-            raise UserError(f"the output {o} is the input image {args.image} (it would be overwritten); pass "
-                              f"another --out, e.g. --out {os.path.splitext(args.image)[0]}_sfv.mp4")
+    _check_out(out, args.image, args.gif)
     if args.frames_dir:
         cli.check_folder("--frames-dir", args.frames_dir)
     if args.fps is not None:
@@ -251,11 +225,9 @@ def run(args):
     if args.compile:
         svd.unet = torch.compile(svd.unet)
     d = sampling_defaults(svd)
-    for k, a in (("steps", "steps"), ("num_frames", "frames"), ("min_cfg", "min_cfg"), ("max_cfg", "max_cfg"),
-                 ("fps_id", "fps_id"), ("motion_bucket_id", "motion_bucket_id"), ("cond_aug", "cond_aug"),
-                 ("height", "height"), ("width", "width")):
-        if getattr(args, a) is not None:
-            d[k] = getattr(args, a)
+    for k in SAMPLING_KEYS:                        # the flags given override the checkpoint's defaults
+        v = getattr(args, "frames" if k == "num_frames" else k)
+        d[k] = d[k] if v is None else v
     if d["steps"] == 1 and (d["min_cfg"], d["max_cfg"]) != (1.0, 1.0):
         print(f"note: one step samples without guidance; --min-cfg/--max-cfg ({d['min_cfg']:g}/{d['max_cfg']:g}) "
               f"are ignored (pass --steps 25 for guided SVD sampling)")
@@ -272,7 +244,7 @@ def run(args):
                              d["motion_bucket_id"], d["cond_aug"], args.seed, args.decode_chunk, offload)
     if not torch.isfinite(video).all():
         raise UserError(f"the sampled video is not finite (NaN/inf): the checkpoint {path} holds NaN/inf weights, "
-                          f"or --dtype {args.dtype} overflowed; check the weights, or pass --dtype fp32")
+                        f"or --dtype {args.dtype} overflowed; check the weights, or pass --dtype fp32")
     extras = []
     try:
         if out.lower().endswith(".gif"):
@@ -286,10 +258,10 @@ def run(args):
             extras.append(args.frames_dir + os.sep)
     except OSError as e:   # e.g. disk full, --frames-dir is a file
         raise UserError(f"cannot write {e.filename or out}: {e.strerror or e}; free some space or pick another "
-                          f"--out / --frames-dir") from None
+                        f"--out / --frames-dir") from None
     except av.FFmpegError as e:
         raise UserError(f"cannot encode {out} at {W}x{H}, {fps:g} fps ({type(e).__name__}); use the default "
-                          f"--height/--width and --fps") from None
+                        f"--height/--width and --fps") from None
     print(f"wrote {out} ({video.shape[0]} frames, {W}x{H}, {fps:g} fps, {d['steps']} step{'s' * (d['steps'] > 1)})"
           + "".join(f" + {e}" for e in extras))
     print(f"image encode {st['encode']:.2f} s, denoise {st['denoise']:.2f} s ({st['unet_evals']} UNet evals), "

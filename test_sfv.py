@@ -519,6 +519,13 @@ def test_error_wrong_shape(tmp_path, single_sd):
     sd = dict(single_sd, **{"model.diffusion_model.out.2.bias": torch.zeros(5)})
     with pytest.raises(LoadError, match=re.escape("shape mismatch for 'model.diffusion_model.out.2.bias': checkpoint has [5], model expects [4]")):
         load_svd.load(_write(tmp_path, sd), config=TINY)
+    bundle = make_tiny_checkpoint(str(tmp_path), "bundle")     # our bundles too, also at the same size (transposed)
+    meta, sd = load_svd.bundle_metadata(bundle), {k: v.contiguous() for k, v in SVD(TINY).state_dict().items()}
+    for key, bad in (("unet.out.2.bias", [5]), ("unet.input_blocks.0.0.weight", [8, 32, 3, 3])):
+        save_file({**sd, key: torch.zeros(bad)}, bundle, metadata=meta)
+        with pytest.raises(LoadError, match=re.escape(f"shape mismatch for '{key}': checkpoint has {bad}, model expects "
+                                                      f"{list(sd[key].shape)}")):
+            load_svd.load(bundle)
 
 
 def test_error_sd15_checkpoint(tmp_path):
