@@ -140,62 +140,6 @@ def mix(alpha_param, x_a, x_b):
     (x_b + a (x_a - x_b)); the result takes x_b's memory layout."""
     return torch.lerp(x_b, x_a, torch.sigmoid(alpha_param.float()).to(x_a.dtype))
 
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d. On CPU, a conv whose weights are >= 16x its input (SVD's 1280-channel 2x2 and 4x4 levels) runs as
-    unfold + one GEMM over all frames. mkldnn re-lays out the whole weight tensor into a fresh buffer on every call
-    (59 MB for a 1280 -> 1280 3x3 conv): at <= 112 output pixels over all frames that costs 1.3-2.3x the GEMM's time;
-    at 224 (the 4x4 level, 14 frames) neither wins consistently (mkldnn 0.8-1.15x), and the unfold buffer is 10 MB."""
-
-    def forward(self, x):
-        if x.device.type != "cpu" or self.weight.numel() < 16 * x.numel() or self.groups != 1 \
-                or isinstance(self.padding, str) or self.padding_mode != "zeros":
-            return super().forward(x)
-        N, _, H, W = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)     # (N, Cin*kh*kw, Ho*Wo)
-        cols = cols.transpose(0, 1).reshape(cols.shape[1], N * Ho * Wo)                     # (Cin*kh*kw, N*Ho*Wo)
-        w = self.weight.reshape(self.out_channels, -1)
-        out = torch.mm(w, cols) if self.bias is None else torch.addmm(self.bias[:, None], w, cols)
-        return out.view(-1, N, Ho, Wo).transpose(0, 1).contiguous()                         # (N, Cout, Ho, Wo)
-
-
-class Conv3d(nn.Conv3d):
-    """nn.Conv3d. On CPU, a (k, 1, 1) kernel (a conv over frames only) runs as a 2D (k, 1) conv over (T, H*W), which
-    takes 0.35-0.9x the time of CPU Conv3d at every SVD level (measured at 1 and 2 threads)."""
-
-    def forward(self, x):
-        if x.device.type != "cpu" or isinstance(self.padding, str) or self.kernel_size[1:] != (1, 1) \
-                or self.stride[1:] != (1, 1) or self.padding[1:] != (0, 0) or self.padding_mode != "zeros":
-            return super().forward(x)
-        B, C, T, H, W = x.shape
-        out = F.conv2d(x.reshape(B, C, T, H * W), self.weight[..., 0], self.bias, (self.stride[0], 1),
-                       (self.padding[0], 0), (self.dilation[0], 1), self.groups)                 # (B, Cout, T', H*W)
-        return out.view(*out.shape[:3], H, W)
-
-
-def linear(x, weight, bias=None):
-    """F.linear. On CPU in fp32, with >= 192 rows, it runs as a 1x1 convolution over a channels-last view of the rows
-    (no copy), which reaches oneDNN's AVX-512 conv kernels: 0.36-0.93x F.linear's time at SVD's widths and 224-14336
-    rows, 1 and 2 threads, on an AMD EPYC (Zen 5), where the MKL sgemm behind F.linear runs AVX2 code (below ~200 rows
-    the per-call weight re-layout makes the conv lose). dilation=2 is a no-op for a 1x1 kernel; it stops PyTorch from
-    sending a batch-1 1x1 conv at 1 thread to its im2col + sgemm fallback."""
-    K = x.shape[-1]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() < 192 * K \
-            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return F.linear(x, weight, bias)
-    rows = x.reshape(-1, K).contiguous()                                                # (M, K)
-    out = F.conv2d(rows.view(1, -1, 1, K).permute(0, 3, 1, 2), weight[:, :, None, None], bias, dilation=2)
-    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])             # (1, N, M, 1) channels-last
-
-
-class Linear(nn.Linear):
-    """nn.Linear through `linear` (a 1x1 conv on CPU for many rows)."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
 # -----------------------------------------------------------------------------
 # UNet: res blocks (sgm openaimodel.ResBlock, video_model.VideoResBlock)
 
@@ -205,7 +149,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels, out_channels, emb_channels, dims=2, groups=32, eps=1e-5):
         super().__init__()
-        Conv = Conv2d if dims == 2 else Conv3d
+        Conv = nn.Conv2d if dims == 2 else nn.Conv3d
         k, p = (3, 1) if dims == 2 else ((3, 1, 1), (1, 0, 0))
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels, eps=eps), nn.SiLU(), Conv(channels, out_channels, k, padding=p))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels)) if emb_channels else None
@@ -246,7 +190,7 @@ class VideoResBlock(ResBlock):
 class Downsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -255,7 +199,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -271,10 +215,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = Linear(query_dim, inner, bias=False)
-        self.to_k = Linear(context_dim or query_dim, inner, bias=False)
-        self.to_v = Linear(context_dim or query_dim, inner, bias=False)
-        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(0.0))
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
         # x (N, L, C), context (N, S, Cc) -> (N, L, C), or (N, 1, C) to broadcast over L when S == 1
@@ -291,7 +235,7 @@ class CrossAttention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.proj = Linear(dim_in, dim_out * 2)
+        self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -299,28 +243,14 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU MLP. On CPU, many tokens run in chunks: the GEGLU intermediate then stays in cache and never exists whole
-    (147 MB at SVD's first level for a 14 x 32 x 32 latent); each token is independent. A chunk is 512 tokens at SVD's
-    widths and at least 2^19 intermediate values in narrow nets (2048 tokens at the tiny preset's first level), since
-    every chunk costs a handful of small ops."""
-
-    chunk_values = 2 ** 19
+    """GEGLU MLP: (..., dim) -> Linear to 2 x inner, x * gelu(gate), Linear to dim_out -> (..., dim_out)."""
 
     def __init__(self, dim, dim_out=None, mult=4):
         super().__init__()
-        inner = int(dim * mult)
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), Linear(inner, dim_out or dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim_out or dim))
 
     def forward(self, x):
-        # x (..., dim) -> (..., dim_out)
-        rows = x.reshape(-1, x.shape[-1])                            # (N, dim)
-        n = max(512, self.chunk_values // self.net[0].proj.out_features)
-        if x.device.type != "cpu" or rows.shape[0] <= 2 * n:
-            return self.net(x)
-        out = rows.new_empty(rows.shape[0], self.net[-1].out_features)
-        for i in range(0, rows.shape[0], n):
-            out[i:i + n] = self.net(rows[i:i + n])
-        return out.view(*x.shape[:-1], -1)
+        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -369,13 +299,13 @@ class SpatialVideoTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.norm = GroupNorm32(groups, channels, eps=eps)
-        self.proj_in = Linear(channels, inner)
+        self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
         self.time_stack = nn.ModuleList([VideoTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
         self.time_pos_embed = nn.Sequential(nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels))
         self.time_mixer = nn.Module()
         self.time_mixer.mix_factor = nn.Parameter(torch.tensor([0.5]))
-        self.proj_out = Linear(inner, channels)
+        self.proj_out = nn.Linear(inner, channels)
         self.channels = channels
 
     def forward(self, x, context, T):
@@ -421,7 +351,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, E), nn.SiLU(), nn.Linear(E, E))
         self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(3 * cfg.addition_time_embed_dim, E), nn.SiLU(), nn.Linear(E, E)))
 
-        self.input_blocks = nn.ModuleList([TimestepBlock([Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         chans, ch = [mc], mc
         self.level_ends = []                                        # input_blocks index ending each level
         for level, mult in enumerate(cfg.channel_mult):
@@ -450,7 +380,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(layers))
 
-        self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     @torch.no_grad()
     def zero_init_(self):
@@ -629,7 +559,7 @@ class TimeMixConv(nn.Conv2d):
 
     def __init__(self, cin, cout):
         super().__init__(cin, cout, 3, padding=1)
-        self.time_mix_conv = Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
+        self.time_mix_conv = nn.Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x, T):
         x = super().forward(x)
@@ -817,18 +747,18 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = nn.Module()
         self.attn.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.attn.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.attn.out_proj = Linear(width, width)
+        self.attn.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.attn.in_proj_weight)
         self.ln_2 = LayerNorm(width, eps=eps)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", Linear(width, hidden))
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
         self.mlp.add_module("gelu", nn.GELU())                   # exact GELU (ViT-H-14 is not quick_gelu)
-        self.mlp.add_module("c_proj", Linear(hidden, width))
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
 
     def forward(self, x):
         N, L, C = x.shape
-        h = linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
+        h = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
         q, k, v = (t.view(N, L, self.heads, -1).transpose(1, 2) for t in h.chunk(3, dim=-1))
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, C)
         x = x + self.attn.out_proj(h)
