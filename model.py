@@ -312,8 +312,7 @@ class SpatialVideoTransformer(nn.Module):
         # x (B*T, C, H, W), context (B*T, 1, D)
         BT, C, H, W = x.shape
         x_in = x
-        x = self.norm(x).flatten(2).transpose(1, 2)                 # (B*T, H*W, C)
-        x = self.proj_in(x)
+        x = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))   # (B*T, H*W, inner)
         # temporal context: frame 0's token of each video, one per spatial location
         t_ctx = context[::T].repeat_interleave(H * W, dim=0)        # (B*H*W, 1, D)
         frames = torch.arange(T, device=x.device).repeat(BT // T)
@@ -596,10 +595,7 @@ class VideoDecoder(nn.Module):
         self.conv_out = TimeMixConv(cin, cfg.in_channels)
 
     def forward(self, z, T):
-        h = self.conv_in(z)
-        h = self.mid.block_1(h, T)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, T)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z), T)), T)
         for level in reversed(self.up):
             for block in level.block:
                 h = block(h, T)
@@ -827,6 +823,15 @@ def denoise(unet, x, sigma, cond_latent, image_embeds, added_time_ids):
     return (c_skip * x.float() + c_out * out.float()).to(x.dtype)
 
 
+@torch.no_grad()
+def sample_one_step(unet, cond, eps, sigma_max=700.0):
+    """SF-V's generator at inference (Zhang et al. 2024, sec. 3): pure noise at sigma_max, one denoiser evaluation, no
+    guidance. eps (B, T, z, h, w) standard normal; cond: SVD.condition's dict -> x0_hat (B, T, z, h, w) float32."""
+    p = next(unet.parameters())
+    x_T = (eps * math.sqrt(1.0 + sigma_max ** 2)).to(p.device, p.dtype)    # x_T ~ N(0, (1 + sigma_max^2) I)
+    return denoise(unet, x_T, sigma_max, cond["cond_latent"], cond["image_embeds"], cond["added_time_ids"]).float()
+
+
 def added_time_ids(fps_id, motion_bucket_id, cond_aug, batch=1, device=None):
     """SVD's vector conditioning (fps_id, motion_bucket_id, cond_aug) -> (batch, 3) float32."""
     ids = torch.tensor([[float(fps_id), float(motion_bucket_id), float(cond_aug)]], dtype=torch.float32, device=device)
@@ -839,8 +844,7 @@ def added_time_ids(fps_id, motion_bucket_id, cond_aug, batch=1, device=None):
 
 
 def karras_sigmas(n, sigma_min=0.002, sigma_max=700.0, rho=7.0):
-    """Karras schedule of n noise levels from sigma_max down to sigma_min, then 0 appended -> (n+1,) float32.
-    n=1 gives [sigma_max, 0]: the SF-V single step."""
+    """Karras schedule of n noise levels from sigma_max down to sigma_min, then 0 appended -> (n+1,) float32."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
@@ -900,17 +904,18 @@ def seeded_randn(shape, generators):
 @torch.no_grad()
 def sample_latents(unet, cond, num_frames, generators, steps, min_cfg=1.0, max_cfg=1.0, sigma_min=0.002, sigma_max=700.0,
            rho=7.0, counter=None):
-    """Latent videos from conditioning `cond` (SVD.condition's dict): x_T = eps * sqrt(1 + sigma_max^2), eps per
-    sample from its generator; Euler over `steps` Karras levels (steps=1: one denoiser evaluation at sigma_max, the
-    SF-V generator). Guidance (per frame, min_cfg -> max_cfg) for steps > 1 unless it is 1 everywhere (then the
-    cond branch alone). -> (B, num_frames, z, h, w) float32 on the UNet's device."""
+    """Latent videos (B, num_frames, z, h, w) float32 from `cond` (SVD.condition's dict), eps per sample from its
+    generator. steps=1: sample_one_step (SF-V); else x_T = sqrt(1 + sigma_max^2) eps, Euler over `steps` Karras levels
+    with per-frame guidance min_cfg -> max_cfg (none if 1 everywhere: the cond branch alone)."""
     cond_latent = cond["cond_latent"]
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     noise = seeded_randn((num_frames, *cond_latent.shape[1:]), generators)          # (B, T, z, h, w)
+    if steps == 1:
+        if counter is not None:
+            counter.append(len(noise))
+        return sample_one_step(unet, cond, noise, sigma_max)
+    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     x = (noise * (1.0 + sigmas[0] ** 2).sqrt()).to(cond_latent.device)
-    scales = None
-    if steps > 1 and not (min_cfg == 1.0 and max_cfg == 1.0):
-        scales = cfg_scales(min_cfg, max_cfg, num_frames).to(cond_latent.device)
+    scales = None if min_cfg == max_cfg == 1.0 else cfg_scales(min_cfg, max_cfg, num_frames).to(cond_latent.device)
     fn = make_denoiser(unet, cond_latent, cond["image_embeds"], cond["added_time_ids"], scales, counter)
     return euler_sample(fn, x, sigmas)
 
@@ -930,8 +935,7 @@ def latent_factor(vae_cfg):
 
 
 def size_multiple(cfg):
-    """Pixel sizes the model accepts are multiples of this: the latent factor times the UNet's downsampling (64 for
-    SVD)."""
+    """Pixel sizes must be multiples of this: the latent factor times the UNet's downsampling (64 for SVD)."""
     return latent_factor(cfg.vae) * 2 ** (len(cfg.unet.channel_mult) - 1)
 
 
@@ -951,11 +955,6 @@ class SVD(nn.Module):
             self.vae = TemporalVAE(cfg.vae)
             self.cond_encoder = VAEEncoder(cfg.vae, quant_conv=True)
         self.clip = CLIPImageEncoder(cfg.clip)
-
-    def latent_shape(self, T, H, W):
-        """Latent video shape (T, z, H/f, W/f) for a T x H x W pixel video (f = 8, or the toy patch size)."""
-        f = latent_factor(self.cfg.vae)
-        return (T, self.cfg.vae.z_channels, H // f, W // f)
 
     @torch.no_grad()
     def encode_image(self, img):

@@ -764,6 +764,29 @@ def test_euler_with_true_x0_denoiser_recovers_x0():
         assert torch.allclose(x, x0 + s * eps, rtol=1e-6, atol=1e-6)
 
 
+def test_sample_one_step_is_one_euler_step():
+    # SF-V's generator (model.sample_one_step) equals the general sampler's Euler path with one step, and
+    # sample_latents(steps=1) runs it on per-generator noise, one evaluation per sample
+    torch.manual_seed(0)
+    svd = SVD(TINY).eval()
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    cond = svd.condition(torch.rand(2, 3, 64, 64, generator=gens[0]) * 2 - 1, gens)
+    state = [g.get_state() for g in gens]
+    eps = model.seeded_randn((4, 4, 8, 8), gens)
+    x0 = model.sample_one_step(svd.unet, cond, eps)
+    sigmas = model.karras_sigmas(1)
+    with torch.no_grad():
+        D = model.make_denoiser(svd.unet, cond["cond_latent"], cond["image_embeds"], cond["added_time_ids"])
+        ref = model.euler_sample(D, eps * (1 + sigmas[0] ** 2).sqrt(), sigmas)
+    assert x0.shape == (2, 4, 4, 8, 8) and x0.dtype == torch.float32 and ref.abs().mean() > 1e-2
+    assert (x0 - ref).abs().max().item() <= 1e-6
+    for g, s in zip(gens, state):
+        g.set_state(s)
+    counter = []
+    z = model.sample_latents(svd.unet, cond, 4, gens, 1, min_cfg=1.0, max_cfg=2.5, counter=counter)
+    assert (z - x0).abs().max().item() <= 1e-6 and counter == [2]
+
+
 def test_cfg_weights_per_frame_follow_linspace():
     sc = model.cfg_scales(1.5, 3.0, 25)
     assert torch.allclose(sc, torch.tensor(np.linspace(1.5, 3.0, 25), dtype=torch.float32))
