@@ -1,14 +1,15 @@
 """
 Benchmarks. Default: UNet forward, ours vs diffusers' UNetSpatioTemporalConditionModel at the same config, dtype and
 input. Each measurement runs in a fresh child process (so peak memory is not polluted by the other model),
-alternating ours/diffusers; a time ratio is the median of the per-round ratios, with their range. Real-width rows
-also get a torch.profiler summary of one forward per implementation (tensor copies, time inside the conv modules), so
-a layout regression shows.
+alternating ours/diffusers; a time ratio is the median of the per-round ratios, with their range. On CPU "ours" is
+model.py with the opt-in cpu_kernels.apply (as is every CPU run in --sample). Real-width rows also get a
+torch.profiler summary of one forward per implementation (tensor copies, time inside the conv modules), so a layout
+regression shows.
 
   python bench.py                      # CPU fp32: tiny preset, and the real SVD widths at 14x16x16 and 14x32x32 latents
   python bench.py --cases svd:14x16x16 --rounds 3
   python bench.py --device cuda        # GPU: the real 14 x 72 x 128 latent (576 x 1024 video) in bf16
-  python bench.py --sample             # end to end (sample.sample_video): SF-V's 1 step vs SVD's 25 steps with CFG
+  python bench.py --sample             # end to end (condition, sample, decode): SF-V's 1 step vs SVD's 25 steps + CFG
   python bench.py --train-memory --device cuda   # peak GPU memory of one SF-V training step at 14x448x768
   python bench.py --simulate           # no GPU needed: FLOPs, GPU time bounds and peak memory at full SVD size
   python bench.py --fit                # will one SF-V training step fit on a 24/40/80 GB card (train.py's memory plan)
@@ -41,6 +42,9 @@ def build(impl, preset, T, device, dtype):
     with torch.device(device):
         if impl == "ours":
             net = UNet(cfg)
+            if torch.device(device).type == "cpu":
+                import cpu_kernels
+                cpu_kernels.apply(net)
         else:
             from diffusers import UNetSpatioTemporalConditionModel
             ch = tuple(cfg.model_channels * m for m in cfg.channel_mult)
@@ -241,7 +245,8 @@ def unet_main(args):
     cases = [(c.split(":") + ["float32"])[:3] for c in cases.split(",")]
     print(f"UNet forward, batch 1, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; time: "
           f"median of {args.rounds} alternating rounds x {args.iters} forwards, ratio = median of the per-round ratios "
-          f"(range = min-max over rounds); memory: one child each")
+          f"(range = min-max over rounds); memory: one child each"
+          + ("; ours = model.UNet with cpu_kernels.apply" if args.device == "cpu" else ""))
     mem = "RSS" if args.device == "cpu" else "CUDA"
     print(f"{'config':<8}{'T x h x w':<12}{'dtype':<10}{'ours s':>8}{'diff s':>8}{'ratio':>7}{'range':>11}"
           f"{mem + ' ours MB':>14}{'diff MB':>9}{'ratio':>7}{'tensors ours MB':>17}{'diff MB':>9}{'ratio':>7}")
@@ -288,20 +293,44 @@ def sample_configs():
     }
 
 
+@torch.no_grad()
+def sample_stages(svd, img, steps, min_cfg=1.0, max_cfg=2.5, seed=23):
+    """One image-to-video run through model.py's API, timed per stage: encode (SVD.condition), denoise (SVD.sample:
+    SF-V's one evaluation for steps=1, else Euler + CFG), decode (vae.decode, 14-frame chunks, to [0, 1] on the CPU).
+    img (3, H, W) in [0, 1]. -> {encode, denoise, decode: seconds; unet_evals (a CFG step counts 2)}."""
+    p = next(svd.unet.parameters())
+    sync = (lambda: torch.cuda.synchronize(p.device)) if p.device.type == "cuda" else (lambda: None)
+    gens, counter = [torch.Generator().manual_seed(seed)], []
+    t0 = time.perf_counter()
+    cond = svd.condition(img[None].float() * 2 - 1, gens)
+    sync()
+    t1 = time.perf_counter()
+    z = svd.sample(cond, gens, steps=steps, min_cfg=min_cfg, max_cfg=max_cfg, counter=counter)
+    sync()
+    t2 = time.perf_counter()
+    ((svd.vae.decode(z.to(p.dtype), chunk=14)[0].float() + 1) / 2).clamp(0, 1).cpu()    # the video, discarded
+    sync()
+    t3 = time.perf_counter()
+    return {"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "unet_evals": sum(counter)}
+
+
 def bench_sample(cfg, steps, device, dtype, repeats=2):
-    """-> [(1, stats), (steps, stats)]; every stage time is the minimum over `repeats` runs."""
+    """-> [(1, stats), (steps, stats)]; every stage time is the minimum over `repeats` runs. On CPU the model runs
+    with cpu_kernels.apply."""
     from model import SVD
-    from sample import sample_video
     torch.manual_seed(0)
     svd = SVD(cfg).to(device=device, dtype=dtype).eval()
+    if device.type == "cpu":
+        import cpu_kernels
+        cpu_kernels.apply(svd)
     img = torch.rand(3, cfg.height, cfg.width)
-    sample_video(svd, img, steps=1)                                   # warm-up
+    sample_stages(svd, img, 1)                                        # warm-up
     rows = []
     for n in (1, steps):
         runs = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            _, st = sample_video(svd, img, steps=n, min_cfg=1.0, max_cfg=2.5)
+            st = sample_stages(svd, img, n)
             st["total"] = time.perf_counter() - t0
             runs.append(st)
         rows.append((n, {k: min(r[k] for r in runs) for k in runs[0]}))   # per-stage minimum: robust to noise
@@ -311,7 +340,8 @@ def bench_sample(cfg, steps, device, dtype, repeats=2):
 def sample_main(args):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.sample_dtype]
     configs = sample_configs()
-    print(f"torch {torch.__version__}, {args.device} {args.sample_dtype}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {args.device} {args.sample_dtype}, {torch.get_num_threads()} threads"
+          + (", model.py with cpu_kernels.apply" if args.device == "cpu" else ""))
     print(f"{'config':8} {'frames':>6} {'size':>8} {'steps':>5} {'UNet evals':>10} {'encode s':>8} {'denoise s':>9} "
           f"{'decode s':>8} {'total s':>8} {'vs 1-step':>9}")
     for name in args.configs.split(","):
@@ -426,8 +456,8 @@ def main():
 # on fake tensors (FakeTensorMode: shapes and dtypes, no data, no arithmetic), under LiveTensorPeak (live storage
 # bytes, and FLOPs by torch.utils.flop_counter's formulas). A fake CUDA device is not usable in a CPU-only PyTorch build
 # (tensor indexing needs the CUDA device guard), so the fake tensors are CPU tensors and:
-#   - model.py's GPU code paths are switched on: Conv2d/Conv3d run nn.Conv2d/nn.Conv3d (no unfold + GEMM) and
-#     FeedForward runs all tokens at once (no chunks), as they do on CUDA;
+#   - model.py's modules run as they do on CUDA (plain nn.Conv2d/nn.Conv3d/nn.Linear, FeedForward on all tokens at
+#     once): cpu_kernels is not applied, except in the validation row named "CPU code paths";
 #   - bf16 autocast is PyTorch's CPU autocast (the same lower-precision op list for conv, linear, matmul and
 #     attention as CUDA's, the same cache of bf16 weight copies); the Trainer's CUDA-only setting (amp on, frozen D
 #     backbone in bf16) is applied after construction, as Trainer.__init__ does on CUDA;
@@ -467,8 +497,8 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 
 class Sim:
     """with Sim(fake, gpu_paths) as s: ... -> s.mem (LiveTensorPeak on CPU storages, counting FLOPs too).
-    fake: FakeTensorMode (False: real tensors, for validation). gpu_paths: model.py's CUDA code paths and the
-    fused attention (False: the CPU paths a real CPU run takes)."""
+    fake: FakeTensorMode (False: real tensors, for validation). gpu_paths: the fused attention of a GPU (False: the
+    attention a real CPU run takes; the callers then also apply cpu_kernels to the networks they build)."""
 
     def __init__(self, fake=True, gpu_paths=True, snapshot=False):
         self.fake, self.gpu_paths, self.snapshot = fake, gpu_paths, snapshot
@@ -477,21 +507,17 @@ class Sim:
         import contextlib
         import model
         self.stack = st = contextlib.ExitStack()
-        saved = (model.Conv2d.forward, model.Conv3d.forward, model.FeedForward.chunk_values, F.scaled_dot_product_attention,
-                 model.karras_sigmas)
+        saved = (F.scaled_dot_product_attention, model.karras_sigmas)
 
         def restore():
-            (model.Conv2d.forward, model.Conv3d.forward, model.FeedForward.chunk_values, F.scaled_dot_product_attention,
-             model.karras_sigmas) = saved
+            F.scaled_dot_product_attention, model.karras_sigmas = saved
         st.callback(restore)
         if self.gpu_paths:
-            model.Conv2d.forward, model.Conv3d.forward = nn.Conv2d.forward, nn.Conv3d.forward
-            model.FeedForward.chunk_values = 1 << 62
             F.scaled_dot_product_attention = _fused_sdpa
         if self.fake:
             from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
             st.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-            karras = saved[4]
+            karras = saved[1]
 
             def real_karras(*a, **kw):             # the sampler reads the levels as Python floats (.tolist())
                 with unset_fake_temporarily():
@@ -548,11 +574,14 @@ def _build(make, fake, dtype=None):
 
 
 def sim_unet_forward(cfg, T, h, w, dtype=torch.bfloat16, fake=True, gpu_paths=True):
-    """One UNet forward (no grad), weights in dtype. -> {flops, peak (bytes, weights included), act (peak above the
-    weights and inputs)}."""
+    """One UNet forward (no grad), weights in dtype (gpu_paths=False: with cpu_kernels.apply). -> {flops, peak (bytes,
+    weights included), act (peak above the weights and inputs)}."""
+    import cpu_kernels
     from model import UNet
     with Sim(fake, gpu_paths) as s:
         net = _build(lambda: UNet(cfg.unet), fake, dtype).eval()
+        if not gpu_paths:
+            cpu_kernels.apply(net)
         x = torch.randn(1, T, cfg.unet.in_channels, h, w, dtype=dtype)
         c_noise = torch.tensor([0.25 * 6.55])
         emb = torch.randn(1, cfg.unet.context_dim, dtype=dtype)
@@ -565,11 +594,11 @@ def sim_unet_forward(cfg, T, h, w, dtype=torch.bfloat16, fake=True, gpu_paths=Tr
 
 
 def sim_sample(cfg, steps, chunks, dtype=torch.bfloat16):
-    """sample.sample_video's stages at cfg's size, all of SVD resident in dtype: SVD.condition (CLIP + cond encoder),
-    SVD.sample (steps; CFG for steps > 1), TemporalVAE.decode with each chunk. -> {chunk: {flops, peak}}."""
+    """The sampling stages (sample_stages) at cfg's size, all of SVD resident in dtype: SVD.condition (CLIP + cond
+    encoder), SVD.sample (steps; CFG for steps > 1), TemporalVAE.decode with each chunk. -> {chunk: {flops, peak}}."""
     from model import SVD
     out = {}
-    with Sim() as s, torch.no_grad():                                 # sample.sample_video is no_grad
+    with Sim() as s, torch.no_grad():                                 # sampling runs without autograd
         svd = _build(lambda: SVD(cfg), True, dtype).eval()
         img = torch.rand(1, 3, cfg.height, cfg.width) * 2 - 1
         gens = [torch.Generator().manual_seed(23)]
@@ -616,6 +645,9 @@ def sim_train(cfg, T, H, W, ckpt=True, bf16=True, ema_cpu=False, fused=False, bf
         with torch.device("meta"):
             svd = SVD(cfg)                                            # VAE/CLIP never resident (cached latents)
         svd.unet = _build(lambda: UNet(cfg.unet), fake)
+        if not gpu_paths:                                             # the CPU run's modules
+            import cpu_kernels
+            cpu_kernels.apply(svd.unet)
         tr = train.Trainer(args, svd, torch.device("cpu"))
         if bf16 and gpu_paths:                                        # Trainer.__init__ on CUDA
             tr.amp = True

@@ -147,62 +147,6 @@ def mix(alpha_param, x_a, x_b):
     (x_b + a (x_a - x_b)); the result takes x_b's memory layout."""
     return torch.lerp(x_b, x_a, torch.sigmoid(alpha_param.float()).to(x_a.dtype))
 
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d. On CPU, a conv whose weights are >= 16x its input (SVD's 1280-channel 2x2 and 4x4 levels) runs as
-    unfold + one GEMM over all frames. mkldnn re-lays out the whole weight tensor into a fresh buffer on every call
-    (59 MB for a 1280 -> 1280 3x3 conv): at <= 112 output pixels over all frames that costs 1.3-2.3x the GEMM's time;
-    at 224 (the 4x4 level, 14 frames) neither wins consistently (mkldnn 0.8-1.15x), and the unfold buffer is 10 MB."""
-
-    def forward(self, x):
-        if x.device.type != "cpu" or self.weight.numel() < 16 * x.numel() or self.groups != 1 \
-                or isinstance(self.padding, str) or self.padding_mode != "zeros":
-            return super().forward(x)
-        N, _, H, W = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)     # (N, Cin*kh*kw, Ho*Wo)
-        cols = cols.transpose(0, 1).reshape(cols.shape[1], N * Ho * Wo)                     # (Cin*kh*kw, N*Ho*Wo)
-        w = self.weight.reshape(self.out_channels, -1)
-        out = torch.mm(w, cols) if self.bias is None else torch.addmm(self.bias[:, None], w, cols)
-        return out.view(-1, N, Ho, Wo).transpose(0, 1).contiguous()                         # (N, Cout, Ho, Wo)
-
-
-class Conv3d(nn.Conv3d):
-    """nn.Conv3d. On CPU, a (k, 1, 1) kernel (a conv over frames only) runs as a 2D (k, 1) conv over (T, H*W), which
-    takes 0.35-0.9x the time of CPU Conv3d at every SVD level (measured at 1 and 2 threads)."""
-
-    def forward(self, x):
-        if x.device.type != "cpu" or isinstance(self.padding, str) or self.kernel_size[1:] != (1, 1) \
-                or self.stride[1:] != (1, 1) or self.padding[1:] != (0, 0) or self.padding_mode != "zeros":
-            return super().forward(x)
-        B, C, T, H, W = x.shape
-        out = F.conv2d(x.reshape(B, C, T, H * W), self.weight[..., 0], self.bias, (self.stride[0], 1),
-                       (self.padding[0], 0), (self.dilation[0], 1), self.groups)                 # (B, Cout, T', H*W)
-        return out.view(*out.shape[:3], H, W)
-
-
-def linear(x, weight, bias=None):
-    """F.linear. On CPU in fp32, with >= 192 rows, it runs as a 1x1 convolution over a channels-last view of the rows
-    (no copy), which reaches oneDNN's AVX-512 conv kernels: 0.36-0.93x F.linear's time at SVD's widths and 224-14336
-    rows, 1 and 2 threads, on an AMD EPYC (Zen 5), where the MKL sgemm behind F.linear runs AVX2 code (below ~200 rows
-    the per-call weight re-layout makes the conv lose). dilation=2 is a no-op for a 1x1 kernel; it stops PyTorch from
-    sending a batch-1 1x1 conv at 1 thread to its im2col + sgemm fallback."""
-    K = x.shape[-1]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() < 192 * K \
-            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return F.linear(x, weight, bias)
-    rows = x.reshape(-1, K).contiguous()                                                # (M, K)
-    out = F.conv2d(rows.view(1, -1, 1, K).permute(0, 3, 1, 2), weight[:, :, None, None], bias, dilation=2)
-    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])             # (1, N, M, 1) channels-last
-
-
-class Linear(nn.Linear):
-    """nn.Linear through `linear` (a 1x1 conv on CPU for many rows)."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
 # -----------------------------------------------------------------------------
 # UNet: res blocks (sgm openaimodel.ResBlock, video_model.VideoResBlock)
 
@@ -212,7 +156,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels, out_channels, emb_channels, dims=2, groups=32, eps=1e-5):
         super().__init__()
-        Conv = Conv2d if dims == 2 else Conv3d
+        Conv = nn.Conv2d if dims == 2 else nn.Conv3d
         k, p = (3, 1) if dims == 2 else ((3, 1, 1), (1, 0, 0))
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels, eps=eps), nn.SiLU(), Conv(channels, out_channels, k, padding=p))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels)) if emb_channels else None
@@ -253,7 +197,7 @@ class VideoResBlock(ResBlock):
 class Downsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -262,7 +206,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -278,10 +222,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = Linear(query_dim, inner, bias=False)
-        self.to_k = Linear(context_dim or query_dim, inner, bias=False)
-        self.to_v = Linear(context_dim or query_dim, inner, bias=False)
-        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(0.0))
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
         # x (N, L, C), context (N, S, Cc) -> (N, L, C), or (N, 1, C) to broadcast over L when S == 1
@@ -298,7 +242,7 @@ class CrossAttention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.proj = Linear(dim_in, dim_out * 2)
+        self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -306,28 +250,14 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU MLP. On CPU, many tokens run in chunks: the GEGLU intermediate then stays in cache and never exists whole
-    (147 MB at SVD's first level for a 14 x 32 x 32 latent); each token is independent. A chunk is 512 tokens at SVD's
-    widths and at least 2^19 intermediate values in narrow nets (2048 tokens at the tiny preset's first level), since
-    every chunk costs a handful of small ops."""
-
-    chunk_values = 2 ** 19
+    """GEGLU MLP: (..., dim) -> Linear to 2 x inner, x * gelu(gate), Linear to dim_out -> (..., dim_out)."""
 
     def __init__(self, dim, dim_out=None, mult=4):
         super().__init__()
-        inner = int(dim * mult)
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(0.0), Linear(inner, dim_out or dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim_out or dim))
 
     def forward(self, x):
-        # x (..., dim) -> (..., dim_out)
-        rows = x.reshape(-1, x.shape[-1])                            # (N, dim)
-        n = max(512, self.chunk_values // self.net[0].proj.out_features)
-        if x.device.type != "cpu" or rows.shape[0] <= 2 * n:
-            return self.net(x)
-        out = rows.new_empty(rows.shape[0], self.net[-1].out_features)
-        for i in range(0, rows.shape[0], n):
-            out[i:i + n] = self.net(rows[i:i + n])
-        return out.view(*x.shape[:-1], -1)
+        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -376,21 +306,20 @@ class SpatialVideoTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.norm = GroupNorm32(groups, channels, eps=eps)
-        self.proj_in = Linear(channels, inner)
+        self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
         self.time_stack = nn.ModuleList([VideoTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
         self.time_pos_embed = nn.Sequential(nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels))
         self.time_mixer = nn.Module()
         self.time_mixer.mix_factor = nn.Parameter(torch.tensor([0.5]))
-        self.proj_out = Linear(inner, channels)
+        self.proj_out = nn.Linear(inner, channels)
         self.channels = channels
 
     def forward(self, x, context, T):
         # x (B*T, C, H, W), context (B*T, 1, D)
         BT, C, H, W = x.shape
         x_in = x
-        x = self.norm(x).flatten(2).transpose(1, 2)                 # (B*T, H*W, C)
-        x = self.proj_in(x)
+        x = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))   # (B*T, H*W, inner)
         # temporal context: frame 0's token of each video, one per spatial location
         t_ctx = context[::T].repeat_interleave(H * W, dim=0)        # (B*H*W, 1, D)
         frames = torch.arange(T, device=x.device).repeat(BT // T)
@@ -428,7 +357,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, E), nn.SiLU(), nn.Linear(E, E))
         self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(3 * cfg.addition_time_embed_dim, E), nn.SiLU(), nn.Linear(E, E)))
 
-        self.input_blocks = nn.ModuleList([TimestepBlock([Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         chans, ch = [mc], mc
         self.level_ends = []                                        # input_blocks index ending each level
         for level, mult in enumerate(cfg.channel_mult):
@@ -457,7 +386,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(layers))
 
-        self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     @torch.no_grad()
     def zero_init_(self):
@@ -636,7 +565,7 @@ class TimeMixConv(nn.Conv2d):
 
     def __init__(self, cin, cout):
         super().__init__(cin, cout, 3, padding=1)
-        self.time_mix_conv = Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
+        self.time_mix_conv = nn.Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x, T):
         x = super().forward(x)
@@ -673,10 +602,7 @@ class VideoDecoder(nn.Module):
         self.conv_out = TimeMixConv(cin, cfg.in_channels)
 
     def forward(self, z, T):
-        h = self.conv_in(z)
-        h = self.mid.block_1(h, T)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, T)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z), T)), T)
         for level in reversed(self.up):
             for block in level.block:
                 h = block(h, T)
@@ -824,18 +750,18 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = nn.Module()
         self.attn.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.attn.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.attn.out_proj = Linear(width, width)
+        self.attn.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.attn.in_proj_weight)
         self.ln_2 = LayerNorm(width, eps=eps)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", Linear(width, hidden))
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
         self.mlp.add_module("gelu", nn.GELU())                   # exact GELU (ViT-H-14 is not quick_gelu)
-        self.mlp.add_module("c_proj", Linear(hidden, width))
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
 
     def forward(self, x):
         N, L, C = x.shape
-        h = linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
+        h = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
         q, k, v = (t.view(N, L, self.heads, -1).transpose(1, 2) for t in h.chunk(3, dim=-1))
         h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, C)
         x = x + self.attn.out_proj(h)
@@ -904,6 +830,15 @@ def denoise(unet, x, sigma, cond_latent, image_embeds, added_time_ids):
     return (c_skip * x.float() + c_out * out.float()).to(x.dtype)
 
 
+@torch.no_grad()
+def sample_one_step(unet, cond, eps, sigma_max=700.0):
+    """SF-V's generator at inference (Zhang et al. 2024, sec. 3): pure noise at sigma_max, one denoiser evaluation, no
+    guidance. eps (B, T, z, h, w) standard normal; cond: SVD.condition's dict -> x0_hat (B, T, z, h, w) float32."""
+    p = next(unet.parameters())
+    x_T = (eps * math.sqrt(1.0 + sigma_max ** 2)).to(p.device, p.dtype)    # x_T ~ N(0, (1 + sigma_max^2) I)
+    return denoise(unet, x_T, sigma_max, cond["cond_latent"], cond["image_embeds"], cond["added_time_ids"]).float()
+
+
 def added_time_ids(fps_id, motion_bucket_id, cond_aug, batch=1, device=None):
     """SVD's vector conditioning (fps_id, motion_bucket_id, cond_aug) -> (batch, 3) float32."""
     ids = torch.tensor([[float(fps_id), float(motion_bucket_id), float(cond_aug)]], dtype=torch.float32, device=device)
@@ -916,8 +851,7 @@ def added_time_ids(fps_id, motion_bucket_id, cond_aug, batch=1, device=None):
 
 
 def karras_sigmas(n, sigma_min=0.002, sigma_max=700.0, rho=7.0):
-    """Karras schedule of n noise levels from sigma_max down to sigma_min, then 0 appended -> (n+1,) float32.
-    n=1 gives [sigma_max, 0]: the SF-V single step."""
+    """Karras schedule of n noise levels from sigma_max down to sigma_min, then 0 appended -> (n+1,) float32."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
@@ -977,17 +911,18 @@ def seeded_randn(shape, generators):
 @torch.no_grad()
 def sample_latents(unet, cond, num_frames, generators, steps, min_cfg=1.0, max_cfg=1.0, sigma_min=0.002, sigma_max=700.0,
            rho=7.0, counter=None):
-    """Latent videos from conditioning `cond` (SVD.condition's dict): x_T = eps * sqrt(1 + sigma_max^2), eps per
-    sample from its generator; Euler over `steps` Karras levels (steps=1: one denoiser evaluation at sigma_max, the
-    SF-V generator). Guidance (per frame, min_cfg -> max_cfg) for steps > 1 unless it is 1 everywhere (then the
-    cond branch alone). -> (B, num_frames, z, h, w) float32 on the UNet's device."""
+    """Latent videos (B, num_frames, z, h, w) float32 from `cond` (SVD.condition's dict), eps per sample from its
+    generator. steps=1: sample_one_step (SF-V); else x_T = sqrt(1 + sigma_max^2) eps, Euler over `steps` Karras levels
+    with per-frame guidance min_cfg -> max_cfg (none if 1 everywhere: the cond branch alone)."""
     cond_latent = cond["cond_latent"]
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     noise = seeded_randn((num_frames, *cond_latent.shape[1:]), generators)          # (B, T, z, h, w)
+    if steps == 1:
+        if counter is not None:
+            counter.append(len(noise))
+        return sample_one_step(unet, cond, noise, sigma_max)
+    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     x = (noise * (1.0 + sigmas[0] ** 2).sqrt()).to(cond_latent.device)
-    scales = None
-    if steps > 1 and not (min_cfg == 1.0 and max_cfg == 1.0):
-        scales = cfg_scales(min_cfg, max_cfg, num_frames).to(cond_latent.device)
+    scales = None if min_cfg == max_cfg == 1.0 else cfg_scales(min_cfg, max_cfg, num_frames).to(cond_latent.device)
     fn = make_denoiser(unet, cond_latent, cond["image_embeds"], cond["added_time_ids"], scales, counter)
     return euler_sample(fn, x, sigmas)
 
@@ -1007,8 +942,7 @@ def latent_factor(vae_cfg):
 
 
 def size_multiple(cfg):
-    """Pixel sizes the model accepts are multiples of this: the latent factor times the UNet's downsampling (64 for
-    SVD)."""
+    """Pixel sizes must be multiples of this: the latent factor times the UNet's downsampling (64 for SVD)."""
     return latent_factor(cfg.vae) * 2 ** (len(cfg.unet.channel_mult) - 1)
 
 
@@ -1028,11 +962,6 @@ class SVD(nn.Module):
             self.vae = TemporalVAE(cfg.vae)
             self.cond_encoder = VAEEncoder(cfg.vae, quant_conv=True)
         self.clip = CLIPImageEncoder(cfg.clip)
-
-    def latent_shape(self, T, H, W):
-        """Latent video shape (T, z, H/f, W/f) for a T x H x W pixel video (f = 8, or the toy patch size)."""
-        f = latent_factor(self.cfg.vae)
-        return (T, self.cfg.vae.z_channels, H // f, W // f)
 
     @torch.no_grad()
     def encode_image(self, img):

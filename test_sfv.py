@@ -300,53 +300,97 @@ class _FunctionCalls(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_cpu_fast_paths_match_plain_modules():
-    # model.py's CPU-only paths (FeedForward in chunks, Conv2d as unfold + one GEMM, a (k,1,1) Conv3d as a 2D conv,
-    # linear as a 1x1 conv)
-    # at shapes that take them (checked by the functions called), against the plain nn/F computation
+def _grads_close(fast, plain, x, params, plain_params=None):
+    """fast(x) and plain(x): equal outputs, and equal gradients for x and the parameters (params, plain's own
+    plain_params if it has its own) under a random upstream gradient."""
+    out, ref = fast(x), plain(x)
+    _close(out, ref)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    got = torch.autograd.grad(out, [x] + params, grad)
+    for a, b in zip(got, torch.autograd.grad(ref, [x] + (params if plain_params is None else plain_params), grad)):
+        _close(a, b)
+
+
+def test_cpu_kernels_match_plain_modules():
+    # cpu_kernels.apply switches plain modules to its fast CPU paths: each path runs at shapes that take it (checked by
+    # the torch functions called), the plain forward below its threshold; outputs and gradients equal the plain ones
+    import cpu_kernels
     g = torch.Generator().manual_seed(7)
     F = torch.nn.functional
-    ff = model.FeedForward(64)
-    x = torch.randn(3, 700, 64, generator=g)
-    with torch.no_grad():
-        plain = ff.net(x)
-        old = model.FeedForward.chunk_values
-        model.FeedForward.chunk_values = 512 * 2 * 256         # chunks of 512 tokens: 2100 rows -> 5 chunks
-        try:
-            _close(ff(x), plain)
-        finally:
-            model.FeedForward.chunk_values = old
-        cases = [  # (conv, input, GEMM path expected)
-            (model.Conv2d(256, 128, 3, padding=1, stride=2), (2, 256, 4, 4), True),  # 295k weights >= 16x the 8k input
-            (model.Conv2d(512, 256, 1), (2, 512, 2, 2), True),                          # 1x1, 131k weights >= 16x 4k input
-            (model.Conv2d(16, 32, 3, padding=1), (2, 16, 8, 8), False)]                 # 4.6k weights < 16x 2k input
-        for conv, shape, gemm in cases:
-            x = torch.randn(shape, generator=g)
-            with _FunctionCalls() as calls:
-                out = conv(x)
-            assert ("unfold" in calls.names) == gemm, (shape, calls.names)
-            _close(out, F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding))
-        conv3 = model.Conv3d(16, 24, (3, 1, 1), padding=(1, 0, 0))
-        x = torch.randn(2, 16, 5, 6, 7, generator=g)
-        with _FunctionCalls() as calls:
-            out = conv3(x)
-        assert "conv2d" in calls.names and "conv3d" not in calls.names, calls.names
-        _close(out, F.conv3d(x, conv3.weight, conv3.bias, 1, (1, 0, 0)))
-    for bias in (True, False):   # linear: a 1x1 conv from 192 rows on (outputs and gradients), F.linear below
-        lin = model.Linear(64, 48, bias=bias)
+
+    def calls(module, x):
+        with torch.no_grad(), _FunctionCalls() as c:
+            module(x)
+        return c.names
+    cases = [  # (conv, input, GEMM path expected)
+        (lambda: torch.nn.Conv2d(256, 128, 3, padding=1, stride=2), (2, 256, 4, 4), True),  # 295k weights >= 16x 8k
+        (lambda: torch.nn.Conv2d(512, 256, 1), (2, 512, 2, 2), True),                          # 1x1: 131k >= 16x 4k
+        (lambda: torch.nn.Conv2d(16, 32, 3, padding=1), (2, 16, 8, 8), False)]                 # 4.6k < 16x 2k input
+    for make, shape, gemm in cases:
+        conv = cpu_kernels.apply(make())
+        assert type(conv) is cpu_kernels.Conv2d
+        x = torch.randn(shape, generator=g, requires_grad=True)
+        assert ("unfold" in calls(conv, x)) == gemm, shape
+        _grads_close(conv, lambda x: F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding), x,
+                     [conv.weight, conv.bias])
+    conv3 = cpu_kernels.apply(torch.nn.Conv3d(16, 24, (3, 1, 1), padding=(1, 0, 0)))
+    x = torch.randn(2, 16, 5, 6, 7, generator=g, requires_grad=True)
+    names = calls(conv3, x)
+    assert "conv2d" in names and "conv3d" not in names, names
+    _grads_close(conv3, lambda x: F.conv3d(x, conv3.weight, conv3.bias, 1, (1, 0, 0)), x, [conv3.weight, conv3.bias])
+    for bias in (True, False):   # Linear: a 1x1 conv from 192 rows on, F.linear below
+        lin = cpu_kernels.apply(torch.nn.Linear(64, 48, bias=bias))
         for shape, conv in (((3, 100, 64), True), ((2, 50, 64), False)):
             x = torch.randn(shape, generator=g, requires_grad=True)
-            with _FunctionCalls() as calls:
-                out = lin(x)
-            assert ("conv2d" in calls.names) == conv and ("linear" in calls.names) != conv, (shape, calls.names)
-            assert out.shape == (*shape[:-1], 48)
-            grad = torch.randn(out.shape, generator=g)
-            params = [x, lin.weight] + ([lin.bias] if bias else [])
-            got = torch.autograd.grad(out, params, grad)
-            ref = F.linear(x, lin.weight, lin.bias)
-            _close(out, ref)
-            for a, b in zip(got, torch.autograd.grad(ref, params, grad)):
-                _close(a, b)
+            names = calls(lin, x)
+            assert ("conv2d" in names) == conv and ("linear" in names) != conv, (shape, names)
+            _grads_close(lin, lambda x: F.linear(x, lin.weight, lin.bias), x, [lin.weight] + ([lin.bias] if bias else []))
+    plain, ff = model.FeedForward(64), model.FeedForward(64)
+    ff.load_state_dict(plain.state_dict())
+    assert cpu_kernels.apply(ff) is ff and type(ff) is cpu_kernels.FeedForward and type(ff.net[2]) is cpu_kernels.Linear
+    chunks = []
+    ff.net.register_forward_pre_hook(lambda m, args: chunks.append(args[0].shape[0]))
+    x = torch.randn(3, 700, 64, generator=g, requires_grad=True)
+    old = cpu_kernels.FeedForward.chunk_values
+    cpu_kernels.FeedForward.chunk_values = 512 * 2 * 256          # chunks of 512 tokens: 2100 rows -> 5 chunks
+    try:
+        _grads_close(ff, plain, x, list(ff.parameters()), list(plain.parameters()))
+        chunks.clear()
+        ff(x)
+        assert chunks == [512, 512, 512, 512, 52], chunks
+    finally:
+        cpu_kernels.FeedForward.chunk_values = old
+    chunks.clear()
+    ff(x)
+    assert chunks == [1024, 1024, 52], chunks                     # default: 2^19 values / 512 GEGLU outputs
+
+
+def test_cpu_kernels_apply_to_a_model():
+    # one call on a whole SVD: the same parameters under the same keys, every matching module switched, subclasses
+    # (TimeMixConv) left alone, and the UNet's output and gradients equal the plain model's
+    import cpu_kernels
+    torch.manual_seed(0)
+    plain = SVD(TINY)
+    svd = SVD(TINY)
+    svd.load_state_dict(plain.state_dict())
+    before = {k: v.data_ptr() for k, v in svd.state_dict().items()}
+    assert cpu_kernels.apply(svd) is svd
+    assert {k: v.data_ptr() for k, v in svd.state_dict().items()} == before        # same keys, same tensors
+    kinds = {type(m) for m in svd.modules()}
+    assert {cpu_kernels.Conv2d, cpu_kernels.Conv3d, cpu_kernels.Linear, cpu_kernels.FeedForward} <= kinds
+    assert not kinds & {torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear, model.FeedForward}
+    assert type(svd.vae.decoder.conv_out) is model.TimeMixConv
+    x, c_noise, emb, ids = _inputs()
+    x.requires_grad_(True)
+    out, ref = svd.unet(x, c_noise, emb, ids), plain.unet(x, c_noise, emb, ids)
+    _close(out, ref)
+    (out * ref.detach()).sum().backward()
+    (ref * ref.detach()).sum().backward()
+    grads = [(a.grad, b.grad) for a, b in zip(svd.unet.parameters(), plain.unet.parameters())]
+    assert sum(a is not None for a, _ in grads) > 100 and all((a is None) == (b is None) for a, b in grads)
+    for a, b in grads:
+        if a is not None:                       # None: to_q/to_k of the cross-attentions to one token are unused
+            _close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_vae_encode_parity(refs, loaded):
@@ -725,6 +769,29 @@ def test_euler_with_true_x0_denoiser_recovers_x0():
     for (x, s), ref in zip(seen, sigmas[:-1].tolist()):   # each iterate lies on the true path x0 + sigma_i eps
         assert s == pytest.approx(ref)
         assert torch.allclose(x, x0 + s * eps, rtol=1e-6, atol=1e-6)
+
+
+def test_sample_one_step_is_one_euler_step():
+    # SF-V's generator (model.sample_one_step) equals the general sampler's Euler path with one step, and
+    # sample_latents(steps=1) runs it on per-generator noise, one evaluation per sample
+    torch.manual_seed(0)
+    svd = SVD(TINY).eval()
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    cond = svd.condition(torch.rand(2, 3, 64, 64, generator=gens[0]) * 2 - 1, gens)
+    state = [g.get_state() for g in gens]
+    eps = model.seeded_randn((4, 4, 8, 8), gens)
+    x0 = model.sample_one_step(svd.unet, cond, eps)
+    sigmas = model.karras_sigmas(1)
+    with torch.no_grad():
+        D = model.make_denoiser(svd.unet, cond["cond_latent"], cond["image_embeds"], cond["added_time_ids"])
+        ref = model.euler_sample(D, eps * (1 + sigmas[0] ** 2).sqrt(), sigmas)
+    assert x0.shape == (2, 4, 4, 8, 8) and x0.dtype == torch.float32 and ref.abs().mean() > 1e-2
+    assert (x0 - ref).abs().max().item() <= 1e-6
+    for g, s in zip(gens, state):
+        g.set_state(s)
+    counter = []
+    z = model.sample_latents(svd.unet, cond, 4, gens, 1, min_cfg=1.0, max_cfg=2.5, counter=counter)
+    assert (z - x0).abs().max().item() <= 1e-6 and counter == [2]
 
 
 def test_cfg_weights_per_frame_follow_linspace():
@@ -1982,6 +2049,18 @@ def test_simulator_matches_a_real_run():
     fake, real = (bench.sim_train(CONFIGS["tiny"], 4, 64, 64, fake=f) for f in (True, False))
     assert fake["peak"] - fake["base"] == pytest.approx(real["peak"] - real["base"], rel=0.1)
     assert real["peak"] - real["base"] > 1e6
+
+
+def test_bench_sample_stages_time_model_api():
+    # bench.py --sample times the stages through model.py's API (SVD.condition, SVD.sample, vae.decode), not sample.py:
+    # SF-V's one evaluation for 1 step, cond + uncond per guided step
+    import bench
+    torch.manual_seed(0)
+    svd = SVD(TINY).eval()
+    img = torch.rand(3, 64, 64)
+    assert bench.sample_stages(svd, img, 1)["unet_evals"] == 1
+    st = bench.sample_stages(svd, img, 2)
+    assert st["unet_evals"] == 4 and all(st[k] > 0 for k in ("encode", "denoise", "decode"))
 
 
 def test_train_memory_benchmark_on_cpu_runs_the_full_step_and_invents_no_figure(capsys):
