@@ -929,7 +929,8 @@ def test_resize_center_crop():
     out = data.resize_center_crop(clip, 32, 48, mode="bilinear")
     assert out.shape == (5, 3, 32, 48)
     assert torch.allclose(out, torch.stack([data.resize_center_crop(f, 32, 48, mode="bilinear") for f in clip]))
-    assert sample.snap_size(100, 130) == (128, 128) and sample.snap_size(576, 1024) == (576, 1024)
+    assert sample.snap_size(100, 130, 64) == (128, 128) and sample.snap_size(576, 1024, 64) == (576, 1024)
+    assert sample.snap_size(18, 1, 4) == (16, 4)                # the toy's step; at least one step
 
 # -----------------------------------------------------------------------------
 # end to end
