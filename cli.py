@@ -3,6 +3,7 @@ What the command-line scripts share (sample.py, train.py, toy.py, evaluate.py, b
 expected failures (UserError), for running out of memory (oom_text) and for Ctrl-C (interrupted), atomic file writes
 (and the temp files a killed writer leaves), folder checks, and the choice of device.
 """
+import errno
 import json
 import os
 import re
@@ -64,6 +65,9 @@ def atomic_write_all(writes):
     its temp file first; only when every one is complete are they moved to their paths, so a failure (a full disk,
     an unwritable folder) leaves none of them. On failure the temps are removed and the error names the path
     (OSError.filename) whose write failed. Returns the paths."""
+    for path, _ in writes:                                   # a folder in the way would fail the moves half-way
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
     tmps = []
     try:
         for path, write_fn in writes:

@@ -414,9 +414,9 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
                                 f"download it again") from None
             if "sampler" not in raw and (metadata.get("mode") == "sfv" or ("mode" not in metadata and config.steps == 1)):
                 config = replace(config, sampler="student", student_levels=old_student_levels(config))
-            bad = sampler_problem(config)
+            bad = config_problem(config)
             if bad:
-                raise LoadError(f"bundle {path} has a bad sampler in its config ({bad}); save or download it again")
+                raise LoadError(f"bundle {path} has a bad value in its config ({bad}); save or download it again")
         else:
             _reject_non_svd(path, src.shapes)
             if config is None:
@@ -469,9 +469,14 @@ def old_student_levels(cfg, levels=4):
     return tuple(karras_sigmas(levels, cfg.sigma_min, cfg.sigma_max, cfg.rho)[:-2].tolist())
 
 
-def sampler_problem(cfg):
-    """What is wrong with a config's sampler fields, or None."""
+def config_problem(cfg):
+    """What is wrong with a config's sampling defaults and sampler fields (which sample.py uses unchecked), or None."""
     lv = cfg.student_levels
+    for name, low in (("num_frames", 1), ("steps", 1), ("height", 1), ("width", 1), ("fps_id", 0),
+                      ("motion_bucket_id", 0), ("cond_aug", 0), ("min_cfg", -100), ("max_cfg", -100)):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and low <= v < float("inf")):
+            return f"{name} {v!r}: must be a number >= {low}"
     if cfg.sampler not in ("euler", "student"):
         return f"sampler {cfg.sampler!r} is neither 'euler' nor 'student'"
     if not (0 < cfg.sigma_min < cfg.sigma_max < float("inf") and cfg.rho > 0):

@@ -12,6 +12,7 @@ refined at its trained noise levels for --steps 2, 3). This file is the command 
 writes the video. Runtime deps: torch, numpy, safetensors, tqdm, av.
 """
 import argparse
+import errno
 import math
 import os
 import sys
@@ -47,7 +48,7 @@ def snap_size(height, width, multiple):
 @torch.no_grad()
 def sample_video(svd, image, num_frames=None, steps=None, min_cfg=None, max_cfg=None, fps_id=None,
                  motion_bucket_id=None, cond_aug=None, seed=23, decode_chunk=14, offload=False):
-    """image (3, H, W) in [0, 1], H and W multiples of 64 -> (video (T, 3, H, W) float32 in [0, 1] on CPU, stats).
+    """image (3, H, W) in [0, 1], H and W multiples of model.size_multiple -> (video (T, 3, H, W) float32 in [0, 1] on CPU, stats).
     Missing sampling arguments come from svd.cfg. stats: seconds per stage ("encode", "denoise", "decode") and
     "unet_evals" (network evaluations; a CFG step counts 2). All noise is drawn on CPU from one generator seeded
     `seed` (the cond-aug noise, then the initial latent), so a seed gives the same video on every device."""
@@ -184,6 +185,8 @@ def _check_out(path, image, gif):
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}; pass --out to a writable folder") from None
     for o in [path] + ([os.path.splitext(path)[0] + ".gif"] if gif else []):
+        if os.path.isdir(o):
+            raise UserError(f"cannot write {o}: a folder of that name is in the way; remove it or pass another --out")
         if os.path.exists(o) and os.path.samefile(o, image):
             raise UserError(f"the output {o} is the input image {image} (it would be overwritten); pass "
                             f"another --out, e.g. --out {os.path.splitext(image)[0]}_sfv.mp4")
@@ -307,8 +310,8 @@ def run(args):
         cli.remove_folders(missing)
         frames = bool(args.frames_dir) and e.filename not in [p for p, _ in writes if not p.endswith(".png")]
         raise UserError(f"cannot write {f'--frames-dir {args.frames_dir}' if frames else e.filename or out} "
-                        f"({e.strerror or e}); nothing was written: free some space or pass another "
-                        f"{'--frames-dir' if frames else '--out'}") from None
+                        f"({e.strerror or e}); nothing was written: {'free some space or ' * (e.errno == errno.ENOSPC)}"
+                        f"pass another {'--frames-dir' if frames else '--out'}") from None
     except av.FFmpegError as e:
         cli.remove_folders(missing)
         raise UserError(f"cannot encode {out} at {W}x{H}, {fps:g} fps ({type(e).__name__}); use the default "

@@ -669,12 +669,14 @@ def test_bundle_sampler_fields_round_trip_and_old_bundles(tmp_path):
                      (dict(sampler="student", student_levels=(1.0, 5.0)), "student_levels [1.0, 5.0]: need positive "
                                                                            "noise levels, descending"),
                      (dict(sampler="student", student_levels=(700.0,), steps=2), "steps 2: a student takes 1 to 1 steps "
-                                                                                 "(one per trained level)")):
+                                                                                 "(one per trained level)"),
+                     (dict(num_frames=0), "num_frames 0: must be a number >= 1"),
+                     (dict(height=None), "height None: must be a number >= 1")):
         path = load_svd.save(SVD(TINY), str(tmp_path / "bad.safetensors"))
         save_file(sd, path, metadata={"format": load_svd.BUNDLE_FORMAT, "config": json.dumps({**TINY.to_dict(), **bad})})
         with pytest.raises(LoadError) as e:
             load_svd.load(path)
-        assert str(e.value) == f"bundle {path} has a bad sampler in its config ({why}); save or download it again"
+        assert str(e.value) == f"bundle {path} has a bad value in its config ({why}); save or download it again"
 
 
 # -----------------------------------------------------------------------------
@@ -1066,6 +1068,15 @@ def test_atomic_write_and_stale_temps(tmp_path):
         cli.atomic_write(p, lambda tmp: (open(tmp, "wb").write(b"half"), (_ for _ in ()).throw(RuntimeError("x"))))
     assert os.listdir(tmp_path) == []                                  # nothing under the name, no temp file
     assert cli.atomic_write(p, lambda tmp: open(tmp, "wb").write(b"ok")) == str(p) and p.read_bytes() == b"ok"
+    (tmp_path / "d").mkdir()                                           # several files: all or none
+    for bad in (lambda tmp: (_ for _ in ()).throw(OSError(28, "No space left on device")), None):
+        writes = [(tmp_path / "x", lambda tmp: open(tmp, "wb").write(b"x")), (tmp_path / "d", bad)]
+        with pytest.raises(OSError) as e:
+            cli.atomic_write_all(writes)
+        assert e.value.filename == str(tmp_path / "d") and sorted(os.listdir(tmp_path)) == ["a.bin", "d"]
+    assert cli.atomic_write_all([(tmp_path / "x", lambda tmp: open(tmp, "wb").write(b"x"))]) == [str(tmp_path / "x")]
+    os.remove(tmp_path / "x")
+    os.rmdir(tmp_path / "d")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = tmp_path / f".a.bin.tmp-{int(dead.stdout)}", tmp_path / f".b.bin.tmp-{os.getppid()}"
     other = tmp_path / "notes.tmp-1"                                   # not our pattern (no leading dot): kept
@@ -1279,6 +1290,11 @@ def test_outputs_written_all_or_none_and_the_failing_one_named(tmp_path, ckpts, 
                                       f"some space or pass another --out")
     assert os.listdir(tmp_path) == ["in.png"]
     monkeypatch.setattr(sample, "sample_video", lambda *a, **k: pytest.fail("sampled before the checks"))
+    (tmp_path / "v.gif").mkdir()                                          # a folder where the GIF goes
+    rc, so, e = run_main(argv, capsys)
+    assert rc == 2 and e.strip() == (f"error: cannot write {tmp_path / 'v.gif'}: a folder of that name is in the way; "
+                                      f"remove it or pass another --out")
+    os.rmdir(tmp_path / "v.gif")
     rc, so, e = run_main(argv[:-4] + ["--frames-dir", "/sys/sfv-frames", "--out", str(out)], capsys)
     if os.path.isdir("/sys") and sys.platform.startswith("linux"):
         assert rc == 2 and re.fullmatch(r"error: cannot write to --frames-dir /sys/sfv-frames \((Permission denied|"
