@@ -1,11 +1,14 @@
 """
 What the command-line scripts share (sample.py, train.py, toy.py, evaluate.py, bench.py): the one-line error for
-expected failures (UserError) and for running out of memory (oom_text), atomic file writes (and the temp files a
-killed writer leaves), folder checks, and the choice of device.
+expected failures (UserError), for running out of memory (oom_text) and for Ctrl-C (interrupted), atomic file writes
+(and the temp files a killed writer leaves), folder checks, and the choice of device.
 """
+import errno
 import json
 import os
 import re
+import sys
+import tempfile
 
 import torch
 
@@ -29,6 +32,14 @@ def oom_text(e):
     text = re.sub(r"\.?\s*Error code \d+ \(.*\)$", "", text)     # the CPU allocator's errno, said already
     return text[:100] or type(e).__name__
 
+
+def interrupted(where):
+    """Ctrl-C (KeyboardInterrupt) in a CLI's main(): print `interrupted; <where>` on stderr (where the last
+    checkpoint or output is, or that nothing was written) and return the shell's exit status for SIGINT, 130.
+    Usage: `except KeyboardInterrupt: return cli.interrupted("nothing was written")`."""
+    print(f"interrupted; {where}", file=sys.stderr)
+    return 130
+
 # -----------------------------------------------------------------------------
 # files and folders: atomic writes (a temp file in the same folder, then os.replace: never a half-written file)
 
@@ -47,6 +58,33 @@ def atomic_write(path, write_fn):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def atomic_write_all(writes):
+    """Several files that belong together (a video and its frames): writes [(path, write_fn(tmp_path))], each to
+    its temp file first; only when every one is complete are they moved to their paths, so a failure (a full disk,
+    an unwritable folder) leaves none of them. On failure the temps are removed and the error names the path
+    (OSError.filename) whose write failed. Returns the paths."""
+    for path, _ in writes:                                   # a folder in the way would fail the moves half-way
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+    tmps = []
+    try:
+        for path, write_fn in writes:
+            path = os.fspath(path)
+            tmps.append(os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}"))
+            try:
+                write_fn(tmps[-1])
+            except OSError as e:
+                e.filename = path                                    # the output, not its temp name
+                raise
+        for (path, _), tmp in zip(writes, tmps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return [os.fspath(p) for p, _ in writes]
 
 
 def write_text(path, text):
@@ -82,8 +120,9 @@ def remove_stale_temps(folder):
     return removed
 
 
-def check_folder(flag, path):
-    """A folder flag: `path` is a folder or can be created as one (its nearest existing parent is a folder).
+def check_folder(flag, path, writable=False):
+    """A folder flag: `path` is a folder or can be created as one (its nearest existing parent is a folder); with
+    `writable`, a file can be created in it (tried, then undone: the folders made for the try are removed again).
     -> the folders that are missing, deepest first. UserError otherwise."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is a file; pass a folder (it is created if missing)")
@@ -93,7 +132,25 @@ def check_folder(flag, path):
         p = os.path.dirname(p)
     if not os.path.isdir(p):
         raise UserError(f"cannot create {flag} {path}: {p} is a file; pass another {flag}")
+    if writable:
+        try:
+            os.makedirs(path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write to {flag} {path} ({e.strerror or e}); pass a writable folder") from None
+        finally:
+            remove_folders(missing)
     return missing
+
+
+def remove_folders(folders):
+    """Remove the folders that check_folder found missing (deepest first) if they are still empty."""
+    for f in folders:
+        try:
+            os.rmdir(f)
+        except OSError:
+            pass
 
 # -----------------------------------------------------------------------------
 # devices

@@ -6,6 +6,7 @@ in [-1, 1] inside the datasets.
 """
 import json
 import os
+import re
 import warnings
 from fractions import Fraction
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from cli import UserError, atomic_write, write_json
+from cli import UserError, atomic_write, atomic_write_all, check_folder, write_json
 from distributed import barrier
 
 # -----------------------------------------------------------------------------
@@ -180,10 +181,57 @@ def write_png(rgb, path):
     return atomic_write(path, write)
 
 
+FRAME_NAME = re.compile(r"^frame_(\d{4,})\.png$")                 # write_frames_dir's files: frame_0000.png ...
+
+
+def frame_path(folder, i):
+    return os.path.join(folder, f"frame_{i:04d}.png")
+
+
+def frame_files(folder):
+    """The frame files of write_frames_dir in `folder` (frame_NNNN.png; every other file is ignored) -> {index: path}."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return {int(m.group(1)): os.path.join(folder, n) for n, m in zip(names, map(FRAME_NAME.match, names)) if m}
+
+
+def frame_writes(frames, folder):
+    """(T, 3, H, W) in [0, 1] -> [(folder/frame_0000.png, write_fn(tmp)), ...] for cli.atomic_write_all."""
+    return [(frame_path(folder, i), lambda tmp, a=a: write_png(a, tmp)) for i, a in enumerate(to_uint8(frames))]
+
+
 def write_frames_dir(frames, folder):
-    """(T, 3, H, W) in [0, 1] -> folder/frame_0000.png ... (created if needed). Returns the file paths."""
+    """(T, 3, H, W) in [0, 1] -> folder/frame_0000.png ... (created if needed), all of them or none (atomic).
+    Returns the file paths."""
     os.makedirs(folder, exist_ok=True)
-    return [write_png(a, os.path.join(folder, f"frame_{i:04d}.png")) for i, a in enumerate(to_uint8(frames))]
+    return atomic_write_all(frame_writes(frames, folder))
+
+def video_writes(video, out, fps, gif=False, frames_dir=None):
+    """[(path, write_fn(tmp))] of sample.py's outputs for cli.atomic_write_all (all written, or none): the mp4 (or
+    the GIF when `out` ends in .gif), with `gif` a GIF beside it, with `frames_dir` its frames as PNG."""
+    if out.lower().endswith(".gif"):
+        writes = [(out, lambda tmp: write_gif(video, tmp, fps))]
+    else:
+        writes = [(out, lambda tmp: write_video(video, tmp, fps))]
+        if gif:
+            writes.append((os.path.splitext(out)[0] + ".gif", lambda tmp: write_gif(video, tmp, fps)))
+    return writes + (frame_writes(video, frames_dir) if frames_dir else [])
+
+
+def check_frames_dir(folder, image):
+    """--frames-dir: writable (tried now), and not the folder of the input image's own frame_NNNN.png."""
+    check_folder("--frames-dir", folder, writable=True)
+    if any(os.path.samefile(p, image) for p in frame_files(folder).values()):
+        raise UserError(f"the input image {image} is a frame file (frame_NNNN.png) in --frames-dir {folder}, where "
+                        f"the video's frames are written; pass another --frames-dir")
+
+
+def check_stale_frames(folder, num_frames):
+    """Frames of an earlier, longer video that a num_frames video would not replace: refused (never deleted)."""
+    stale = sorted(i for i in frame_files(folder) if i >= num_frames)
+    if stale:
+        raise UserError(f"--frames-dir {folder} holds {len(stale)} frames of an earlier, longer video "
+                        f"(frame_{stale[0]:04d}.png .. frame_{stale[-1]:04d}.png) that this {num_frames}-frame video "
+                        f"would not replace; empty the folder or pass another --frames-dir")
 
 # -----------------------------------------------------------------------------
 # datasets: every item is get(index, seed) -> dict; randomness only from `seed`

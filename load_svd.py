@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cli import UserError, atomic_write
-from model import SVD, SVDConfig, CONFIGS
+from model import SVD, SVDConfig, CONFIGS, karras_sigmas
 
 BUNDLE_FORMAT = "sfv-bundle"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -248,7 +248,11 @@ class _Source:
     def open(self, tag, path):
         """Add the tensors of `path` -> its safetensors metadata ({} if none)."""
         pre = tag + "/" if tag else ""
-        if path.endswith(".safetensors"):
+        kind = _file_kind(path)
+        if kind is None and not path.endswith(".safetensors"):
+            raise LoadError(f"{path} is not a checkpoint ({_what_file(path)}, neither safetensors nor a PyTorch "
+                            f"file); pass svd.safetensors, a diffusers folder or an SF-V bundle")
+        if path.endswith(".safetensors") or kind == "safetensors":
             try:
                 f = safe_open(path, framework="pt", device="cpu")
             except Exception as e:
@@ -273,6 +277,32 @@ class _Source:
         except Exception as e:
             raise LoadError(f"could not read '{key}' ({str(e).splitlines()[0]}); the file may be truncated: "
                             f"download it again") from None
+
+
+def _file_kind(path):
+    """What a file holds, from its first bytes: "safetensors" (an 8-byte header length, then the JSON header), "zip"
+    (torch.save), "pickle" (a legacy torch.save or a raw pickle, protocol >= 2) or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise LoadError(f"cannot read {path}: {e.strerror}; check the file permissions") from None
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "safetensors" if len(head) == 9 and head[8:9] == b"{" else None
+
+
+def _what_file(path):
+    """'a text file' or 'an unknown binary format', for the message of a file that is not a checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    try:
+        head.decode("utf-8")
+        return "a text file" if head else "an empty file"
+    except UnicodeDecodeError as e:
+        return "a text file" if e.start > len(head) - 4 else "an unknown binary format"
 
 
 def _pickle_globals(path):
@@ -377,10 +407,16 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
         layout = "bundle" if metadata.get("format") == BUNDLE_FORMAT else "single"
         if layout == "bundle":
             try:
-                config = SVDConfig.from_dict(json.loads(metadata["config"]))
+                raw = json.loads(metadata["config"])
+                config = SVDConfig.from_dict(raw)
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise LoadError(f"bundle {path} has a damaged config in its metadata ({type(e).__name__}); save or "
                                 f"download it again") from None
+            if "sampler" not in raw and (metadata.get("mode") == "sfv" or ("mode" not in metadata and config.steps == 1)):
+                config = replace(config, sampler="student", student_levels=old_student_levels(config))
+            bad = config_problem(config)
+            if bad:
+                raise LoadError(f"bundle {path} has a bad value in its config ({bad}); save or download it again")
         else:
             _reject_non_svd(path, src.shapes)
             if config is None:
@@ -389,10 +425,15 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         svd = SVD(config)
     ours = {k: tuple(v.shape) for k, v in svd.state_dict().items()}
-    if layout == "bundle":                        # our names: exactly the model's keys
+    if layout == "bundle":                        # our names and shapes: exactly the model's
         missing, extra = sorted(set(ours) - set(src.shapes)), sorted(set(src.shapes) - set(ours))
         if missing or extra:
-            raise LoadError(f"bundle {path} does not match its config: missing {_short(missing)}; unexpected {_short(extra)}")
+            raise LoadError(_bundle_mismatch(path, missing, extra, ours, src.shapes))
+        bad = next((k for k in ours if tuple(src.shapes[k]) != ours[k]), None)
+        if bad is not None:
+            raise LoadError(f"bundle {path}: shape mismatch for '{bad}': checkpoint has {list(src.shapes[bad])}, model "
+                            f"expects {list(ours[bad])} (from the bundle's config); the file was edited or is damaged: "
+                            f"save or download it again")
         plan, skipped = {k: ([k], "copy") for k in ours}, {}
     else:
         plan, skipped = match(config, layout, src.shapes)
@@ -409,6 +450,42 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
     svd.eval()
     svd.load_info = {"layout": layout, "path": path, "skipped": skipped, "metadata": metadata}
     return svd
+
+
+def _bundle_mismatch(path, missing, extra, ours, shapes):
+    """The message of a bundle whose tensor names are not its config's (a renamed key is named as such)."""
+    fix = "use the file as train.py wrote it, or save or download it again"
+    if len(missing) == len(extra) == 1 and ours[missing[0]] == tuple(shapes[extra[0]]):
+        return (f"bundle {path} has a tensor '{extra[0]}' where its config expects '{missing[0]}' (the same shape "
+                f"{list(ours[missing[0]])}: renamed?); rename it back to '{missing[0]}', or {fix}")
+    what = ([f"lacks {len(missing)} tensors of its config ({_short(missing)})"] if missing else []) + \
+           ([f"has {len(extra)} tensors its config does not define ({_short(extra)})"] if extra else [])
+    return f"bundle {path} does not match its config: it {' and '.join(what)}; {fix}"
+
+
+def old_student_levels(cfg, levels=4):
+    """The trained noise levels of a bundle saved before bundles recorded them: train.py's default grid, the
+    `levels`-level Karras grid without its smallest level (its --gen-levels 4)."""
+    return tuple(karras_sigmas(levels, cfg.sigma_min, cfg.sigma_max, cfg.rho)[:-2].tolist())
+
+
+def config_problem(cfg):
+    """What is wrong with a config's sampling defaults and sampler fields (which sample.py uses unchecked), or None."""
+    lv = cfg.student_levels
+    for name, low in (("num_frames", 1), ("steps", 1), ("height", 1), ("width", 1), ("fps_id", 0),
+                      ("motion_bucket_id", 0), ("cond_aug", 0), ("min_cfg", -100), ("max_cfg", -100)):
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and low <= v < float("inf")):
+            return f"{name} {v!r}: must be a number >= {low}"
+    if cfg.sampler not in ("euler", "student"):
+        return f"sampler {cfg.sampler!r} is neither 'euler' nor 'student'"
+    if not (0 < cfg.sigma_min < cfg.sigma_max < float("inf") and cfg.rho > 0):
+        return f"sigma_min {cfg.sigma_min:g}, sigma_max {cfg.sigma_max:g}, rho {cfg.rho:g}: need 0 < min < max, rho > 0"
+    if cfg.sampler == "student" and not (lv and all(0 < b < a for a, b in zip((float("inf"),) + lv, lv)) and lv[0] < float("inf")):
+        return f"student_levels {list(lv)}: need positive noise levels, descending"
+    if cfg.sampler == "student" and not 1 <= cfg.steps <= len(lv):
+        return f"steps {cfg.steps}: a student takes 1 to {len(lv)} steps (one per trained level)"
+    return None
 
 
 def save(svd: SVD, path, extra_metadata=None):
@@ -447,21 +524,22 @@ def candidates(folder):
 
 
 def find_checkpoint(ckpt=None, env=None, dirs=None, toy=None):
-    """ckpt > $SFV_CKPT > candidates(d) for d in dirs (default CKPT_DIRS) > toy (default TOY_CKPT) -> (path, is_toy)."""
+    """ckpt > $SFV_CKPT > candidates(d) for d in dirs (default CKPT_DIRS) > toy (default TOY_CKPT) -> (path, source),
+    source: "--ckpt", "$SFV_CKPT", "checkpoints" (found in one of dirs) or "toy"."""
     env = os.environ if env is None else env
     if ckpt:
-        return ckpt, False
+        return ckpt, "--ckpt"
     if env.get(CKPT_ENV):
         if not os.path.exists(env[CKPT_ENV]):
             raise LoadError(f"${CKPT_ENV} points to a missing checkpoint: {env[CKPT_ENV]}; fix or unset it")
-        return env[CKPT_ENV], False
+        return env[CKPT_ENV], "$" + CKPT_ENV
     for d in CKPT_DIRS if dirs is None else dirs:
         found = candidates(d)
         if found:
-            return found[0], False
+            return found[0], "checkpoints"
     toy = TOY_CKPT if toy is None else toy
     if os.path.isfile(toy):
-        return toy, True
+        return toy, "toy"
     raise LoadError(f"no weights found (--ckpt, ${CKPT_ENV}, checkpoints/) and the toy model {toy} is missing; "
                     f"pass --ckpt PATH or run: python sample.py --download svd_xt")
 

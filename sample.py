@@ -1,17 +1,18 @@
 """
-Image-to-video with SVD (many steps + CFG) or SF-V (one step): `python sample.py img.png` -> img.mp4.
+Image-to-video with SVD (many steps + CFG) or SF-V (one step): `python sample.py img.png` -> out/img.mp4.
 
     python sample.py img.png                          # weights from --ckpt / $SFV_CKPT / checkpoints/ / the toy model
     python sample.py img.png --ckpt checkpoints/svd_xt.safetensors --steps 30 --frames 25
     python sample.py img.png --ckpt sfv.safetensors --steps 1 --gif --frames-dir frames/
     python sample.py --download svd_xt               # explicit; nothing is ever downloaded implicitly
 
-The maths is in model.py: SVD.condition (SVD, Blattmann et al. 2023) and SVD.sample (steps=1: SF-V's single
-evaluation at sigma_max, Zhang et al. 2024, sec. 3; steps>1: EDM Euler on the Karras grid with per-frame linear CFG).
-This file is the command line; data.py reads the image and writes the video. Runtime deps: torch, numpy,
-safetensors, tqdm, av.
+The maths is in model.py: SVD.condition (SVD, Blattmann et al. 2023) and SVD.sample (a teacher: EDM Euler on the
+Karras grid with per-frame linear CFG; an SF-V student: one evaluation at sigma_max, Zhang et al. 2024, sec. 3,
+refined at its trained noise levels for --steps 2, 3). This file is the command line; data.py reads the image and
+writes the video. Runtime deps: torch, numpy, safetensors, tqdm, av.
 """
 import argparse
+import errno
 import math
 import os
 import sys
@@ -23,12 +24,13 @@ import torch
 import cli
 import load_svd
 from cli import UserError, pick_device
-from data import read_image, resize_center_crop, write_frames_dir, write_gif, write_video
-from model import CONFIGS, size_multiple
+from data import check_frames_dir, check_stale_frames, read_image, resize_center_crop, video_writes
+from model import CONFIGS, added_time_ids, cfg_scales, make_denoiser, size_multiple
 
-MIN_SIDE = 64                                   # smallest accepted input image side (pixels)
+OUT_DIR = "out"                                 # the default output folder (in the current folder; git ignores it)
 MAX_FRAMES = 128
 MAX_STEPS = 1000
+MAX_CFG = 100                                   # |guidance| above this is refused (SVD samples with 1-3)
 FPS_RANGE = (0.001, 1000)                       # output frame rate (mp4); a GIF's frame delays are in 1/100 s
 GIF_MAX_FPS = 100
 OUT_EXTS = (".mp4", ".gif")                     # --out: H.264 mp4 or GIF
@@ -38,15 +40,15 @@ SAMPLING_KEYS = ("num_frames", "steps", "min_cfg", "max_cfg", "fps_id", "motion_
 # sampling: image -> video
 
 
-def snap_size(height, width, multiple=64):
-    """Round (height, width) to the nearest multiple of `multiple` (at least one multiple)."""
+def snap_size(height, width, multiple):
+    """Round (height, width) to the nearest multiple of `multiple` (model.size_multiple; at least one multiple)."""
     return tuple(max(multiple, int(round(v / multiple)) * multiple) for v in (height, width))
 
 
 @torch.no_grad()
 def sample_video(svd, image, num_frames=None, steps=None, min_cfg=None, max_cfg=None, fps_id=None,
                  motion_bucket_id=None, cond_aug=None, seed=23, decode_chunk=14, offload=False):
-    """image (3, H, W) in [0, 1], H and W multiples of 64 -> (video (T, 3, H, W) float32 in [0, 1] on CPU, stats).
+    """image (3, H, W) in [0, 1], H and W multiples of model.size_multiple -> (video (T, 3, H, W) float32 in [0, 1] on CPU, stats).
     Missing sampling arguments come from svd.cfg. stats: seconds per stage ("encode", "denoise", "decode") and
     "unet_evals" (network evaluations; a CFG step counts 2). All noise is drawn on CPU from one generator seeded
     `seed` (the cond-aug noise, then the initial latent), so a seed gives the same video on every device."""
@@ -101,9 +103,9 @@ def sampling_defaults(svd):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Image-to-video with SVD / SF-V. Writes an H.264 mp4 next to the image.")
+    p = argparse.ArgumentParser(description=f"Image-to-video with SVD / SF-V. Writes an H.264 mp4 into {OUT_DIR}/.")
     p.add_argument("image", nargs="?", help="input image (PNG, JPEG, WebP, ...)")
-    p.add_argument("--out", help="output .mp4 or .gif (default: the image's name with .mp4)")
+    p.add_argument("--out", help=f"output .mp4 or .gif (default: {OUT_DIR}/<image name>.mp4, {OUT_DIR}/ made if missing)")
     p.add_argument("--gif", action="store_true", help="also write a .gif next to the mp4")
     p.add_argument("--frames-dir", help="also write every frame as PNG into this folder")
     p.add_argument("--ckpt", help=f"official .safetensors, diffusers folder or SF-V bundle "
@@ -111,10 +113,12 @@ def parse_args(argv=None):
     p.add_argument("--config", choices=sorted(CONFIGS), help="config of non-official weights (default: from the shapes)")
     p.add_argument("--download", choices=sorted(load_svd.OFFICIAL), help="download official weights into "
                                                                           "checkpoints/ (uses $HF_TOKEN; resumes)")
-    p.add_argument("--steps", type=int, help="1: SF-V, one step, no CFG; >1: EDM Euler + CFG (default: checkpoint's)")
+    p.add_argument("--steps", type=int, help="1: one evaluation, no CFG; >1: EDM Euler + CFG, or an SF-V student's "
+                                             "refinement at its trained levels (default: checkpoint's)")
     p.add_argument("--frames", type=int, help="number of frames (default: checkpoint's, 14 or 25)")
-    p.add_argument("--height", type=int, help="multiple of 64 (default: checkpoint's, 576)")
-    p.add_argument("--width", type=int, help="multiple of 64 (default: checkpoint's, 1024)")
+    p.add_argument("--height", type=int, help="a multiple of the model's size step, 64 for SVD, 4 for the toy (others "
+                                              "are rounded; default: checkpoint's, 576)")
+    p.add_argument("--width", type=int, help="a multiple of the model's size step (default: checkpoint's, 1024)")
     p.add_argument("--min-cfg", type=float, help="guidance at the first frame (default: checkpoint's)")
     p.add_argument("--max-cfg", type=float, help="guidance at the last frame (default: checkpoint's)")
     p.add_argument("--fps-id", type=int, help="fps conditioning (default: checkpoint's, 6)")
@@ -128,7 +132,8 @@ def parse_args(argv=None):
                    help="auto (default): bf16 (fp16 without bf16 support) on GPU, fp32 on CPU")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="move the CLIP/VAE encoders to CPU after use (default: on for GPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (compiled in a warm-up call, timed "
+                                                          "apart)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     args = p.parse_args(argv)
     if args.image is None and args.download is None:
@@ -143,11 +148,13 @@ def _check_numbers(args):
         ("frames steps decode_chunk", lambda v: v < 1, "must be at least 1"),
         ("frames", lambda v: v > MAX_FRAMES, f"at most {MAX_FRAMES} (SVD is trained on 14/25)"),
         ("steps", lambda v: v > MAX_STEPS, f"at most {MAX_STEPS} (Euler sampling uses 25-50)"),
-        ("height width", lambda v: v < MIN_SIDE, f"must be at least {MIN_SIDE} (a multiple of 64)"),
+        ("height width", lambda v: v < 1, "must be positive (a multiple of the model's size step: 64 for SVD, 4 "
+                                          "for the toy)"),
         ("fps_id motion_bucket_id", lambda v: v < 0, "must be at least 0"),
         ("fps_id", lambda v: args.fps is None and v + 1 > FPS_RANGE[1],
          lambda v: f"the video would play at fps-id + 1 = {v + 1} fps, over {FPS_RANGE[1]:g}; pass --fps too"),
         ("fps min_cfg max_cfg cond_aug", lambda v: not math.isfinite(v), "must be a finite number"),
+        ("min_cfg max_cfg", lambda v: abs(v) > MAX_CFG, f"guidance from -{MAX_CFG} to {MAX_CFG} (SVD samples with 1-3)"),
         ("fps", lambda v: v <= 0, "must be positive"),
         ("fps", lambda v: not FPS_RANGE[0] <= v <= FPS_RANGE[1], f"must be from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}"),
         ("cond_aug", lambda v: v < 0, "must be at least 0 (it is a noise level)"),
@@ -178,6 +185,8 @@ def _check_out(path, image, gif):
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}; pass --out to a writable folder") from None
     for o in [path] + ([os.path.splitext(path)[0] + ".gif"] if gif else []):
+        if os.path.isdir(o):
+            raise UserError(f"cannot write {o}: a folder of that name is in the way; remove it or pass another --out")
         if os.path.exists(o) and os.path.samefile(o, image):
             raise UserError(f"the output {o} is the input image {image} (it would be overwritten); pass "
                             f"another --out, e.g. --out {os.path.splitext(image)[0]}_sfv.mp4")
@@ -189,10 +198,46 @@ def _check_gif_fps(fps, out, gif):
                         f"--fps {GIF_MAX_FPS} or lower, or write only an .mp4")
 
 
+def _check_sampler(svd, d, path):
+    """An SF-V student takes one step per trained level, without guidance; a teacher's one step has no guidance."""
+    c = svd.cfg
+    if c.sampler == "student":
+        n = len(c.student_levels)
+        if d["steps"] > n:
+            raise UserError(f"bad --steps {d['steps']}: the SF-V student {path} takes at most {n} steps (one per "
+                            f"trained noise level: {', '.join(f'{s:.4g}' for s in c.student_levels)}); pass --steps "
+                            f"1 to {n}")
+        if (d["min_cfg"], d["max_cfg"]) != (1.0, 1.0):
+            print(f"note: an SF-V student samples without guidance (SF-V trains no unconditional branch); "
+                  f"--min-cfg/--max-cfg ({d['min_cfg']:g}/{d['max_cfg']:g}) are ignored")
+    elif d["steps"] == 1 and (d["min_cfg"], d["max_cfg"]) != (1.0, 1.0):
+        print(f"note: one step samples without guidance; --min-cfg/--max-cfg ({d['min_cfg']:g}/{d['max_cfg']:g}) "
+              f"are ignored (pass --steps 25 for guided SVD sampling)")
+
+
+@torch.no_grad()
+def warm_up(svd, d, H, W):
+    """One UNet evaluation on zeros at the sampling shapes (batch 2 with CFG): torch.compile compiles here, so its
+    time is not counted as denoising. -> seconds."""
+    device, dtype = next(svd.unet.parameters()).device, next(svd.unet.parameters()).dtype
+    T, z, h, w = svd.latent_shape(d["num_frames"], H, W)
+    guided = svd.cfg.sampler == "euler" and d["steps"] > 1 and (d["min_cfg"], d["max_cfg"]) != (1.0, 1.0)
+    fn = make_denoiser(svd.unet, torch.zeros(1, z, h, w, device=device, dtype=dtype),
+                       torch.zeros(1, svd.cfg.clip.embed_dim, device=device, dtype=dtype),
+                       added_time_ids(0, 0, 0, 1, device), cfg_scales(1.0, 2.0, T).to(device) if guided else None)
+    t0 = time.perf_counter()
+    fn(torch.zeros(1, T, z, h, w, device=device), svd.cfg.sigma_max)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def run(args):
     """The command: returns the output path."""
     if args.download:
+        part = os.path.join(load_svd.CKPT_DIRS[0], load_svd.OFFICIAL[args.download][1]) + ".part"
+        args.on_interrupt = f"the partial download {part} is kept: run the same command to resume"
         path = load_svd.download_official(args.download, progress=not args.quiet)
+        args.on_interrupt = None
         if args.image is None:
             print(path)
             return path
@@ -204,64 +249,74 @@ def run(args):
     _check_numbers(args)
     device = pick_device(args.device)
     image = read_image(args.image)
-    if min(image.shape[1:]) < MIN_SIDE:
-        raise UserError(f"image too small: {image.shape[2]}x{image.shape[1]} px; use an image with at least "
-                        f"{MIN_SIDE} px on each side (ideally >= the output size)")
-    out = args.out or os.path.splitext(args.image)[0] + ".mp4"
+    out = args.out or os.path.join(OUT_DIR, os.path.splitext(os.path.basename(args.image))[0] + ".mp4")
+    if args.out is None:
+        try:
+            os.makedirs(OUT_DIR, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the output folder {OUT_DIR} ({e.strerror}); pass --out") from None
     _check_out(out, args.image, args.gif)
     if args.frames_dir:
-        cli.check_folder("--frames-dir", args.frames_dir)
+        check_frames_dir(args.frames_dir, args.image)
     if args.fps is not None:
         _check_gif_fps(args.fps, out, args.gif)
 
-    path, is_toy = load_svd.find_checkpoint(args.ckpt)
-    if is_toy:
+    path, source = load_svd.find_checkpoint(args.ckpt)
+    if source == "toy":
         print(f"no SF-V/SVD weights found (--ckpt, ${load_svd.CKPT_ENV}, checkpoints/): using the bundled toy model "
               f"{path} (not realistic; get real weights with --download svd_xt)")
+    elif source != "--ckpt":
+        print(f"using {path} ({'found in checkpoints/' if source == 'checkpoints' else 'from ' + source}; pass "
+              f"--ckpt to choose another)")
     dtype = pick_dtype(args.dtype, device)
     svd = load_svd.load(path, config=CONFIGS[args.config] if args.config else None, dtype=dtype, device=device)
     if args.config and svd.load_info["layout"] == "bundle":
         print(f"note: --config {args.config} is ignored: {path} is an SF-V bundle and carries its own config")
-    if args.compile:
-        svd.unet = torch.compile(svd.unet)
     d = sampling_defaults(svd)
     for k in SAMPLING_KEYS:                        # the flags given override the checkpoint's defaults
         v = getattr(args, "frames" if k == "num_frames" else k)
         d[k] = d[k] if v is None else v
-    if d["steps"] == 1 and (d["min_cfg"], d["max_cfg"]) != (1.0, 1.0):
-        print(f"note: one step samples without guidance; --min-cfg/--max-cfg ({d['min_cfg']:g}/{d['max_cfg']:g}) "
-              f"are ignored (pass --steps 25 for guided SVD sampling)")
+    _check_sampler(svd, d, path)
     fps = args.fps if args.fps is not None else d["fps_id"] + 1
     _check_gif_fps(fps, out, args.gif)
     m = size_multiple(svd.cfg)
     H, W = snap_size(d["height"], d["width"], m)
     if (H, W) != (d["height"], d["width"]):
         print(f"note: {d['height']}x{d['width']} is not a multiple of {m}; using {H}x{W} (height x width)")
+    if min(image.shape[1:]) < m:
+        raise UserError(f"image too small: {image.shape[2]}x{image.shape[1]} px; use an image with at least {m} px on "
+                        f"each side (ideally >= the output size, {W}x{H})")
+    if args.frames_dir:
+        check_stale_frames(args.frames_dir, d["num_frames"])
     image = resize_center_crop(image, H, W).clamp(0, 1)
     offload = device.type != "cpu" if args.offload is None else args.offload
+    if args.compile:
+        svd.unet = torch.compile(svd.unet)
+        print(f"compiled the UNet (torch.compile, one warm-up evaluation) in {warm_up(svd, d, H, W):.2f} s; not "
+              f"counted as denoise time below")
 
     video, st = sample_video(svd, image, d["num_frames"], d["steps"], d["min_cfg"], d["max_cfg"], d["fps_id"],
                              d["motion_bucket_id"], d["cond_aug"], args.seed, args.decode_chunk, offload)
     if not torch.isfinite(video).all():
         raise UserError(f"the sampled video is not finite (NaN/inf): the checkpoint {path} holds NaN/inf weights, "
                         f"or --dtype {args.dtype} overflowed; check the weights, or pass --dtype fp32")
-    extras = []
+    writes = video_writes(video, out, fps, args.gif, args.frames_dir)          # all written, or none
+    missing = cli.check_folder("--frames-dir", args.frames_dir) if args.frames_dir else []
     try:
-        if out.lower().endswith(".gif"):
-            write_gif(video, out, fps)
-        else:
-            write_video(video, out, fps)
-            if args.gif:
-                extras.append(write_gif(video, os.path.splitext(out)[0] + ".gif", fps))
         if args.frames_dir:
-            write_frames_dir(video, args.frames_dir)
-            extras.append(args.frames_dir + os.sep)
-    except OSError as e:   # e.g. disk full, --frames-dir is a file
-        raise UserError(f"cannot write {e.filename or out}: {e.strerror or e}; free some space or pick another "
-                        f"--out / --frames-dir") from None
+            os.makedirs(args.frames_dir, exist_ok=True)
+        cli.atomic_write_all(writes)
+    except OSError as e:   # e.g. disk full
+        cli.remove_folders(missing)
+        frames = bool(args.frames_dir) and e.filename not in [p for p, _ in writes if not p.endswith(".png")]
+        raise UserError(f"cannot write {f'--frames-dir {args.frames_dir}' if frames else e.filename or out} "
+                        f"({e.strerror or e}); nothing was written: {'free some space or ' * (e.errno == errno.ENOSPC)}"
+                        f"pass another {'--frames-dir' if frames else '--out'}") from None
     except av.FFmpegError as e:
+        cli.remove_folders(missing)
         raise UserError(f"cannot encode {out} at {W}x{H}, {fps:g} fps ({type(e).__name__}); use the default "
                         f"--height/--width and --fps") from None
+    extras = [p for p, _ in writes[1:] if p.endswith(".gif")] + ([args.frames_dir + os.sep] if args.frames_dir else [])
     print(f"wrote {out} ({video.shape[0]} frames, {W}x{H}, {fps:g} fps, {d['steps']} step{'s' * (d['steps'] > 1)})"
           + "".join(f" + {e}" for e in extras))
     print(f"image encode {st['encode']:.2f} s, denoise {st['denoise']:.2f} s ({st['unet_evals']} UNet evals), "
@@ -272,8 +327,11 @@ def run(args):
 def main(argv=None):
     """CLI entry: one-line 'error: ...' on stderr and exit code 2 (1 for out-of-memory) instead of a traceback."""
     args = parse_args(argv)
+    args.on_interrupt = None
     try:
         run(args)
+    except KeyboardInterrupt:
+        return cli.interrupted(args.on_interrupt or "nothing was written")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

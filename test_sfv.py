@@ -651,6 +651,78 @@ def test_official_shapes_recognised_without_config(refs):
 # =============================================================================
 # sample.py: image -> video
 
+def test_error_renamed_missing_and_extra_bundle_keys(tmp_path):
+    bundle = make_tiny_checkpoint(str(tmp_path), "bundle")
+    meta, sd = load_svd.bundle_metadata(bundle), {k: v.contiguous() for k, v in SVD(TINY).state_dict().items()}
+    key = "unet.out.2.bias"
+    renamed = {("unet.out.2.b" if k == key else k): v for k, v in sd.items()}
+    save_file(renamed, bundle, metadata=meta)
+    with pytest.raises(LoadError) as e:
+        load_svd.load(bundle)
+    assert str(e.value) == (f"bundle {bundle} has a tensor 'unet.out.2.b' where its config expects '{key}' (the same "
+                            f"shape [4]: renamed?); rename it back to '{key}', or use the file as train.py wrote it, or "
+                            f"save or download it again")
+    save_file({**sd, "unet.extra": torch.zeros(2)}, bundle, metadata=meta)
+    with pytest.raises(LoadError) as e:
+        load_svd.load(bundle)
+    assert str(e.value) == (f"bundle {bundle} does not match its config: it has 1 tensors its config does not define "
+                            f"(unet.extra); use the file as train.py wrote it, or save or download it again")
+    save_file({k: v for k, v in sd.items() if k != key}, bundle, metadata=meta)
+    with pytest.raises(LoadError) as e:
+        load_svd.load(bundle)
+    assert str(e.value) == (f"bundle {bundle} does not match its config: it lacks 1 tensors of its config ({key}); use "
+                            f"the file as train.py wrote it, or save or download it again")
+
+
+def test_error_not_a_checkpoint(tmp_path, single_sd):
+    """A text file (e.g. --ckpt README.md), an empty file or unknown bytes: 'not a checkpoint', not 'pickled
+    objects'; a safetensors file under another extension is recognised by its content."""
+    for name, content, what in (("README.md", b"# SF-V\nA reimplementation.\n", "a text file"),
+                                ("empty.ckpt", b"", "an empty file"), ("blob.bin", bytes(range(1, 256)) * 4, "an unknown binary format")):
+        p = tmp_path / name
+        p.write_bytes(content)
+        with pytest.raises(LoadError) as e:
+            load_svd.load(p, config=TINY)
+        assert str(e.value) == (f"{p} is not a checkpoint ({what}, neither safetensors nor a PyTorch file); pass "
+                                f"svd.safetensors, a diffusers folder or an SF-V bundle")
+    renamed = _write(tmp_path, single_sd, "svd_tiny.ckpt")
+    torch.testing.assert_close(load_svd.load(renamed, config=TINY).unet.out[2].bias,
+                               single_sd["model.diffusion_model.out.2.bias"])
+
+
+def test_bundle_sampler_fields_round_trip_and_old_bundles(tmp_path):
+    """The sampler kind, the noise grid and a student's trained levels travel in the bundle's config; a bundle saved
+    before they existed loads as a student (train.py's default levels) when it was an SF-V run: its metadata says
+    mode sfv, or (toy.py's copies, without a mode) it samples in one step."""
+    cfg = replace(TINY, sampler="student", student_levels=(80.0, 8.0, 0.5), sigma_max=80.0, sigma_min=0.01, rho=5.0,
+                  steps=2, min_cfg=1.0, max_cfg=1.0)
+    path = load_svd.save(SVD(cfg), str(tmp_path / "s.safetensors"))
+    assert load_svd.load(path).cfg == cfg
+    sd = {k: v.contiguous() for k, v in SVD(TINY).state_dict().items()}
+    old = {k: v for k, v in TINY.to_dict().items() if k not in ("sampler", "sigma_min", "sigma_max", "rho", "student_levels")}
+    levels = (700.0, pytest.approx(70.5408, rel=1e-5), pytest.approx(2.26912, rel=1e-5))
+    for mode, steps, want in (("sfv", 1, "student"), ("diffusion", 1, "euler"),
+                              (None, 1, "student"), (None, 4, "euler")):
+        meta = {"format": load_svd.BUNDLE_FORMAT, "config": json.dumps({**old, "steps": steps}),
+                **({"mode": mode} if mode else {})}
+        save_file(sd, str(tmp_path / "old.safetensors"), metadata=meta)
+        c = load_svd.load(str(tmp_path / "old.safetensors")).cfg
+        assert (c.sampler, c.student_levels) == ((want, levels) if want == "student" else (want, ())), (mode, steps)
+        assert (c.sigma_min, c.sigma_max, c.rho) == (0.002, 700.0, 7.0)
+    for bad, why in ((dict(sampler="ddim"), "sampler 'ddim' is neither 'euler' nor 'student'"),
+                     (dict(sampler="student", student_levels=(1.0, 5.0)), "student_levels [1.0, 5.0]: need positive "
+                                                                           "noise levels, descending"),
+                     (dict(sampler="student", student_levels=(700.0,), steps=2), "steps 2: a student takes 1 to 1 steps "
+                                                                                 "(one per trained level)"),
+                     (dict(num_frames=0), "num_frames 0: must be a number >= 1"),
+                     (dict(height=None), "height None: must be a number >= 1")):
+        path = load_svd.save(SVD(TINY), str(tmp_path / "bad.safetensors"))
+        save_file(sd, path, metadata={"format": load_svd.BUNDLE_FORMAT, "config": json.dumps({**TINY.to_dict(), **bad})})
+        with pytest.raises(LoadError) as e:
+            load_svd.load(path)
+        assert str(e.value) == f"bundle {path} has a bad value in its config ({why}); save or download it again"
+
+
 # -----------------------------------------------------------------------------
 # helpers: a tiny random checkpoint in each layout, test images
 
@@ -730,7 +802,9 @@ def ckpts(tmp_path_factory):
 
 
 @pytest.fixture()
-def img(tmp_path):
+def img(tmp_path, monkeypatch):
+    """A test image; the test runs in its folder (sample.py's default output out/ lands there, not in the repo)."""
+    monkeypatch.chdir(tmp_path)
     return write_image(str(tmp_path / "in.png"), smooth_rgb(96, 160), "rgb24")
 
 
@@ -924,7 +998,8 @@ def test_resize_center_crop():
     out = data.resize_center_crop(clip, 32, 48, mode="bilinear")
     assert out.shape == (5, 3, 32, 48)
     assert torch.allclose(out, torch.stack([data.resize_center_crop(f, 32, 48, mode="bilinear") for f in clip]))
-    assert sample.snap_size(100, 130) == (128, 128) and sample.snap_size(576, 1024) == (576, 1024)
+    assert sample.snap_size(100, 130, 64) == (128, 128) and sample.snap_size(576, 1024, 64) == (576, 1024)
+    assert sample.snap_size(18, 1, 4) == (16, 4)                # the toy's step; at least one step
 
 # -----------------------------------------------------------------------------
 # end to end
@@ -1018,10 +1093,19 @@ def test_defaults_from_bundle_config_gif_frames_dir(tmp_path, img, capsys):
     assert np.abs(first.permute(1, 2, 0).numpy() * 255 - frames[0]).mean() < 12    # PNG ~ the video frame 0 (codec loss)
 
 
-def test_default_output_next_to_input(tmp_path, ckpts, img, capsys):
+def test_default_output_in_out_folder(tmp_path, ckpts, img, capsys, monkeypatch):
+    """The default output is out/<image name>.mp4 in the current folder (made if missing; git ignores out/), never
+    next to the image (e.g. the tracked assets/)."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     rc, so, err = run_main([img, "--ckpt", ckpts["bundle"], "--steps", "1", "--frames", "2"], capsys)
     assert rc == 0, err
-    assert os.path.isfile(str(tmp_path / "in.mp4")) and f"wrote {tmp_path / 'in.mp4'}" in so
+    assert so.splitlines()[-2] == "wrote out/in.mp4 (2 frames, 64x64, 7 fps, 1 step)"
+    assert os.listdir(tmp_path / "cwd" / "out") == ["in.mp4"] and not os.path.exists(tmp_path / "in.mp4")
+    (tmp_path / "cwd" / "out").rename(tmp_path / "cwd" / "elsewhere")
+    (tmp_path / "cwd" / "out").write_text("a file")
+    rc, so, err = run_main([img, "--ckpt", ckpts["bundle"]], capsys)
+    assert rc == 2 and err.strip() == "error: cannot create the output folder out (File exists); pass --out"
 
 
 def test_write_video_is_atomic(tmp_path, monkeypatch):
@@ -1051,6 +1135,15 @@ def test_atomic_write_and_stale_temps(tmp_path):
         cli.atomic_write(p, lambda tmp: (open(tmp, "wb").write(b"half"), (_ for _ in ()).throw(RuntimeError("x"))))
     assert os.listdir(tmp_path) == []                                  # nothing under the name, no temp file
     assert cli.atomic_write(p, lambda tmp: open(tmp, "wb").write(b"ok")) == str(p) and p.read_bytes() == b"ok"
+    (tmp_path / "d").mkdir()                                           # several files: all or none
+    for bad in (lambda tmp: (_ for _ in ()).throw(OSError(28, "No space left on device")), None):
+        writes = [(tmp_path / "x", lambda tmp: open(tmp, "wb").write(b"x")), (tmp_path / "d", bad)]
+        with pytest.raises(OSError) as e:
+            cli.atomic_write_all(writes)
+        assert e.value.filename == str(tmp_path / "d") and sorted(os.listdir(tmp_path)) == ["a.bin", "d"]
+    assert cli.atomic_write_all([(tmp_path / "x", lambda tmp: open(tmp, "wb").write(b"x"))]) == [str(tmp_path / "x")]
+    os.remove(tmp_path / "x")
+    os.rmdir(tmp_path / "d")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = tmp_path / f".a.bin.tmp-{int(dead.stdout)}", tmp_path / f".b.bin.tmp-{os.getppid()}"
     other = tmp_path / "notes.tmp-1"                                   # not our pattern (no leading dot): kept
@@ -1096,7 +1189,7 @@ def test_errors(tmp_path, ckpts, img, capsys, monkeypatch):
     assert err([str(txt)]) == f"error: {txt} is not an image av can decode; use a PNG, JPEG or WebP file"
     small = write_image(str(tmp_path / "small.png"), smooth_rgb(40, 50), "rgb24")
     assert err([small]) == ("error: image too small: 50x40 px; use an image with at least 64 px on each side "
-                            "(ideally >= the output size)")
+                            "(ideally >= the output size, 64x64)")
     out = str(tmp_path / "no" / "dir" / "v.mp4")
     assert err([img, "--out", out]) == (f"error: cannot write {out}: folder {os.path.dirname(out)} does not exist; "
                                         f"create it or pass another --out")
@@ -1127,7 +1220,7 @@ def test_errors(tmp_path, ckpts, img, capsys, monkeypatch):
     (tmp_path / "in").mkdir()
     clip = data.write_video(torch.rand(2, 3, 64, 64), str(tmp_path / "in" / "clip.mp4"))    # a video as the input
     before = open(clip, "rb").read()
-    assert err([clip]) == (f"error: the output {clip} is the input image {clip} (it would be overwritten); pass "
+    assert err([clip, "--out", clip]) == (f"error: the output {clip} is the input image {clip} (it would be overwritten); pass "
                            f"another --out, e.g. --out {tmp_path / 'in' / 'clip_sfv.mp4'}")
     assert open(clip, "rb").read() == before
     assert err([img, "--out", str(tmp_path / "v.gif"), "--fps-id", "200"]) == (
@@ -1176,8 +1269,11 @@ def test_errors_checked_before_any_work(tmp_path, img, capsys):
     assert err(["--cond-aug", "-1"]) == "error: bad --cond-aug -1: must be at least 0 (it is a noise level)"
     assert err(["--seed", str(2 ** 64)]) == f"error: bad --seed {2 ** 64}: must be an integer from 0 to 2^64-1"
     assert err(["--seed", "-1"]) == "error: bad --seed -1: must be an integer from 0 to 2^64-1"
-    assert err(["--height", "0"]) == "error: bad --height 0: must be at least 64 (a multiple of 64)"
-    assert err(["--width", "-64"]) == "error: bad --width -64: must be at least 64 (a multiple of 64)"
+    assert err(["--height", "0"]) == ("error: bad --height 0: must be positive (a multiple of the model's size step: "
+                                      "64 for SVD, 4 for the toy)")
+    assert err(["--width", "-64"]).startswith("error: bad --width -64: must be positive (")
+    for flag in ("--max-cfg", "--min-cfg"):                              # absurd guidance: refused, not blamed on the weights
+        assert err([flag, "1e20"]) == f"error: bad {flag} 1e+20: guidance from -100 to 100 (SVD samples with 1-3)"
     assert err(["--steps", "100000000"]) == "error: bad --steps 100000000: at most 1000 (Euler sampling uses 25-50)"
     assert err(["--fps", "1e-9"]) == "error: bad --fps 1e-09: must be from 0.001 to 1000"
     assert err(["--fps", "1e9"]) == "error: bad --fps 1e+09: must be from 0.001 to 1000"
@@ -1204,6 +1300,113 @@ def test_errors_checked_before_any_work(tmp_path, img, capsys):
         rc, _, e = run_main([str(bad), "--ckpt", missing], capsys)
         assert rc == 2 and e.strip() == (f"error: {bad} is a damaged or truncated PNG file (it cannot be decoded); "
                                          f"export or download it again")
+
+
+def test_frames_dir_keeps_the_input_and_refuses_stale_frames(tmp_path, ckpts, img, capsys):
+    """--frames-dir never overwrites the input image (a frame file in that folder) and never mixes this video's frames
+    with those of an earlier, longer one: both refused before sampling; nothing is ever deleted."""
+    fr = tmp_path / "frames"
+    fr.mkdir()
+    first = write_image(str(fr / "frame_0000.png"), smooth_rgb(64, 64), "rgb24")
+    before = open(first, "rb").read()
+    rc, so, e = run_main([first, "--ckpt", ckpts["bundle"], "--frames-dir", str(fr), "--out", str(tmp_path / "v.mp4")],
+                         capsys)
+    assert rc == 2 and so == "" and e.strip() == (f"error: the input image {first} is a frame file (frame_NNNN.png) in "
+                                                  f"--frames-dir {fr}, where the video's frames are written; pass "
+                                                  f"another --frames-dir")
+    assert open(first, "rb").read() == before and not os.path.exists(tmp_path / "v.mp4")
+    out, other = tmp_path / "o", tmp_path / "o" / "notes.txt"
+    base = [img, "--ckpt", ckpts["bundle"], "--steps", "1", "--frames-dir", str(out), "--out", str(tmp_path / "w.mp4")]
+    assert run_main(base + ["--frames", "4"], capsys)[0] == 0
+    other.write_text("mine")
+    rc, so, e = run_main(base + ["--frames", "2"], capsys)
+    assert rc == 2 and e.strip() == (f"error: --frames-dir {out} holds 2 frames of an earlier, longer video "
+                                      f"(frame_0002.png .. frame_0003.png) that this 2-frame video would not replace; "
+                                      f"empty the folder or pass another --frames-dir")
+    assert sorted(os.listdir(out)) == ["frame_0000.png", "frame_0001.png", "frame_0002.png", "frame_0003.png", "notes.txt"]
+    rc, so, e = run_main(base + ["--frames", "5"], capsys)                # a longer video replaces them all
+    assert rc == 0 and len(data.frame_files(str(out))) == 5 and other.read_text() == "mine", e
+
+
+def test_outputs_written_all_or_none_and_the_failing_one_named(tmp_path, ckpts, img, capsys, monkeypatch):
+    """A full disk while writing the frames names --frames-dir (not the mp4) and leaves no mp4, gif or frame behind;
+    an unwritable --frames-dir is found before sampling."""
+    import errno
+    out, fr = tmp_path / "v.mp4", tmp_path / "new" / "frames"
+    argv = [img, "--ckpt", ckpts["bundle"], "--steps", "1", "--frames", "3", "--gif", "--frames-dir", str(fr),
+            "--out", str(out)]
+    real, n = data.write_png, []
+
+    def full(rgb, path):                                                  # the disk fills up at the second frame
+        n.append(path)
+        if len(n) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(rgb, path)
+    monkeypatch.setattr(data, "write_png", full)
+    rc, so, e = run_main(argv, capsys)
+    assert rc == 2 and e.strip() == (f"error: cannot write --frames-dir {fr} (No space left on device); nothing was "
+                                      f"written: free some space or pass another --frames-dir")
+    assert os.listdir(tmp_path) == ["in.png"]                             # no mp4, no gif, no temp, no new folder
+    monkeypatch.setattr(data, "write_png", real)
+
+    def full_mp4(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(data, "write_video", full_mp4)
+    rc, so, e = run_main(argv, capsys)
+    assert rc == 2 and e.strip() == (f"error: cannot write {out} (No space left on device); nothing was written: free "
+                                      f"some space or pass another --out")
+    assert os.listdir(tmp_path) == ["in.png"]
+    monkeypatch.setattr(sample, "sample_video", lambda *a, **k: pytest.fail("sampled before the checks"))
+    (tmp_path / "v.gif").mkdir()                                          # a folder where the GIF goes
+    rc, so, e = run_main(argv, capsys)
+    assert rc == 2 and e.strip() == (f"error: cannot write {tmp_path / 'v.gif'}: a folder of that name is in the way; "
+                                      f"remove it or pass another --out")
+    os.rmdir(tmp_path / "v.gif")
+    rc, so, e = run_main(argv[:-4] + ["--frames-dir", "/sys/sfv-frames", "--out", str(out)], capsys)
+    if os.path.isdir("/sys") and sys.platform.startswith("linux"):
+        assert rc == 2 and re.fullmatch(r"error: cannot write to --frames-dir /sys/sfv-frames \((Permission denied|"
+                                        r"Operation not permitted|Read-only file system)\); pass a writable folder",
+                                        e.strip()), e
+
+
+def test_ctrl_c_one_line_exit_130(tmp_path, ckpts, img, capsys, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "sample_video", interrupt)
+    rc, so, e = run_main([img, "--ckpt", ckpts["bundle"], "--out", str(tmp_path / "v.mp4")], capsys)
+    assert rc == 130 and e == "interrupted; nothing was written\n" and not os.path.exists(tmp_path / "v.mp4")
+    monkeypatch.setattr(load_svd, "download_official", interrupt)
+    rc, so, e = run_main(["--download", "svd_xt"], capsys)
+    part = os.path.join(load_svd.CKPT_DIRS[0], "svd_xt.safetensors.part")
+    assert rc == 130 and e == f"interrupted; the partial download {part} is kept: run the same command to resume\n"
+
+
+def test_size_rules_follow_the_model(tmp_path, img, capsys):
+    """Sizes are multiples of model.size_multiple: 4 for the toy (16 is its own size; 18 is rounded with a note), and
+    the smallest image accepted is one such step."""
+    toy = os.path.join(HERE, "assets", "toy_sfv.safetensors")
+    out = str(tmp_path / "v.mp4")
+    rc, so, e = run_main([img, "--ckpt", toy, "--height", "16", "--width", "16", "--frames", "2", "--out", out], capsys)
+    assert rc == 0 and "note:" not in so and f"wrote {out} (2 frames, 16x16, 7 fps, 1 step)" in so, e
+    rc, so, e = run_main([img, "--ckpt", toy, "--height", "18", "--width", "100", "--frames", "2", "--out", out], capsys)
+    assert rc == 0 and "note: 18x100 is not a multiple of 4; using 16x100 (height x width)" in so, e
+    tiny = write_image(str(tmp_path / "tiny.png"), smooth_rgb(3, 3), "rgb24")
+    rc, so, e = run_main([tiny, "--ckpt", toy, "--out", out], capsys)
+    assert rc == 2 and e.strip() == ("error: image too small: 3x3 px; use an image with at least 4 px on each side "
+                                     "(ideally >= the output size, 16x16)")
+
+
+def test_compile_time_reported_apart_from_denoise(tmp_path, ckpts, img, capsys, monkeypatch):
+    """--compile: the UNet is compiled in one warm-up evaluation at the sampling shapes (batch 2 with CFG), timed on
+    its own line, so the denoise time is sampling only."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m: (m.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape)), m)[1])
+    rc, so, e = run_main([img, "--ckpt", ckpts["bundle"], "--compile", "--steps", "2", "--max-cfg", "2", "--frames", "3",
+                          "--out", str(tmp_path / "v.mp4")], capsys)
+    assert rc == 0, e
+    assert re.search(r"^compiled the UNet \(torch\.compile, one warm-up evaluation\) in \d+\.\d\d s; not counted as "
+                     r"denoise time below$", so, re.M), so
+    assert calls == [(2, 3, 8, 8, 8)] * 3 and "(4 UNet evals)" in so      # the warm-up, then 2 guided steps
 
 
 def test_seed_at_the_64_bit_limit_and_gif_output(tmp_path, ckpts, img, capsys):
@@ -1252,18 +1455,18 @@ def test_find_checkpoint_order(tmp_path, monkeypatch, capsys, img):
         load_svd.find_checkpoint(None, env, [str(d)], str(toy))
     bundle = make_tiny_checkpoint(str(tmp_path / "b"), "bundle")
     os.replace(bundle, toy)
-    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), "toy")
     d.mkdir()
     (d / "svd_xt.safetensors.part").write_bytes(b"x")                   # partial downloads are not candidates
-    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), True)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(toy), "toy")
     (d / "svd.safetensors").write_bytes(b"x")
     (d / "svd_xt_1_1.safetensors").write_bytes(b"x")
-    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd_xt_1_1.safetensors"), False)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd_xt_1_1.safetensors"), "checkpoints")
     make_tiny_checkpoint(str(d), "bundle")                             # an SF-V bundle beats the official files
-    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "tiny_bundle.safetensors"), False)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "tiny_bundle.safetensors"), "checkpoints")
     env = {"SFV_CKPT": str(d / "svd.safetensors")}
-    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd.safetensors"), False)
-    assert load_svd.find_checkpoint("x.safetensors", env, [str(d)], str(toy)) == ("x.safetensors", False)
+    assert load_svd.find_checkpoint(None, env, [str(d)], str(toy)) == (str(d / "svd.safetensors"), "$SFV_CKPT")
+    assert load_svd.find_checkpoint("x.safetensors", env, [str(d)], str(toy)) == ("x.safetensors", "--ckpt")
     with pytest.raises(LoadError, match=r"\$SFV_CKPT points to a missing checkpoint"):
         load_svd.find_checkpoint(None, {"SFV_CKPT": str(tmp_path / "gone")}, [str(d)], str(toy))
     # the CLI falls back to the toy model and says so in one line
@@ -1273,6 +1476,16 @@ def test_find_checkpoint_order(tmp_path, monkeypatch, capsys, img):
     rc, so, e = run_main([img, "--steps", "1", "--frames", "2", "--out", str(tmp_path / "t.mp4")], capsys)
     assert rc == 0, e
     assert so.splitlines()[0].startswith(f"no SF-V/SVD weights found (--ckpt, $SFV_CKPT, checkpoints/): using the bundled toy model {toy}")
+    # a checkpoint found in checkpoints/ or named by $SFV_CKPT is named in one line; --ckpt is not repeated
+    monkeypatch.setattr(load_svd, "CKPT_DIRS", [str(d)])
+    rc, so, e = run_main([img, "--frames", "2", "--out", str(tmp_path / "t.mp4")], capsys)
+    assert rc == 0 and so.splitlines()[0] == (f"using {d / 'tiny_bundle.safetensors'} (found in checkpoints/; pass "
+                                              f"--ckpt to choose another)"), e
+    monkeypatch.setenv("SFV_CKPT", str(toy))
+    rc, so, e = run_main([img, "--frames", "2", "--out", str(tmp_path / "t.mp4")], capsys)
+    assert rc == 0 and so.splitlines()[0] == f"using {toy} (from $SFV_CKPT; pass --ckpt to choose another)", e
+    rc, so, e = run_main([img, "--ckpt", str(toy), "--frames", "2", "--out", str(tmp_path / "t.mp4")], capsys)
+    assert rc == 0 and so.startswith("wrote "), e
 
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
