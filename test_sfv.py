@@ -2258,7 +2258,8 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path, monkeypatch):
 
 def test_paper_defaults_sizes_and_clipping():
     args = train.parse_args([])
-    assert args.out == "out/sfv" and train.parse_args(["--mode", "diffusion"]).out == "out/diffusion"
+    assert args.grad_clip == 0.0 and args.out == "out/sfv" and train.parse_args(["--mode", "diffusion"]).out == \
+        "out/diffusion"
     # SVD-sized models train at SF-V's 448x768; the others at their config's size; the flags win
     assert train.train_size(args, CONFIGS["svd"]) == (14, 448, 768)
     assert train.train_size(args, CONFIGS["svd_xt"]) == (25, 448, 768)
@@ -2435,8 +2436,9 @@ def test_memory_plan_refuses_what_does_not_fit():
     (["--fused-step", "--grad-accum", "2", "--grad-clip", "0"],
      "--fused-step steps each weight inside the backward, so it cannot accumulate gradients over --grad-accum 2; pass "
      "--grad-accum 1 (a larger --batch-size), or drop --fused-step"),
-    (["--fused-step"], "--fused-step steps each weight inside the backward, so it cannot clip the global gradient norm "
-                       "(--grad-clip 1); pass --grad-clip 0, or drop --fused-step"),
+    (["--fused-step", "--grad-clip", "1"], "--fused-step steps each weight inside the backward, so it cannot clip the "
+                                           "global gradient norm (--grad-clip 1); pass --grad-clip 0, or drop "
+                                           "--fused-step"),
     (["--optimizer", "adamw", "--optim-state-dtype", "bf16"],
      "--optim-state-dtype bf16 is implemented for --optimizer sm3 only; pass --optim-state-dtype fp32 with --optimizer "
      "adamw"),
