@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -336,10 +337,17 @@ def unusable_videos(root, skipped, frames, fps):
                      (", or lower --frames (or raise --fps: a smaller frame stride)" if short else ""))
 
 
+def file_stamp(path):
+    """[size, mtime in ns] of a file: a probe index entry holds for the version of the file it was made from."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
 def probe_videos(root, index, rank=0, world=1):
-    """The probe index {path: {n, fps} | {error}} of every video under root: entries missing from `index` are probed,
-    sharded over ranks and gathered, so no rank waits on a single prober. -> the merged index (same on all ranks)."""
-    todo = [p for p in video_paths(root) if p not in index][rank::world]
+    """The probe index {path: {n, fps, stamp} | {error, stamp}} of every video under root: entries missing from
+    `index` or made from another version of the file (file_stamp) are probed, sharded over ranks and gathered, so no
+    rank waits on a single prober. -> the merged index (same on all ranks)."""
+    todo = [p for p in video_paths(root) if (index.get(p) or {}).get("stamp") != file_stamp(p)][rank::world]
     parts = [{p: VideoFolder.probe(p) for p in todo}]
     if world > 1:
         parts = [None] * world
@@ -351,13 +359,14 @@ class VideoFolder:
     """Videos under `root` read with PyAV: random clips of `frames` frames at `fps` (stride = round(src_fps / fps)),
     resized/centre-cropped. Corrupt or too-short files are skipped with a warning and recorded in self.skipped, at
     scan time (cannot open / too few frames) and at read time (decoding fails: the next video is used instead and
-    the failure is reported in the item's "skipped" list)."""
+    the failure is reported in the item's "skipped" list as (path, reason), for the caller to record in the index).
+    self.index holds what the probe found ("too short" depends on --frames and --fps, so it is not stored)."""
 
     def __init__(self, root, frames, fps, height, width, index=None):
         self.root, self.frames, self.fps, self.height, self.width = root, frames, fps, height, width
-        self.items, self.skipped = [], []
+        self.items, self.skipped, self.index = [], [], dict(index or {})
         for path in video_paths(root):
-            info = (index or {}).get(path) or self.probe(path)
+            info = self.index[path] = self.index.get(path) or self.probe(path)
             reason = info.get("error") or (None if info["n"] >= self.span(info["fps"]) else
                                            f"too short ({info['n']} frames < {self.span(info['fps'])})")
             if reason:
@@ -365,8 +374,6 @@ class VideoFolder:
                 self.skipped.append((path, reason))
             else:
                 self.items.append((path, info["n"], info["fps"]))
-        self.index = {**(index or {}), **{p: {"n": n, "fps": f} for p, n, f in self.items},
-                      **{p: {"error": r} for p, r in self.skipped}}
         if not self.items:
             raise unusable_videos(root, self.skipped, frames, fps)
 
@@ -381,16 +388,18 @@ class VideoFolder:
 
     @staticmethod
     def probe(path):
+        """-> {n, fps, stamp} or {error, stamp} (file_stamp: the version of the file probed)."""
+        stamp = {"stamp": file_stamp(path)} if os.path.exists(path) else {}
         try:
             with av.open(path) as c:
                 s = c.streams.video[0]
                 fps = float(s.average_rate or s.guessed_rate or 0)
                 n = s.frames or int(float(c.duration or 0) / 1e6 * fps)
                 if fps <= 0:
-                    return {"error": "unknown frame rate"}
-                return {"n": n, "fps": fps}
+                    return {"error": "unknown frame rate", **stamp}
+                return {"n": n, "fps": fps, **stamp}
         except Exception as e:                                             # any open/parse failure = corrupt
-            return {"error": f"cannot open ({type(e).__name__}: {str(e)[:80]})"}
+            return {"error": f"cannot open ({type(e).__name__}: {str(e)[:80]})", **stamp}
 
     def read(self, path, start, stride, src_fps):
         """Decode frames start, start+stride, ... (frame index from the pts) -> (T, 3, H, W) in [-1, 1]."""
@@ -410,12 +419,14 @@ class VideoFolder:
                 except Exception as e:
                     err = e
             warnings.warn(f"skipping video {path}: {type(err).__name__}: {err}")
-            skipped.append(path)
-        raise RuntimeError("no readable video left")
+            skipped.append((path, str(err).split(";")[0][:160]))
+        raise UserError(f"no readable video left in {self.root}: all {len(self.items)} failed to decode, e.g. "
+                        f"{skipped[0][0]}; check or replace the videos in --data")
 
 
 class LatentCache:
-    """Pre-encoded items in `root`: <i>.safetensors with latents (T,4,h,w), cond (4,h,w), image_embeds (D,)."""
+    """Pre-encoded items in `root`: <i>.safetensors with latents (T,4,h,w), cond (4,h,w), image_embeds (D,), each
+    with the settings it was built for in its metadata; index.json, written last: {n, skipped, built_for}."""
 
     def __init__(self, root):
         self.root = root
@@ -423,7 +434,8 @@ class LatentCache:
             with open(os.path.join(root, "index.json")) as f:
                 meta = json.load(f)
             self.n, self.skipped = int(meta["n"]), [tuple(s) for s in meta["skipped"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.built_for = meta.get("built_for")                # None: built by an older train.py
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"cannot read the latent cache {os.path.join(root, 'index.json')} ({type(e).__name__}); "
                             f"delete the --cache folder to rebuild it") from None
 
@@ -433,8 +445,45 @@ class LatentCache:
     def path(self, i):
         return os.path.join(self.root, f"{i:08d}.safetensors")
 
+    def missing(self):
+        """Indices whose entry file is absent (deleted after a damage report: encoded again by build_cache)."""
+        names = set(os.listdir(self.root))
+        return [i for i in range(self.n) if os.path.basename(self.path(i)) not in names]
+
     def get(self, i, seed):
-        return {**load_file(self.path(i)), "skipped": []}
+        try:
+            return {**load_file(self.path(i)), "skipped": []}
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"damaged latent cache entry {self.path(i)} ({type(e).__name__}); delete that file and run "
+                            f"again (a missing entry is encoded again)") from None
+
+
+def cache_built_for(root):
+    """The settings a latent cache, complete or partly built, was built for ({flag: value}): index.json's, else the
+    metadata of its first readable entry; None if nothing records them (an empty folder, an older cache)."""
+    try:
+        with open(os.path.join(root, "index.json")) as f:
+            return json.load(f).get("built_for")
+    except (OSError, ValueError, AttributeError):
+        pass
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name.endswith(".safetensors") and not name.startswith("."):
+            try:
+                with safe_open(os.path.join(root, name), framework="pt") as f:
+                    return json.loads((f.metadata() or {})["built_for"])
+            except Exception:                                               # damaged or older: try the next one
+                continue
+    return None
+
+
+def check_cache(root, want):
+    """UserError if the latent cache in `root` was built for other settings than `want` ({flag: value})."""
+    have = cache_built_for(root) or {}
+    diff = [k for k in want if k in have and have[k] != want[k]]
+    if diff:
+        flags = lambda d: " ".join(f"--{k.replace('_', '-')} {d[k]}" for k in diff)
+        raise UserError(f"--cache {root} was built for {flags(have)}, not {flags(want)}; pass another --cache folder "
+                        f"(it is built on first use), or the settings it was built for")
 
 # -----------------------------------------------------------------------------
 # batches: train.py's seeded order of (index, clip seed, slot) items over steps, ranks and micro-batches
@@ -510,17 +559,26 @@ def encode_videos(svd, video, args, keys, seed_keys, device):
             "cond": cond["cond_latent"].float(), "image_embeds": cond["image_embeds"].float()}
 
 
-def build_cache(source, svd, args, root, rank, world, device):
-    """Encode every item of `source` once (clip seed and cond-aug noise fixed per item) into root/<i>.safetensors.
-    Resumable: existing files are kept. Items are sharded over ranks; rank 0 writes index.json last."""
+def build_cache(source, svd, args, root, rank, world, device, built_for):
+    """Encode every item of `source` once (clip seed and cond-aug noise fixed per item) into root/<i>.safetensors,
+    each entry recording `built_for` (the settings it depends on; check_cache compares them). Resumable: existing
+    files are kept. Items are sharded over ranks; rank 0 writes index.json last. -> the videos that failed to decode
+    while encoding [(path, reason)] (all ranks')."""
     os.makedirs(root, exist_ok=True)
     todo = [i for i in range(rank, len(source), world) if not os.path.exists(os.path.join(root, f"{i:08d}.safetensors"))]
+    meta, failed = {"built_for": json.dumps(built_for)}, []
     for i in tqdm(todo, desc="caching latents", disable=rank != 0):
         item = source.get(i, sample_seed(args.seed, i, 5))
+        failed += [s for s in item["skipped"] if s not in failed]
         enc = encode_videos(svd, item["video"][None], args, [i], (args.seed, -1), device)
         tensors = {k: v[0].cpu().contiguous() for k, v in enc.items()}
-        atomic_write(os.path.join(root, f"{i:08d}.safetensors"), lambda tmp: save_file(tensors, tmp))
-    barrier(world)
+        atomic_write(os.path.join(root, f"{i:08d}.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, failed)
+        failed = list(dict.fromkeys(tuple(s) for part in parts for s in part))
     if rank == 0:
-        write_json(os.path.join(root, "index.json"), {"n": len(source), "skipped": getattr(source, "skipped", [])})
+        skipped = [tuple(s) for s in getattr(source, "skipped", [])] + failed
+        write_json(os.path.join(root, "index.json"), {"n": len(source), "skipped": skipped, "built_for": built_for})
     barrier(world)
+    return failed

@@ -27,6 +27,7 @@ Head design (the paper only draws the heads; this is a StyleGAN-T / ADD-style ch
 """
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -220,7 +221,9 @@ def r1_penalty(disc, feats, c, noise, mode="exact", fd_eps=1e-2):
         return torch.zeros((), device=c.device), disc.heads(feats, c)
     noise = [n.float().contiguous() for n in noise]
     if mode == "exact":
-        logits, tangents = torch.func.jvp(lambda *fs: disc.heads(list(fs), c), tuple(feats), tuple(noise))
+        with warnings.catch_warnings():       # jvp's first call builds torch's decompositions with torch.jit.script
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
+            logits, tangents = torch.func.jvp(lambda *fs: disc.heads(list(fs), c), tuple(feats), tuple(noise))
     elif mode == "fd":
         logits = disc.heads(feats, c)
         e = [fd_eps * f.square().mean(dim=(1, 2, 3, 4), keepdim=True).sqrt().clamp_min(1e-12) for f in feats]
@@ -236,3 +239,16 @@ def _per_head(per_level, disc):
     """Repeat a per-level list in the order heads() emits logits (spatial then temporal within a level)."""
     n = (disc.spatial is not None) + (disc.temporal is not None)
     return [v for v in per_level for _ in range(n)]
+
+
+def r1_approx_penalty(disc, feats, feats_perturbed, c):
+    """Approximated R1 on D's INPUT (Seaweed-APT, Lin et al. 2025): with x' the real input and n ~ N(0, I) over it,
+
+        R1 = mean over heads h, positions l and samples of (D_{h,l}(x') - D_{h,l}(x' + s n))^2,
+
+    a finite difference of the whole D (backbone included) without any second-order derivative. feats and
+    feats_perturbed: the backbone's features of x' and of x' + s n (the caller's two no-grad forwards); the heads and
+    the difference run in fp32. Returns (r1 (), logits of the real sample)."""
+    logits = disc.heads([f.detach() for f in feats], c)
+    shifted = disc.heads([f.detach() for f in feats_perturbed], c)
+    return torch.stack([(a - b).square().mean() for a, b in zip(logits, shifted)]).mean(), logits

@@ -8,6 +8,7 @@ Tests for the SVD/SF-V reimplementation; no test downloads anything.
 - evaluate.py / toy.py: Frechet distance vs closed forms, metrics, the FVD command, the toy pipeline smoke run.
 Run: python -m pytest -q test_sfv.py
 """
+import argparse
 import hashlib
 import http.server
 import json
@@ -16,6 +17,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -1903,6 +1905,49 @@ def test_r1_share_of_the_heads_gradient():
     assert 0.02 < share < 0.3, share
 
 
+def test_r1_approx_acts_on_the_input():
+    # --r1 approx (Seaweed-APT): mean (D(x') - D(x' + s n))^2 over heads and positions, x' the noisy real input, one
+    # more backbone forward (of x' + 0.1 n); zero for a D that ignores its input, positive for ours
+    tr, svd, args = tiny_trainer(["--r1", "approx"])
+    mb = tiny_batch(svd, args)
+    x0, cond, emb, ids = tr.inputs(mb)
+    nz = tr.noise(0, mb["keys"], x0.shape[1:])
+    dirs = lambda ts: tr.r1_noise(0, mb["keys"], ts)
+    seen, features = [], tr.D.features
+    tr.D.features = lambda x, *rest: (seen.append(x), features(x, *rest))[1]
+    _, logs = train.discriminator_loss(tr.D, x0, x0.flip(0), cond, emb, ids, nz, dirs, args)
+    x_real = x0 + nz["s_d"].view(-1, 1, 1, 1, 1) * nz["eps_d"]
+    assert len(seen) == 3 and torch.equal(seen[0], x_real)              # real, fake, perturbed real
+    assert torch.allclose(seen[2] - seen[0], 0.1 * dirs([x_real])[0], atol=1e-5)
+    assert logs["r1"].item() > 1e-4
+    f_const = [f.detach() for f in features(x_real, nz["s_d"], cond, emb, ids)]
+    tr.D.features = lambda x, *rest: f_const                               # a D that ignores its input
+    _, blind = train.discriminator_loss(tr.D, x0, x0.flip(0), cond, emb, ids, nz, dirs, args)
+    assert blind["r1"].item() == 0.0
+    args.r1 = "exact"                                     # the heads' R1 of that D is not zero: another quantity
+    _, exact = train.discriminator_loss(tr.D, x0, x0.flip(0), cond, emb, ids, nz, dirs, args)
+    assert exact["r1"].item() > 0.1
+
+
+def test_r1_approx_trains(tmp_path):
+    log = run_train(tmp_path / "run", "--max-steps", "3", "--r1", "approx")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r["r1"] > 0 and 0 < r["r1_share"] < 1 and math.isfinite(r["loss_d"]) for r in log)
+
+
+def test_r1_exact_prints_no_jit_deprecation_warning():
+    # torch.func.jvp's first call builds torch's forward-AD decompositions with torch.jit.script, which warns
+    # (DeprecationWarning or FutureWarning, by torch version); a fresh process, so that first call is ours
+    code = ("import torch, train, discriminator; from model import CONFIGS, SVD; torch.manual_seed(0); "
+            "D = discriminator.Discriminator(SVD(CONFIGS['tiny']).unet, 'both', 32, 16, 32); "
+            "f = [torch.randn(1, 4, c, 2, 2) for c in (32, 64, 64, 64)]; c = D.condition(torch.randn(1, 32), "
+            "torch.ones(1), 4); r1, _ = discriminator.r1_penalty(D, f, c, [torch.randn_like(x) for x in f]); "
+            "print(float(r1) > 0)")
+    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c", code],
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "True" and "jit" not in r.stderr, r.stderr[-2000:]
+
+
 def test_gradient_isolation():
     tr, svd, args = tiny_trainer()
     mb = tiny_batch(svd, args)
@@ -2102,6 +2147,15 @@ def test_video_folder_skips_corrupt_and_short(tmp_path):
         vf = data.VideoFolder(str(vids), frames=4, fps=7, height=64, width=64)
     assert len(vf) == 2
     assert sorted(os.path.basename(p) for p, _ in vf.skipped) == ["corrupt.mp4", "short.mp4"]
+    # the index holds what the probe found: "too short" depends on --frames, so a shorter clip can use the file
+    short = str(vids / "short.mp4")
+    assert "error" in vf.index[str(vids / "corrupt.mp4")] and vf.index[short]["n"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                  # corrupt.mp4 is skipped again
+        assert short in [p for p, *_ in data.VideoFolder(str(vids), 2, 7, 64, 64, vf.index).items]
+    # an index entry made from another version of a file (size, mtime) is probed again
+    stale = {**vf.index, short: {"n": 999, "fps": 14.0, "stamp": [1, 1]}}
+    assert data.probe_videos(str(vids), stale)[short] == vf.index[short]
     # 14 fps source at 7 fps: stride 2; resized to cover 64x64 and centre-cropped
     clip = vf.get(0, seed=1)["video"]
     assert clip.shape == (4, 3, 64, 64)
@@ -2116,16 +2170,42 @@ def test_video_folder_skips_corrupt_and_short(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(r["skipped_videos"] == 2 for r in log)
 
 
-def test_video_corrupt_at_read_time_is_skipped(tmp_path):
+def test_video_corrupt_at_read_time_is_skipped_and_recorded(tmp_path, capsys):
     vids = tmp_path / "videos"
     vids.mkdir()
     write_test_video(vids / "a.mp4", 14, 14)
     write_test_video(vids / "b.mp4", 14, 14)
     vf = data.VideoFolder(str(vids), frames=4, fps=7, height=64, width=64)
-    vf.items[0] = (str(vids / "gone.mp4"), 14, 14.0)                   # probed fine, unreadable later
+    gone = str(vids / "gone.mp4")
+    vf.items[0] = (gone, 14, 14.0)                                        # probed fine, unreadable later
     with pytest.warns(UserWarning, match="gone.mp4"):
         item = vf.get(0, seed=0)
-    assert item["skipped"] == [str(vids / "gone.mp4")] and item["video"].shape == (4, 3, 64, 64)
+    assert item["skipped"] == [(gone, f"cannot decode video {gone} (FileNotFoundError)")]
+    assert item["video"].shape == (4, 3, 64, 64)
+    vf.items[1] = (gone, 14, 14.0)
+    with pytest.raises(cli.UserError) as e, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vf.get(0, seed=0)
+    assert str(e.value) == (f"no readable video left in {vids}: all 2 failed to decode, e.g. {gone}; check or replace "
+                            f"the videos in --data")
+    # a file damaged after a run indexed it as fine (same size and mtime): training skips it, names it, and records
+    # it in <out>/video_index.json, so the next run skips it at the scan
+    out = tmp_path / "run"
+    run = [*COMMON, "--data", str(vids), "--out", str(out), "--max-steps", "2", "--frames", "4"]
+    train.main(run)
+    b = vids / "b.mp4"
+    stat = b.stat()
+    b.write_bytes(os.urandom(stat.st_size))
+    os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=f"skipping video {re.escape(str(b))}"):
+        train.main(run)
+    assert (f"note: recorded 1 video(s) that failed to decode in {out}/video_index.json, e.g. {b}; later runs skip "
+            f"them") in capsys.readouterr().out.splitlines()
+    index = json.loads((out / "video_index.json").read_text())
+    assert index[str(b)]["error"] == f"cannot decode video {b} (InvalidDataError)" and "n" in index[str(vids / "a.mp4")]
+    with pytest.warns(UserWarning, match=f"skipping video {re.escape(str(b))}: cannot decode video"):
+        train.main(run)
 
 
 def test_latent_cache(tmp_path):
@@ -2141,6 +2221,68 @@ def test_latent_cache(tmp_path):
         data.LatentCache(str(tmp_path / "cache"))
     assert str(e.value) == (f"cannot read the latent cache {tmp_path / 'cache' / 'index.json'} (JSONDecodeError); "
                             f"delete the --cache folder to rebuild it")
+
+
+def test_latent_cache_records_what_it_was_built_for(tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    run = [*COMMON, "--out", str(out), "--max-steps", "3", "--cache", str(cache), "--synthetic-size", "3"]
+    train.main(run)
+    built_for = {"init": "tiny", "data": "synthetic", "frames": 4, "height": 64, "width": 64, "cond_aug": 0.02,
+                 "seed": 0, "synthetic_style": "textured", "synthetic_size": 3}
+    assert json.loads((cache / "index.json").read_text())["built_for"] == built_for
+    refused = (f"error: --cache {cache} was built for --frames 4 --cond-aug 0.02, not --frames 2 --cond-aug 0.05; pass "
+               f"another --cache folder (it is built on first use), or the settings it was built for")
+    assert train_error([*run, "--frames", "2", "--cond-aug", "0.05"]) == refused
+    (cache / "index.json").unlink()                                      # a partly built cache: its entries say it
+    assert train_error([*run, "--frames", "2", "--cond-aug", "0.05"]) == refused
+    # a damaged entry: one line naming the file; deleted, it is encoded again
+    entry = cache / "00000001.safetensors"
+    good = entry.read_bytes()
+    entry.write_bytes(b"\x00" * 100)
+    msg = re.split(r"[\r\n]", train_error(run))[-1]
+    assert msg == (f"error: damaged latent cache entry {entry} (SafetensorError); delete that file and run again (a "
+                   f"missing entry is encoded again)")
+    entry.unlink()
+    train.main(run)
+    assert entry.read_bytes() == good and json.loads((cache / "index.json").read_text())["built_for"] == built_for
+    # a cache of an older train.py records nothing: its latent shape is checked, with a note
+    (cache / "index.json").write_text(json.dumps({"n": 3, "skipped": []}))
+    assert train_error([*run, "--frames", "2"]) == (
+        f"error: --cache {cache} holds latents of shape [4, 4, 8, 8], this run needs [2, 4, 8, 8] (2x64x64); pass "
+        f"another --cache folder (it is built on first use)")
+    capsys.readouterr()
+    train.main(run)
+    assert (f"note: --cache {cache} does not record what it was built for (an older train.py); only its latent shape "
+            f"is checked") in capsys.readouterr().out.splitlines()
+
+
+def test_user_error_in_a_loader_worker_stays_one_line():
+    # a DataLoader re-raises a worker's exception with the worker's traceback in its message; train.py keeps its line
+    class Damaged(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise cli.UserError("damaged latent cache entry x.safetensors (SafetensorError); delete that file")
+    with pytest.raises(cli.UserError) as e:
+        train.next_batch(iter(torch.utils.data.DataLoader(Damaged(), num_workers=1)))
+    assert str(e.value) == "damaged latent cache entry x.safetensors (SafetensorError); delete that file"
+
+
+def test_unwritable_cache_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):                           # root ignores permissions: a read-only file system instead
+        if not (sys.platform.startswith("linux") and os.path.isdir("/sys") and not os.path.exists("/sys/sfv-cache")):
+            pytest.skip("no unwritable folder to test with")
+        ro = "/sys"
+    cache = os.path.join(ro, "sfv-cache")
+    monkeypatch.setattr(train, "build_model_and_data", lambda *a: pytest.fail("the model was built"))
+    msg = train_error([*COMMON, "--out", str(tmp_path / "run"), "--cache", cache])
+    assert re.fullmatch(rf"error: cannot write to --cache {re.escape(cache)} \((Permission denied|Operation not "
+                        rf"permitted|Read-only file system)\); pass a writable folder", msg), msg
+    assert not os.path.exists(cache) and not (tmp_path / "run").exists()
 
 # -----------------------------------------------------------------------------
 # checkpoints, resume, EMA, samples, distributed
@@ -2321,6 +2463,146 @@ def test_resume_refuses_changed_model_args(tmp_path, capsys):
     assert [r["step"] for r in read_log(out)] == [1]
 
 
+def test_resume_applies_changed_optimiser_settings(tmp_path, capsys):
+    # the loaded optimiser state would bring back the saved run's betas and weight decay: this run's flags win, said in
+    # one line; SM3 without momentum (beta1 0) gets one when a resume turns it on
+    out = tmp_path / "run"
+    train.main([*COMMON, "--out", str(out), "--max-steps", "1", "--beta1", "0"])
+    capsys.readouterr()
+    changed = ["--lr-d", "2e-4", "--beta1", "0.9", "--weight-decay", "0.05"]
+    tr = train.main([*COMMON, "--out", str(out), "--max-steps", "2", "--resume", *changed])
+    assert ("note: --resume with changed settings, applied from step 1 on: --lr-d 0.0002 (was 0.0001), --beta1 0.9 "
+            "(was 0.0), --weight-decay 0.05 (was 0.0)") in capsys.readouterr().out.splitlines()
+    for opt in (tr.opt_g, tr.opt_d):
+        assert all(g["betas"] == (0.9, 0.999) and g["weight_decay"] == 0.05 for g in opt.param_groups)
+        assert all("momentum" in st for st in opt.state.values())
+    st = torch.load(out / "train_state.pt", weights_only=True)
+    assert list(st["opt_g"]["param_groups"][0]["betas"]) == [0.9, 0.999]
+    # another --optimizer (only with --resume-any-args): a fresh optimiser state, said; not a KeyError 'exp_avg'
+    tr = train.main([*COMMON, "--out", str(out), "--max-steps", "3", "--resume", "--resume-any-args", *changed,
+                     "--optimizer", "adamw"])
+    assert ("note: --resume with changed settings, applied from step 2 on: --optimizer adamw (was sm3); the optimiser "
+            "state starts fresh") in capsys.readouterr().out.splitlines()
+    assert isinstance(tr.opt_g, torch.optim.AdamW) and tr.step_num == 3
+    assert all("exp_avg" in st for st in tr.opt_g.state.values())
+
+
+def test_run_folder_lock(tmp_path, capsys):
+    # a live run's --out is refused before anything in it is touched; a killed run's lock is taken over
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    lock, host = out / "train.lock", socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(f"{live.pid} {host}\n")
+        assert train_error([*COMMON, "--out", str(out), "--max-steps", "1"]) == (
+            f"error: --out {out} is in use by train.py pid {live.pid} on {host} ({lock}); wait for it to end or pass "
+            f"another --out (if no such run is left, delete {lock})")
+        assert (out / "log.jsonl").read_text() == '{"step": 1}\n' and lock.read_text() == f"{live.pid} {host}\n"
+    finally:
+        live.kill()
+        live.wait()
+    train.main([*COMMON, "--out", str(out), "--max-steps", "1"])           # its holder is gone: taken over
+    assert not lock.exists() and [r["step"] for r in read_log(out)] == [1]
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main([*COMMON, "--out", str(out), "--max-steps", "1"])
+    before = (out / "train_state.pt").read_bytes()
+
+    def full_disk(obj, f, *a, **k):                     # torch.save's failure on a full disk is a RuntimeError
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", full_disk)
+    msg = re.split(r"[\r\n]", train_error([*COMMON, "--out", str(out), "--max-steps", "2", "--resume"]))[-1]
+    assert re.fullmatch(rf"error: cannot write to --out {re.escape(str(out))} at step 2 \(the write failed: \[enforce "
+                        rf"fail at inline_container.cc:672\] . unexpected pos 704 vs 598; \d+ MiB free there\); free "
+                        rf"some space, then continue with --resume", msg), msg
+    assert (out / "train_state.pt").read_bytes() == before
+    assert sorted(os.listdir(out)) == ["log.jsonl", "model.safetensors", "train_state.pt"]
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path, monkeypatch):
+    import contextlib
+    import io
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.Trainer, "step", interrupt)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        train.main([*COMMON, "--out", str(tmp_path / "early")])
+    assert e.value.code == 130 and "Traceback" not in err.getvalue()
+    assert re.split(r"[\r\n]", err.getvalue().strip())[-1] == "interrupted at step 0; no checkpoint was written"
+    assert not (tmp_path / "early").exists()                              # the folder it made, and its lock, removed
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *COMMON, "--out", str(out), "--max-steps",
+                          "1000", "--save-every", "2"], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 120 and not ((out / "log.jsonl").exists() and len(read_log(out)) >= 3):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert p.returncode == 130 and "Traceback" not in err and saved >= 2
+    m = re.fullmatch(rf"interrupted at step (\d+); the last checkpoint is {re.escape(str(out / 'train_state.pt'))} "
+                     rf"\(step {saved}\)", re.split(r"[\r\n]", err.strip())[-1])
+    assert m and int(m.group(1)) >= saved, err[-500:]
+    assert not (out / "train.lock").exists()
+
+
+def test_paper_defaults_sizes_and_clipping():
+    args = train.parse_args([])
+    assert args.grad_clip == 0.0 and args.out == "out/sfv" and train.parse_args(["--mode", "diffusion"]).out == \
+        "out/diffusion"
+    # SVD-sized models train at SF-V's 448x768; the others at their config's size; the flags win
+    assert train.train_size(args, CONFIGS["svd"]) == (14, 448, 768)
+    assert train.train_size(args, CONFIGS["svd_xt"]) == (25, 448, 768)
+    assert train.train_size(args, CONFIGS["toy"]) == (8, 16, 16) and train.train_size(args, TINY) == (4, 64, 64)
+    flags = train.parse_args(["--frames", "7", "--height", "512", "--width", "576"])
+    assert train.train_size(flags, CONFIGS["svd"]) == (7, 512, 576)
+    # --p-std -1, the paper's literal value, is accepted and draws exactly the sigma' of +1
+    a, b = train.parse_args(["--p-std", "-1"]), train.parse_args(["--p-std", "1"])
+    train.check_args(a)
+    noise = lambda args: train.Trainer.noise(argparse.Namespace(args=args, device=torch.device("cpu")), 3, [0, 1, 2, 3],
+                                             (4, 4, 8, 8))
+    assert torch.equal(noise(a)["s_d"], noise(b)["s_d"])
+    helps = {name: help_ for name, _, _, help_ in train.FLAGS}
+    assert "the paper does not mention clipping" in helps["grad_clip"] and "the same distribution" in helps["p_std"]
+
+
+def test_size_rules_follow_the_model(tmp_path, capsys):
+    # multiples of model.size_multiple: 64 for SVD-shaped configs, 4 for the toy (latent = pixels, two halvings)
+    assert train_error([*COMMON, "--out", str(tmp_path / "a"), "--height", "100", "--width", "100"]) == (
+        "error: bad --height 100: must be a multiple of 64 (the latent is 1/8 of the image size and the UNet halves it "
+        "3 times); try --height 128")
+    assert train_error([*COMMON, "--out", str(tmp_path / "b"), "--init", "toy", "--height", "14", "--width", "14"]) == (
+        "error: bad --height 14: must be a multiple of 4 (the latent has the image size and the UNet halves it 2 "
+        "times); try --height 16")
+    # a toy run at 20x20: the bundle records the student sampler, its trained levels and grid, and keeps the config's
+    # own sampling size
+    out = tmp_path / "toy"
+    train.main([*COMMON, "--init", "toy", "--height", "20", "--width", "20", "--out", str(out), "--max-steps", "1",
+                "--sigma-max", "500"])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote {out / 'model.safetensors'} (step 1) and train_state.pt; sample it with python sample.py IMAGE --ckpt "
+        f"{out / 'model.safetensors'}")
+    cfg = load_svd.load(str(out / "model.safetensors")).cfg
+    assert (cfg.height, cfg.width, cfg.num_frames, cfg.steps, cfg.min_cfg, cfg.max_cfg) == (16, 16, 8, 1, 1.0, 1.0)
+    assert cfg.sampler == "student" and (cfg.sigma_min, cfg.sigma_max, cfg.rho) == (0.002, 500.0, 7.0)
+    levels = model.karras_sigmas(4, 0.002, 500.0, 7.0)[:3].tolist()
+    assert cfg.student_levels == tuple(levels) and levels[0] == pytest.approx(500) and len(levels) == 3
+    # a resumed run already at --max-steps: nothing to do, said
+    assert train.main([*COMMON, "--init", "toy", "--out", str(out), "--max-steps", "1", "--resume"]) is None
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"nothing to train: {out / 'train_state.pt'} is at step 1, --max-steps 1; pass a larger --max-steps to "
+        f"continue")
+
+
 def test_diffusion_mode_end_to_end(tmp_path):
     out = tmp_path / "run"
     tr = train.main([*COMMON, "--mode", "diffusion", "--out", str(out), "--max-steps", "2", "--sample-every", "2",
@@ -2328,6 +2610,7 @@ def test_diffusion_mode_end_to_end(tmp_path):
     assert tr.D is None and [set(r) >= {"loss", "lr_g", "grad_norm_g"} for r in read_log(out)] == [True, True]
     svd = load_svd.load(str(out / "model.safetensors"))
     assert svd.cfg.steps == CONFIGS["tiny"].steps                        # a diffusion model keeps multi-step sampling
+    assert svd.cfg.sampler == "euler" and svd.cfg.student_levels == () and svd.cfg.sigma_max == 700.0
     assert os.listdir(out / "samples") == ["step0000002_0.mp4"]
 
 
@@ -2452,8 +2735,9 @@ def test_memory_plan_refuses_what_does_not_fit():
     (["--fused-step", "--grad-accum", "2", "--grad-clip", "0"],
      "--fused-step steps each weight inside the backward, so it cannot accumulate gradients over --grad-accum 2; pass "
      "--grad-accum 1 (a larger --batch-size), or drop --fused-step"),
-    (["--fused-step"], "--fused-step steps each weight inside the backward, so it cannot clip the global gradient norm "
-                       "(--grad-clip 1); pass --grad-clip 0, or drop --fused-step"),
+    (["--fused-step", "--grad-clip", "1"], "--fused-step steps each weight inside the backward, so it cannot clip the "
+                                           "global gradient norm (--grad-clip 1); pass --grad-clip 0, or drop "
+                                           "--fused-step"),
     (["--optimizer", "adamw", "--optim-state-dtype", "bf16"],
      "--optim-state-dtype bf16 is implemented for --optimizer sm3 only; pass --optim-state-dtype fp32 with --optimizer "
      "adamw"),
@@ -2485,8 +2769,8 @@ def test_plan_printed_before_the_first_step(tmp_path, capsys):
     (["--sigma-min", "0"], "bad --sigma-min 0.0: must be greater than 0"),
     (["--sigma-max", "0.001"], "bad --sigma-max 0.001: must be greater than --sigma-min 0.002"),
     (["--seed", "-1"], "bad --seed -1: must be at least 0"),
-    (["--height", "100", "--width", "100"], "bad --height 100: must be a multiple of 64 (the UNet halves the latent "
-                                            "three times); try --height 128"),
+    (["--height", "100", "--width", "100"], "bad --height 100: must be a multiple of 64 (the latent is 1/8 of the "
+                                            "image size and the UNet halves it 3 times); try --height 128"),
     (["--height", "128"], "--data synthetic makes square videos, but --height 128 != --width 0; pass equal sizes (or 0 "
                           "for the config's)"),
     (["--device", "nonsense"], "bad --device 'nonsense': not a device; use auto, cpu, cuda, cuda:N or mps"),

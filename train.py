@@ -16,9 +16,11 @@ The objective (SF-V sec. 3.3), x0 a clean video latent, eps and eps' ~ N(0, I), 
   L_D = E max(0, 1 - D(x')) + E max(0, 1 + D(x0_hat')) + gamma R1(x')                  (hinge; x0_hat detached)
   L_G = -E D(x0_hat') + 0.1 pseudo-Huber(x0_hat, x0),     pseudo-Huber(a, b) = sqrt(||a - b||^2 + c^2) - c
 The paper leaves gamma, R1's variable and c open: R1 here is the squared gradient w.r.t. the heads' input features
-(the backbone is frozen; discriminator.r1_penalty), gamma 0.05, c 0.001 (OSV's). Every number is a flag (the table at
-the end of this file). One iteration (Trainer.step) draws each micro-batch's noise once; one G forward makes the fakes
-that the D step reuses, detached (as in ADD, Sauer et al. 2023).
+(the backbone is frozen; discriminator.r1_penalty), or with --r1 approx Seaweed-APT's approximation on D's input,
+(D(x') - D(x' + s n))^2 (discriminator.r1_approx_penalty); gamma 0.05, c 0.001 (OSV's). SF-V trains at 448x768
+(sec. 4), the default for SVD-sized models here. Every number is a flag (the table at the end of this file). One
+iteration (Trainer.step) draws each micro-batch's noise once; one G forward makes the fakes that the D step reuses,
+detached (as in ADD, Sauer et al. 2023).
 
 Every random number of a training sample comes from a generator seeded by (seed, step, global slot in the batch) and
 the data order is a per-epoch permutation of (seed, epoch): resume is exact, and N processes with batch b give the same
@@ -33,6 +35,8 @@ import operator
 import os
 import pickle
 import re
+import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -40,26 +44,34 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import cli
 import load_svd
 from cli import UserError, atomic_write, write_json, write_text
-from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_penalty, score
-from data import (VIDEO_EXTS, ItemDataset, LatentCache, StepBatches, SyntheticVideos, VideoFolder, build_cache, collate,
-                  encode_videos, move_frozen, probe_videos, sample_seed, unusable_videos, video_paths, write_video)
+from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_approx_penalty, r1_penalty, score
+from data import (VIDEO_EXTS, ItemDataset, LatentCache, StepBatches, SyntheticVideos, VideoFolder, build_cache,
+                  check_cache, collate, encode_videos, file_stamp, move_frozen, probe_videos, sample_seed,
+                  unusable_videos, video_paths, write_video)
 from distributed import all_reduce_mean, barrier, broadcast_from_rank0, dist_setup
 from memory_plan import MemoryOptions, check_plan, copy_module, format_plan, memory_plan, peak_memory_gb
-from model import CONFIGS, SVD, added_time_ids, denoise, karras_sigmas, sample_latents
+from model import (CONFIGS, SVD, SVDConfig, added_time_ids, denoise, karras_sigmas, latent_factor, sample_latents,
+                   size_multiple)
 
 # -----------------------------------------------------------------------------
 # noise levels (SF-V sec. 3.3)
 
 
+def generator_levels(levels=4, sigma_min=0.002, sigma_max=700.0, rho=7.0):
+    """The generator's noise levels: the `levels`-level Karras grid without its smallest level, descending.
+    With the SVD defaults: (700.0, 70.54, 2.269). -> (levels - 1,)"""
+    return karras_sigmas(levels, sigma_min, sigma_max, rho)[:-2]     # without the trailing 0 and sigma_min
+
+
 def sample_generator_sigma(n, generator=None, levels=4, sigma_min=0.002, sigma_max=700.0, rho=7.0):
-    """Generator noise level: uniform over the `levels`-level Karras grid without its smallest level.
-    With the SVD defaults: {700.0, 70.54, 2.269}. -> (n,)"""
-    grid = karras_sigmas(levels, sigma_min, sigma_max, rho)[:-2]   # without the trailing 0 and sigma_min
+    """Generator noise level: uniform over generator_levels. -> (n,)"""
+    grid = generator_levels(levels, sigma_min, sigma_max, rho)
     return grid[torch.randint(0, len(grid), (n,), generator=generator)]
 
 
@@ -99,17 +111,25 @@ def sfv_generator_loss(G, D, x0, cond, emb, ids, nz, args):
 
 def discriminator_loss(D, x0, fake, cond, emb, ids, nz, r1_dirs, args, amp=False):
     """SF-V discriminator loss (Zhang et al. 2024, sec. 3.3): real x0 and the generator's detached `fake` noised
-    with the SAME s' and eps'; L_D = hinge(real, fake) + r1_gamma * R1(real) on the heads. The frozen backbone runs
-    without a graph (under bf16 autocast if amp); the heads run in fp32. r1_dirs(features) -> the R1 directions per
-    level. -> (L_D + gamma R1, metrics)"""
+    with the SAME s' and eps'; L_D = hinge(real, fake) + r1_gamma * R1(real). The frozen backbone runs without a graph
+    (under bf16 autocast if amp); the heads run in fp32. r1_dirs(tensors) -> unit normal directions shaped like each
+    (per sample): over the heads' input features (exact, fd) or over D's input x' (approx: one more backbone forward,
+    of x' + r1_approx_std n). -> (L_D + gamma R1, metrics)"""
     T = x0.shape[1]
     s = nz["s_d"]
     sd = s.view(-1, 1, 1, 1, 1)
+    x_real = x0 + sd * nz["eps_d"]                                              # (B, T, 4, h, w) fp32
     with torch.no_grad(), torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp):
-        f_real = D.features(x0 + sd * nz["eps_d"], s, cond, emb, ids)
+        f_real = D.features(x_real, s, cond, emb, ids)
         f_fake = D.features(fake + sd * nz["eps_d"], s, cond, emb, ids)
+        if args.r1 == "approx":
+            f_pert = D.features(x_real + args.r1_approx_std * r1_dirs([x_real])[0], s, cond, emb, ids)
     c = D.condition(emb, s, T)
-    r1, logits_r = r1_penalty(D, f_real, c, r1_dirs(f_real) if args.r1 != "off" else None, args.r1, args.r1_fd_eps)
+    if args.r1 == "approx":
+        r1, logits_r = r1_approx_penalty(D, f_real, f_pert, c)
+    else:
+        r1, logits_r = r1_penalty(D, f_real, c, r1_dirs(f_real) if args.r1 != "off" else None, args.r1,
+                                  args.r1_fd_eps)
     logits_f = D.heads(f_fake, c)
     ld = hinge_d_loss(logits_r, logits_f)
     return ld + args.r1_gamma * r1, {"loss_d": ld, "r1": r1, "d_real": score(logits_r).mean(),
@@ -176,8 +196,8 @@ class SM3(torch.optim.Optimizer):
                         [tuple(n if d == r else 1 for d, n in enumerate(g.shape)) for r in range(g.ndim)]
                     for r, s in enumerate(shapes):
                         st[f"acc{r}"] = torch.zeros(s, dtype=torch.float32, device=p.device)
-                    if beta1 > 0:
-                        st["momentum"] = torch.zeros_like(g, dtype=self.state_dtype)
+                if beta1 > 0 and "momentum" not in st:                  # also after a resume that turned beta1 on
+                    st["momentum"] = torch.zeros_like(g, dtype=self.state_dtype)
                 st["step"] += 1
                 accs = [st[f"acc{r}"] for r in range(max(1, g.ndim))]
                 nu = accs[0]
@@ -273,8 +293,8 @@ class Trainer(MemoryOptions):
             g = torch.Generator().manual_seed(sample_seed(a.seed, step, k, 3))
             if a.mode == "sfv":
                 out["s_g"].append(sample_generator_sigma(1, g, a.gen_levels, a.sigma_min, a.sigma_max, a.rho))
-                out["s_d"].append(sample_disc_sigma(1, g, a.p_mean, a.p_std, a.disc_levels, a.sigma_min, a.sigma_max,
-                                                    a.rho))
+                out["s_d"].append(sample_disc_sigma(1, g, a.p_mean, abs(a.p_std), a.disc_levels, a.sigma_min,
+                                                    a.sigma_max, a.rho))        # the paper writes P_std = -1
             else:
                 log_s = a.train_p_mean + a.train_p_std * torch.randn(1, generator=g)
                 high = math.log(2.0) + (math.log(a.sigma_max) - math.log(2.0)) * torch.rand(1, generator=g)
@@ -389,32 +409,44 @@ class Trainer(MemoryOptions):
             st["disc"], st["opt_d"] = self.D.head_state_dict(), self.opt_d.state_dict()
         return st
 
-    def load_state_dict(self, st):
+    def load_state_dict(self, st, optimizer_state=True):
+        """The state of state_dict(). The optimisers keep this run's hyperparameters (lr, betas, weight decay, SM3
+        variant: the flags), not the saved ones; optimizer_state=False starts them fresh (another --optimizer)."""
         self.step_num, self.skipped_run = int(st["step"]), int(st["skipped_run"])
         self.G.load_state_dict(st["unet"])
         self.ema.load_state_dict(st["ema"])
-        self.opt_g.load_state_dict(st["opt_g"])
+        opts = [(self.opt_g, st["opt_g"])]
         if self.D is not None:
             missing, unexpected = self.D.load_state_dict(st["disc"], strict=False)
             assert not unexpected and all(k.startswith("backbone.") for k in missing), (missing, unexpected)
-            self.opt_d.load_state_dict(st["opt_d"])
+            opts.append((self.opt_d, st["opt_d"]))
+        for opt, saved in opts if optimizer_state else ():
+            opt.load_state_dict(saved)
+            for group in opt.param_groups:
+                group.update(opt.defaults)                             # this run's flags
         torch.set_rng_state(st["rng_torch"])
 
-    def save(self, out, frames, height, width):
-        """Atomic: train_state.pt (everything to resume) and model.safetensors (EMA generator in our bundle format,
-        config set to the training size; sfv: steps=1 and no CFG, so `sample.py --ckpt` samples in one step)."""
-        st = self.state_dict()
-        atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(st, tmp))
+    def save(self, out, frames):
+        """Atomic: train_state.pt (everything to resume) and model.safetensors (EMA generator in our bundle format).
+        The bundle's config keeps the model's own sampling size (SVD: 576x1024, whatever the training size) and
+        records the sampler and its noise grid: sfv: the student (steps=1, no CFG, refined at the trained generator
+        levels), diffusion: Euler. torch.save's and safetensors' write failures (a full disk) raise OSError."""
+        a, st = self.args, self.state_dict()
         svd, unet, cfg = self.svd, self.svd.unet, self.svd.cfg
-        sfv = self.args.mode == "sfv"
+        sampler = dict(sampler="student", steps=1, min_cfg=1.0, max_cfg=1.0, student_levels=tuple(
+            generator_levels(a.gen_levels, a.sigma_min, a.sigma_max, a.rho).tolist())) if a.mode == "sfv" else \
+            dict(sampler="euler", student_levels=())
         svd.unet = self.ema
-        a = self.args
-        svd.cfg = replace(cfg, num_frames=frames, height=height, width=width, fps_id=a.fps - 1,
-                          motion_bucket_id=a.motion_bucket_id, cond_aug=a.cond_aug,
-                          **(dict(steps=1, min_cfg=1.0, max_cfg=1.0) if sfv else {}))
+        svd.cfg = replace(cfg, num_frames=frames, fps_id=a.fps - 1, motion_bucket_id=a.motion_bucket_id,
+                          cond_aug=a.cond_aug, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho, **sampler)
         try:
-            meta = {"train_step": self.step_num, "mode": self.args.mode}
-            load_svd.save(svd, os.path.join(out, "model.safetensors"), meta)
+            atomic_write(os.path.join(out, "train_state.pt"), lambda tmp: torch.save(st, tmp))
+            load_svd.save(svd, os.path.join(out, "model.safetensors"), {"train_step": self.step_num, "mode": a.mode})
+        except (RuntimeError, SafetensorError) as e:                   # not OSErrors; the old files stay (atomic)
+            if cli.oom_text(e) is not None:
+                raise
+            text = str(e).strip().splitlines()[0][:80] if str(e).strip() else type(e).__name__
+            raise OSError(f"the write failed: {text}") from None
         finally:
             svd.unet, svd.cfg = unet, cfg
 
@@ -422,8 +454,9 @@ class Trainer(MemoryOptions):
 # the training loop: batches, logging, checkpoints, sample videos
 
 
-def train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen):
-    """Optimiser steps from tr.step_num to --max-steps: batches from StepBatches, logging, checkpoints, samples."""
+def train_loop(args, tr, svd, source, skipped_scan, frames, dtype_frozen, progress):
+    """Optimiser steps from tr.step_num to --max-steps: batches from StepBatches, logging, checkpoints, samples.
+    progress["step"] and progress["saved"] follow the run (for the line printed on Ctrl-C)."""
     master, world, device = tr.rank == 0, tr.world, tr.device
     sample_cond = sample_conditioning(args, svd, source, device) if args.sample_every > 0 and master else None
     sampler = StepBatches(len(source), args.seed, args.batch_size, args.grad_accum, world, tr.rank, tr.step_num,
@@ -433,28 +466,33 @@ def train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen):
     it = iter(loader)
     pbar = tqdm(total=args.max_steps, initial=tr.step_num, disable=not master, dynamic_ncols=True)
     log = None                                                            # opened at the first line
-    skipped_run, t_last, steps_since = tr.skipped_run, time.time(), 0
+    skipped_run, t_last, steps_since, unreadable = tr.skipped_run, time.time(), 0, []
     try:
         while tr.step_num < args.max_steps:
             micros = []
             for _ in range(args.grad_accum):
-                mb = next(it)
+                mb = next_batch(it)
                 skipped_run += len(mb["skipped"])
+                unreadable += [v for v in mb["skipped"] if v not in unreadable]
                 if "video" in mb:
                     mb.update(encode_videos(svd, mb["video"], args, mb["keys"], (args.seed, tr.step_num), device))
                 micros.append(mb)
             tr.skipped_run = skipped_run
             m = tr.step(micros, log_terms=(tr.step_num + 1) % args.log_every == 0 or tr.step_num + 1 == args.max_steps)
             step, steps_since = tr.step_num, steps_since + 1
+            progress["step"] = step
             bad = [k for k in sorted(m) if k.startswith("loss") and not math.isfinite(m[k])]
             if bad:                                         # before any save: the last checkpoint stays a finite one
                 raise UserError(f"training diverged at step {step} ({bad[0]} {m[bad[0]]}, not saved); lower "
                                 f"--lr-g/--lr-d or check --init, --sigma-max and --cond-aug, then --resume or start a "
                                 f"new --out")
-            if step % args.log_every == 0 or step == args.max_steps:
+            logged = step % args.log_every == 0 or step == args.max_steps
+            if logged:
                 n_skip = torch.tensor([float(skipped_run)], device=device)
                 all_reduce_mean([n_skip], world)
-                if master:
+                unreadable = record_unreadable(args, source, unreadable, tr.rank, world)
+            try:
+                if master and logged:
                     rec = {"step": step, **m, "it_s": steps_since / (time.time() - t_last),
                            "peak_mem_gb": peak_memory_gb(device),
                            "skipped_videos": len(skipped_scan) + int(round(n_skip.item() * world))}
@@ -462,21 +500,51 @@ def train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen):
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     pbar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss_g", "loss_d", "recon", "loss") if k in m})
-                t_last, steps_since = time.time(), 0
-            pbar.update(1)
-            try:
                 if master and (step % args.save_every == 0 or step == args.max_steps):
-                    tr.save(args.out, *size)
+                    tr.save(args.out, frames)
+                    progress["saved"] = step
                 if master and sample_cond is not None and step % args.sample_every == 0:
                     save_samples(tr, svd, sample_cond, args, step, dtype_frozen)
             except OSError as e:                                          # e.g. disk full: the old files stay intact
-                raise UserError(f"cannot write to --out {args.out} at step {step} ({e.strerror or e}); free some "
-                                f"space, then continue with --resume") from None
+                free = shutil.disk_usage(args.out).free / 2 ** 20
+                raise UserError(f"cannot write to --out {args.out} at step {step} ({e.strerror or e}; {free:.0f} MiB "
+                                f"free there); free some space, then continue with --resume") from None
+            if logged:
+                t_last, steps_since = time.time(), 0
+            pbar.update(1)
             barrier(world)                                                    # others wait here (--dist-timeout)
     finally:                                                              # also on an error: end the bar's line
         pbar.close()
         if log:
             log.close()
+
+
+def next_batch(it):
+    """next(it). A UserError raised in a DataLoader worker comes back with the worker's traceback in its message:
+    its own last line is kept, so it stays one line."""
+    try:
+        return next(it)
+    except UserError as e:
+        raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
+
+
+def record_unreadable(args, source, found, rank, world):
+    """Videos that failed to decode during training ([(path, reason)], this rank's), gathered over ranks, marked as
+    errors in the probe index and in <out>/video_index.json (rank 0), so later runs skip them at the scan. -> []"""
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, found)
+        found = [v for part in parts for v in part]
+    index = getattr(source, "index", None)                              # VideoFolder's; a cache has none
+    new = {p: r for p, r in found if index is not None and "error" not in index.get(p, {})}
+    if new:
+        for p, r in new.items():
+            index[p] = {"error": r, **({"stamp": file_stamp(p)} if os.path.exists(p) else {})}
+        if rank == 0:
+            write_json(os.path.join(args.out, "video_index.json"), index)
+            tqdm.write(f"note: recorded {len(new)} video(s) that failed to decode in {args.out}/video_index.json, "
+                       f"e.g. {next(iter(new))}; later runs skip them")
+    return []
 
 
 def sample_conditioning(args, svd, source, device):
@@ -517,23 +585,33 @@ def save_samples(tr, svd, c, args, step, dtype_frozen):
 # setup: every check first (one-line UserError before a model is built), then data, model, resume
 
 
-def run(args):
+def run(args, progress=None):
     """The training command: every check first (UserError, one line), then data, model, resume and the loop.
-    -> the Trainer."""
+    progress (a dict) follows the run for main's Ctrl-C line. -> the Trainer (None: nothing left to train)."""
+    progress = {} if progress is None else progress
     check_args(args)
     rank, world, device = dist_setup(args.device, args.dist_timeout)
-    master = rank == 0
-    created = prepare_out(args, master)
+    progress["master"] = rank == 0
+    created, lock = prepare_out(args, rank == 0)
     try:
-        return _run(args, rank, world, device)
+        tr = _run(args, rank, world, device, progress)
     except BaseException:
+        unlock(lock)
         remove_created(created)                                        # the folders made now, if still empty
         raise
+    unlock(lock)
+    return tr
 
 
-def _run(args, rank, world, device):
+def _run(args, rank, world, device, progress):
     master = rank == 0
     st = read_state(args, master)                                      # refuse a changed model before building it
+    progress["saved"] = None if st is None else int(st["step"])
+    if st is not None and st["step"] >= args.max_steps:
+        if master:
+            print(f"nothing to train: {os.path.join(args.out, 'train_state.pt')} is at step {st['step']}, --max-steps "
+                  f"{args.max_steps}; pass a larger --max-steps to continue")
+        return None
     index = probe_data(args, rank, world)
     svd, source, size = build_model_and_data(args, index, rank, world)
     plan = memory_plan(args, svd.cfg, *size, device)
@@ -543,44 +621,57 @@ def _run(args, rank, world, device):
         if note:
             print(note)
     dtype_frozen = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
-    source, skipped_scan = prepare_data(args, svd, source, device, dtype_frozen, rank, world)
+    source, skipped_scan = prepare_data(args, svd, source, size, device, dtype_frozen, rank, world)
     tr = Trainer(args, svd, device, rank, world)
     resume(tr, st, args, master)
     del st
+    progress["step"] = tr.step_num
     tr.broadcast_from_rank0()                                         # every rank starts from rank 0's weights
-    train_loop(args, tr, svd, source, skipped_scan, size, dtype_frozen)
+    train_loop(args, tr, svd, source, skipped_scan, size[0], dtype_frozen, progress)
+    if master:
+        path = os.path.join(args.out, "model.safetensors")
+        print(f"wrote {path} (step {tr.step_num}) and train_state.pt; sample it with python sample.py IMAGE "
+              f"--ckpt {path}")
     if world > 1:
         dist.destroy_process_group()
     return tr
 
 
-OUT_FILES = ("model.safetensors", "train_state.pt", "log.jsonl", "video_index.json")    # and the folder samples/
+OUT_FILES = ("model.safetensors", "train_state.pt", "log.jsonl", "video_index.json", "train.lock")  # and samples/
 
 
 def prepare_out(args, master):
-    """Check that --out (and --cache) can be written and holds no folder where a file goes (or the reverse), create
-    --out, remove stale temp files of interrupted writes (cli.remove_stale_temps: our own `.<name>.tmp-<pid>` files
-    only). -> the folders created now (removed again if the start fails)."""
+    """Check that --out (and --cache, unless it is complete) can be written and holds no folder where a file goes
+    (or the reverse), create them, lock --out (rank 0; lock_out), remove stale temp files of interrupted writes
+    (cli.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). -> (the folders created now, removed again if
+    the start fails; the lock file or None)"""
     created = cli.check_folder("--out", args.out)
-    if args.cache and os.path.exists(args.cache) and not os.path.isdir(args.cache):
-        raise UserError(f"--cache {args.cache} is a file; pass a folder (it is created if missing)")
+    created = (cli.check_folder("--cache", args.cache) if args.cache else []) + created   # cache first: in out?
     for name in OUT_FILES + ("samples",):                                 # what train.py writes into --out
         path, want = os.path.join(args.out, name), "folder" if name == "samples" else "file"
         if os.path.exists(path) and os.path.isdir(path) != (want == "folder"):
             raise UserError(f"--out {args.out} holds a {'file' if want == 'folder' else 'folder'} named {name} where "
                             f"train.py writes a {want}; remove it or pass another --out")
+    to_write = [("--out", args.out)] + ([("--cache", args.cache)] if args.cache and not os.path.exists(
+        os.path.join(args.cache, "index.json")) else [])
+    for flag, folder in to_write:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):                    # writable, not just present
+                pass
+        except OSError as e:
+            remove_created(created)
+            raise UserError(f"cannot write to {flag} {folder} ({e.strerror or e}); pass a writable folder") from None
     try:
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):                         # writable, not just present
-            pass
-    except OSError as e:
+        lock = lock_out(args.out) if master else None
+    except UserError:
         remove_created(created)
-        raise UserError(f"cannot write to --out {args.out} ({e.strerror or e}); pass a writable folder") from None
+        raise
     if master:
         for d in (args.out, os.path.join(args.out, "samples"), args.cache):
             for path in cli.remove_stale_temps(d) if d else []:
                 print(f"removed {path} (left by an interrupted write)")
-    return created
+    return created, lock
 
 
 def remove_created(created):
@@ -588,17 +679,70 @@ def remove_created(created):
         try:
             os.rmdir(d)
         except OSError:
-            break
+            pass
+
+
+def lock_out(out):
+    """<out>/train.lock holds "<pid> <host>" of the run that uses --out. A lock whose process no longer runs (a killed
+    run) is taken over; one of a live run, or of another host (which cannot be checked), is refused. -> its path"""
+    path = os.path.join(out, "train.lock")
+    while True:
+        try:
+            with open(path, "x") as f:                         # exclusive create: of two runs starting, one wins
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            return path
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder:
+                raise UserError(f"--out {out} is in use by train.py pid {holder[0]} on {holder[1]} ({path}); wait for "
+                                f"it to end or pass another --out (if no such run is left, delete {path})") from None
+            unlock(path)                                                    # a killed run's: taken over
+
+
+def lock_holder(path):
+    """(pid, host) of the run holding the lock file at `path`, or None if it is gone: its process has ended, or is
+    this one (an earlier train.main of toy.py), or the file is unreadable (cut by a kill)."""
+    try:
+        with open(path) as f:
+            pid, host = f.read().split()[:2]
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return pid, host
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, OverflowError):
+        pass                                                   # runs under another user (or an absurd pid: held)
+    return pid, host
+
+
+def unlock(path):
+    """Remove a lock file that no live run holds (ours, or a killed run's)."""
+    if path and lock_holder(path) is None:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 MODEL_ARGS = ("mode", "init", "disc_heads", "head_channels", "cmap_dim", "cond_embed_dim", "disc_tap", "bf16",
               "optimizer", "sm3_variant")          # define the networks or the optimiser state; a resume must keep them
+RUN_ARGS = ("resume", "resume_any_args", "max_steps", "out", "device", "workers", "log_every", "log_term_grads",
+            "save_every", "sample_every", "num_samples", "sample_steps", "sample_decode_chunk", "dist_timeout",
+            "max_memory", "grad_ckpt", "ema_device", "autocast_cache", "fused_step")   # how it runs, not what it learns
 STATE_KEYS = {"step", "unet", "ema", "opt_g", "rng_torch", "skipped_run"}
 
 
 def read_state(args, master):
     """The --resume state: <out>/train_state.pt (torch.load weights_only=True), or None (fresh start, with a note).
-    UserError if it is damaged, unsafe, not a training state, or from a run with other model-defining arguments."""
+    UserError if it is damaged, unsafe, not a training state, or from a run with other model-defining arguments.
+    Other changed flags are applied, with a one-line note naming them; another --optimizer (--resume-any-args)
+    starts the optimiser state fresh (st["fresh_optimizer"])."""
     path = os.path.join(args.out, "train_state.pt")
     if not os.path.exists(path):
         if args.resume and master:
@@ -625,18 +769,24 @@ def read_state(args, master):
     if not isinstance(st, dict) or not STATE_KEYS <= set(st) or not isinstance(st.get("args", ""), str):
         raise UserError(f"cannot resume from {path}: it is not a train.py training state; {fix}")
     try:
-        diff = resume_mismatch(st.get("args"), args)
-    except ValueError:
+        saved = json.loads(st.get("args") or "{}")
+        diff = resume_mismatch(saved, args)
+    except (ValueError, AttributeError):
         raise UserError(f"cannot resume from {path}: its saved arguments are not readable; {fix}") from None
     if diff and not args.resume_any_args:
         raise UserError(f"--resume: {diff}; start a new --out, or pass --resume-any-args")
+    st["fresh_optimizer"] = saved.get("optimizer", args.optimizer) != args.optimizer
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k, *_ in FLAGS
+               if k in saved and k not in RUN_ARGS and saved[k] != getattr(args, k)]
+    if changed and master:
+        print(f"note: --resume with changed settings, applied from step {st['step']} on: {', '.join(changed)}"
+              + ("; the optimiser state starts fresh" if st["fresh_optimizer"] else ""))
     return st
 
 
-def resume_mismatch(saved_json, args):
-    """The first model-defining argument whose saved value differs from this run's, as a phrase; None if all agree
-    (arguments the saved run did not record are not compared)."""
-    saved = json.loads(saved_json) if saved_json else {}
+def resume_mismatch(saved, args):
+    """The first model-defining argument whose saved value (dict `saved`) differs from this run's, as a phrase; None
+    if all agree (arguments the saved run did not record are not compared)."""
     for k in MODEL_ARGS:
         if k in saved and saved[k] != getattr(args, k):
             flag = "--" + k.replace("_", "-")
@@ -645,8 +795,8 @@ def resume_mismatch(saved_json, args):
 
 
 def probe_data(args, rank, world):
-    """--data's probe index {path: {n, fps} | {error}} (kept in <out>/video_index.json, so resumes skip the scan);
-    None for synthetic data. UserError if the folder is missing, holds no videos, or only unreadable ones."""
+    """--data's probe index {path: {n, fps, stamp} | {error, stamp}} (kept in <out>/video_index.json, so resumes skip
+    the scan); None for synthetic data. UserError if the folder is missing, holds no videos, or only unreadable ones."""
     if args.data == "synthetic":
         return None
     index_path = os.path.join(args.out, "video_index.json")
@@ -662,15 +812,48 @@ def probe_data(args, rank, world):
     return index
 
 
+SVD_TRAIN_SIZE = (448, 768)            # SF-V sec. 4: trained at 448x768 (and sampled at SVD's 576x1024)
+
+
+def init_config(init):
+    """The SVDConfig of --init without reading its weights: a preset's, a bundle's (its metadata), else SVD's (an
+    official file or diffusers folder has SVD's networks); None if a bundle's config is unreadable (load says so)."""
+    if init in CONFIGS:
+        return CONFIGS[init]
+    meta = load_svd.bundle_metadata(init) if os.path.isfile(init) else {}
+    try:
+        return SVDConfig.from_dict(json.loads(meta["config"])) if "config" in meta else CONFIGS["svd"]
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def train_size(args, cfg):
+    """(T, H, W) of the training clips: the flags; 0 is the config's frames and, for a model with SVD's UNet, SF-V's
+    448x768 (SVD_TRAIN_SIZE), else the config's size."""
+    h, w = SVD_TRAIN_SIZE if cfg.unet == CONFIGS["svd"].unet else (cfg.height, cfg.width)
+    return args.frames or cfg.num_frames, args.height or h, args.width or w
+
+
+def check_size(args, cfg):
+    """--height/--width are multiples of the model's size multiple (model.size_multiple: 64 for SVD, 4 for the toy)."""
+    m, f, k = size_multiple(cfg), latent_factor(cfg.vae), len(cfg.unet.channel_mult) - 1
+    latent = "has the image size" if f == 1 else f"is 1/{f} of the image size"
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v % m:
+            raise UserError(f"bad --{name} {v}: must be a multiple of {m} (the latent {latent} and the UNet halves it "
+                            f"{k} times); try --{name} {max(m, round(v / m) * m)}")
+
+
 def build_model_and_data(args, index, rank, world):
     """The generator init (a CONFIGS preset: random weights, seeded; or load_svd.load: LoadError, one line) and the
-    data source at the training size (VideoFolder: UserError if every video is too short). For a preset the data
-    is checked before the model is built. -> (svd, source, (T, H, W))"""
+    data source at the training size (train_size; VideoFolder: UserError if every video is too short). For a preset
+    the data is checked before the model is built. -> (svd, source, (T, H, W))"""
     cfg = CONFIGS.get(args.init)
     torch.manual_seed(args.seed)                       # same seed on every rank: identical init
     svd = None if cfg is not None else load_svd.load(args.init)
     cfg = cfg or svd.cfg
-    T, H, W = args.frames or cfg.num_frames, args.height or cfg.height, args.width or cfg.width
+    T, H, W = train_size(args, cfg)
     if index is None:
         if H != W:
             raise UserError(f"--data synthetic makes square videos, but the training size is {H}x{W}; pass equal "
@@ -688,17 +871,46 @@ def build_model_and_data(args, index, rank, world):
     return svd, source, (T, H, W)
 
 
-def prepare_data(args, svd, source, device, dtype_frozen, rank, world):
-    """Fit a fresh toy latent on the data; with --cache train from pre-encoded latents (built on first use; VAE/CLIP
-    then stay on the CPU), else place VAE/CLIP on the device. -> (source, videos skipped at scan time)"""
+def cache_settings(args, T, H, W):
+    """What the latent cache's entries depend on ({flag: value}; data.check_cache compares them): the encoders
+    (--init), the clips (data, frames, size, fps of a folder, the seed that picks them) and the cond-aug draw."""
+    path = lambda p: p if p in CONFIGS or p == "synthetic" else os.path.abspath(p)
+    s = {"init": path(args.init), "data": path(args.data), "frames": T, "height": H, "width": W,
+         "cond_aug": args.cond_aug, "seed": args.seed}
+    s.update(dict(synthetic_style=args.synthetic_style, synthetic_size=args.synthetic_size) if args.data == "synthetic"
+             else dict(fps=args.fps))
+    return s
+
+
+def prepare_data(args, svd, source, size, device, dtype_frozen, rank, world):
+    """Fit a fresh toy latent on the data; with --cache train from pre-encoded latents (refused if built for other
+    settings; built, or completed, on first use; VAE/CLIP then stay on the CPU), else place VAE/CLIP on the device.
+    -> (source, videos skipped at scan time)"""
     if args.init in CONFIGS and svd.cfg.vae.linear_patch_size:            # a fresh toy latent: fit it on the data
         svd.fit_linear_latent(torch.cat([source.get(i, args.seed)["video"] for i in range(min(64, len(source)))]))
     skipped_scan = getattr(source, "skipped", [])
     if args.cache:
-        if not os.path.exists(os.path.join(args.cache, "index.json")):
+        want = cache_settings(args, *size)
+        check_cache(args.cache, want)
+        index = os.path.join(args.cache, "index.json")
+        if not os.path.exists(index) or LatentCache(args.cache).missing():
             move_frozen(svd, device, dtype_frozen)
-            build_cache(source, svd, args, args.cache, rank, world, device)
+            try:
+                failed = build_cache(source, svd, args, args.cache, rank, world, device, want)
+            except OSError as e:
+                raise UserError(f"cannot write to --cache {args.cache} ({e.strerror or e}); free some space or pass "
+                                f"a writable folder") from None
+            record_unreadable(args, source, failed, rank, 1)               # build_cache gathered every rank's
         source = LatentCache(args.cache)
+        if source.built_for is None:                          # an older cache: only the latent shape can be checked
+            have, need = tuple(source.get(0, 0)["latents"].shape), svd.latent_shape(*size)
+            if have != need:
+                raise UserError(f"--cache {args.cache} holds latents of shape {list(have)}, this run needs "
+                                f"{list(need)} ({'x'.join(map(str, size))}); pass another --cache folder (it is built "
+                                f"on first use)")
+            if rank == 0:
+                print(f"note: --cache {args.cache} does not record what it was built for (an older train.py); only "
+                      f"its latent shape is checked")
         skipped_scan = source.skipped or skipped_scan
         move_frozen(svd, "cpu", torch.float32)                             # VAE/CLIP off the GPU during training
     else:
@@ -715,7 +927,7 @@ def resume(tr, st, args, master):
         return
     path = os.path.join(args.out, "train_state.pt")
     try:
-        tr.load_state_dict(st)
+        tr.load_state_dict(st, optimizer_state=not st["fresh_optimizer"])
     except (KeyError, RuntimeError, ValueError, AssertionError) as e:
         first = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
         raise UserError(f"cannot resume from {path} with these arguments ({type(e).__name__}: {first}); pass the "
@@ -747,7 +959,8 @@ FLAGS = [
                            "file, diffusers folder, our bundle)"),
     ("data", "synthetic", None, "'synthetic' or a folder searched for videos (" + ", ".join(e[1:] for e in VIDEO_EXTS)
                                 + "); unusable ones are skipped and counted"),
-    ("out", "out/sfv", None, "output dir: model.safetensors (EMA bundle), train_state.pt, log.jsonl, samples/"),
+    ("out", "out/<mode>", None, "output dir (out/sfv or out/diffusion): model.safetensors (EMA bundle), "
+                                "train_state.pt, log.jsonl, samples/; train.lock while a run uses it"),
     ("resume", False, None, "continue from <out>/train_state.pt (optimisers, EMA, step, RNG, data position); if there "
                             "is none, a note and a fresh start"),
     ("resume_any_args", False, None, "--resume even if model-defining flags (init, mode, D, bf16, optimizer) differ"),
@@ -756,8 +969,11 @@ FLAGS = [
     ("max_steps", 50000, ">= 1", "optimiser steps (the paper: 50K)"),
     # data
     ("frames", 0, ">= 0 (0: the config's)", "frames per clip T (0: the config's num_frames, 14 for svd)"),
-    ("height", 0, ">= 0 (0: the config's)", "training height in pixels (0: the config's; SF-V trained at 448)"),
-    ("width", 0, ">= 0 (0: the config's)", "training width in pixels (0: the config's; SF-V trained at 768)"),
+    ("height", 0, ">= 0 (0: the default)", "training height in pixels, a multiple of the model's size multiple (64 "
+                                           "for SVD, 4 for the toy); 0: 448 for SVD's UNet (SF-V's), else the "
+                                           "config's. Sampling keeps the config's size (SVD: 576x1024)"),
+    ("width", 0, ">= 0 (0: the default)", "training width in pixels; 0: 768 for SVD's UNet (SF-V's), else the "
+                                          "config's"),
     ("fps", 7, ">= 1, <= 1000 (frames per second)", "clip frame rate (stride: source fps / fps); fps_id = fps - 1"),
     ("motion_bucket_id", 127, ">= 0", "vector conditioning (constant; SVD's default)"),
     ("cond_aug", 0.02, ">= 0 (a noise level)", "noise std added to the conditioning frame (and its vector value)"),
@@ -784,7 +1000,8 @@ FLAGS = [
      "learning rate at the end of a cosine decay after the warm-up, as a fraction of the base one (1: constant)"),
     ("lr_decay_steps", 0, ">= 0 (0: --max-steps)", "step at which the cosine decay ends (0: --max-steps; "
                                                    "set it to split one schedule over --resume'd runs)"),
-    ("grad_clip", 1.0, ">= 0 (0: off)", "clip the global gradient norm (0: off)"),
+    ("grad_clip", 0.0, ">= 0 (0: off)", "clip the global gradient norm of G and of D's heads (0: off; the paper does "
+                                        "not mention clipping; the toy SF-V distils about as well without)"),
     ("ema", 0.95, ">= 0, <= 1", "EMA decay of the generator; the EMA is saved and used for sampling"),
     # SF-V objective
     ("gen_levels", 4, ">= 2, <= 1000000 (the grid is held in memory)", "Karras grid of the generator sigma (all but "
@@ -793,12 +1010,16 @@ FLAGS = [
     ("sigma_max", 700.0, None, "Karras grid sigma_max"),
     ("rho", 7.0, "> 0", "Karras grid rho"),
     ("p_mean", -1.0, None, "discriminator sigma': mean of log sigma'"),
-    ("p_std", 1.0, ">= 0", "discriminator sigma': std of log sigma'"),
+    ("p_std", 1.0, None, "discriminator sigma': std of log sigma' (the paper writes -1: the same distribution as 1; "
+                         "|p_std| is used)"),
     ("disc_levels", 1000, ">= 2, <= 1000000 (the grid is held in memory)", "Karras grid of the discriminator sigma'"),
-    ("r1", "exact", ("exact", "fd", "off"), "R1 on real samples w.r.t. the D heads' input features: exact "
-                                           "(forward-mode AD) | fd (finite difference) | off"),
+    ("r1", "exact", ("exact", "fd", "approx", "off"), "R1 on real samples: exact (forward-mode AD) | fd (finite "
+                                                     "difference): w.r.t. the D heads' input features | approx: "
+                                                     "Seaweed-APT's (D(x') - D(x' + s n))^2 on D's input x' (one more "
+                                                     "backbone forward) | off"),
     ("r1_gamma", 0.05, ">= 0", "R1 weight gamma (unstated in the paper; logged: r1_share = gamma*R1 / L_D)"),
     ("r1_fd_eps", 1e-2, "> 0", "fd: step relative to the RMS of each sample's level features"),
+    ("r1_approx_std", 0.1, "> 0", "approx: std s of the perturbation of D's input (Seaweed-APT's value for video)"),
     ("recon_weight", 0.1, ">= 0", "weight of the pseudo-Huber reconstruction term in L_G"),
     ("huber_c", 0.001, ">= 0", "pseudo-Huber c (OSV's value; unstated in SF-V)"),
     ("huber_form", "norm", ("norm", "mean"), "norm: sqrt(||d||^2 + c^2) - c per sample (the paper's form) | mean: "
@@ -859,7 +1080,9 @@ def parse_args(argv=None):
         else:
             p.add_argument(flag, default=default, type=type(default), help=help_,
                            choices=bounds if isinstance(bounds, tuple) else None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out.replace("<mode>", args.mode)
+    return args
 
 
 def check_args(args):
@@ -893,11 +1116,9 @@ def check_args(args):
         raise UserError(f"bad --sigma-min {args.sigma_min:g} / --sigma-max {args.sigma_max:g} / --rho {args.rho:g}: "
                         f"the Karras noise grid does not fit fp32 (every sigma > 0, sigma^2 finite); use values near "
                         f"the defaults (0.002 / 700 / 7)")
-    for name in ("height", "width"):
-        v = getattr(args, name)
-        if v % 64:
-            raise UserError(f"bad --{name} {v}: must be a multiple of 64 (the UNet halves the latent three times); "
-                            f"try --{name} {max(64, round(v / 64) * 64)}")
+    cfg = init_config(args.init)
+    if cfg is not None:                                    # else load_svd reports the damaged bundle
+        check_size(args, cfg)
     if args.fused_step and args.grad_accum > 1:
         raise UserError(f"--fused-step steps each weight inside the backward, so it cannot accumulate gradients over "
                         f"--grad-accum {args.grad_accum}; pass --grad-accum 1 (a larger --batch-size), or drop "
@@ -915,10 +1136,19 @@ def check_args(args):
 
 def main(argv=None):
     """CLI entry: an expected failure (UserError) is one line `error: <what>; <how to fix>` on stderr and exit
-    status 2 (out of memory: 1); tracebacks are for bugs only. -> the Trainer."""
+    status 2 (out of memory: 1; Ctrl-C: 130, with where the last checkpoint is); tracebacks are for bugs only.
+    -> the Trainer."""
     args = parse_args(argv)
+    progress = {}                                                      # run() fills in step, saved, master
     try:
-        return run(args)
+        return run(args, progress)
+    except KeyboardInterrupt:
+        step, saved = progress.get("step"), progress.get("saved")
+        if progress.get("master", True):
+            print(f"interrupted {'before the first step' if step is None else f'at step {step}'}; " +
+                  (f"the last checkpoint is {os.path.join(args.out, 'train_state.pt')} (step {saved})"
+                   if saved is not None else "no checkpoint was written"), file=sys.stderr)
+        raise SystemExit(130) from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
