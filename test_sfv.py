@@ -2971,3 +2971,25 @@ def test_toy_cli_defaults_and_one_line_errors(tmp_path, capsys, monkeypatch):
     assert err(["--smoke", "--out", str(tmp_path / "i")]) == (
         130, f"interrupted; finished stages and checkpoints are in {tmp_path / 'i'}/ (python toy.py --resume "
              f"continues a full run)")
+
+
+def test_toy_evaluate_assets_recomputes_the_table_from_the_bundled_models(tmp_path, capsys, monkeypatch):
+    """--evaluate-assets: the table from the bundled models, no training, assets/ untouched; --resume keeps the rows
+    of unchanged bundles (and says so) with the same numbers."""
+    import toy
+    monkeypatch.setattr(toy, "FULL", dict(toy.FULL, n_eval=6, n_latency=1))
+    monkeypatch.setattr(toy.train, "main", lambda argv: pytest.fail("trained"))
+    shipped = {f: os.path.getmtime(os.path.join(toy.ASSETS, f)) for f in os.listdir(toy.ASSETS)}
+    out = tmp_path / "ev"
+    assert toy.main(["--evaluate-assets", "--out", str(out), "--pic-clips", "2"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    keys = [r["row"] for r in rows]
+    assert keys[:4] == ["real", "teacher_25", "teacher_1", "sfv_1"]
+    assert all(math.isfinite(r["fd"]) and math.isfinite(r["solid_last"]) for r in rows)
+    assert "python toy.py --evaluate-assets" in (out / "table.md").read_text()
+    capsys.readouterr()
+    assert toy.main(["--evaluate-assets", "--resume", "--out", str(out), "--pic-clips", "2"]) == 0
+    assert capsys.readouterr().out.count("reusing row ") == len(rows) - 1
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["fd"] for r in again] == pytest.approx([r["fd"] for r in rows], rel=1e-9)
+    assert shipped == {f: os.path.getmtime(os.path.join(toy.ASSETS, f)) for f in os.listdir(toy.ASSETS)}
