@@ -271,7 +271,7 @@ def train_sfv(a, r, teacher, keys):
     return paths, secs
 
 
-def read_logs(folder, keys, every=5):
+def read_logs(folder, keys, every=1):
     """The SF-V runs' log.jsonl (every `every`-th line; damaged lines skipped) -> {model key: [records]}."""
     logs = {}
     for key in keys:
@@ -321,6 +321,7 @@ def evaluate_all(a, r, paths, real, ref, rows=ROWS):
         stamp = [paths[key], st.st_size, st.st_mtime_ns, len(real), a.seed]
         if cache.get(row, {}).get("stamp") == stamp:
             print(f"reusing row '{name}' ({cache_path}: {paths[key]} unchanged)")
+            a.reused = getattr(a, "reused", 0) + 1
             out.append(cache[row]["metrics"])
             pics[name] = generate(svd, images[:a.pic_clips], seeds[:a.pic_clips], steps, cfg)
             continue
@@ -686,10 +687,12 @@ def run(a):
     t2 = time.perf_counter()
     cmd = "python toy.py" + {None: "", "smoke": " --smoke", "lesson": " --lesson",
                              "evaluate_assets": " --evaluate-assets"}[a.mode]
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()) + f", evaluation {t2 - t1:.0f} s, total {t2 - t0:.0f} s"
-    extra = ""
+    timing = ", ".join([f"{k} {v:.0f} s" for k, v in secs.items()] + [f"evaluation {t2 - t1:.0f} s",
+                                                                       f"total {t2 - t0:.0f} s"])
+    extra = (f"\n{a.reused} rows were measured by an earlier run (--resume: their bundles are unchanged); the wall "
+             f"time counts only this run's.\n" if getattr(a, "reused", 0) else "")
     if a.lesson and bundled.get("rows"):
-        extra = (f"\nThe bundled rows (assets/toy_results.json, {bundled['recipe']['n_eval']} clips, made by "
+        extra += (f"\nThe bundled rows (assets/toy_results.json, {bundled['recipe']['n_eval']} clips, made by "
                  f"`{bundled.get('command', 'python toy.py')}`):\n\n{table_markdown(bundled['rows'])}\n\n"
                  f"{table_markdown(bundled['rows'], MEASURES)}\n")
     report(a, r, rows, pics, curve, logs, timing, cmd, extra)
