@@ -3452,35 +3452,120 @@ def test_bundled_toy_models_load_and_sample():
 # toy pipeline smoke run (CI): every stage for a few steps, then the table
 
 
-def test_toy_smoke(tmp_path, capsys):
+def test_toy_smoke(tmp_path, capsys, monkeypatch):
     import toy
-    rows = toy.main(["--smoke", "--out", str(tmp_path / "toy")])
+    shipped = {f: os.path.getmtime(os.path.join(toy.ASSETS, f)) for f in os.listdir(toy.ASSETS)}
+    assert toy.main(["--smoke", "--out", str(tmp_path / "toy")]) == 0
+    results = json.loads((tmp_path / "toy" / "results.json").read_text())
+    rows = results["rows"]
     names = [r["name"] for r in rows]
-    assert [r["row"] for r in rows] == ["real", "teacher_25", "teacher_1", "sfv_1", "sfv_no_temporal", "sfv_no_spatial"]
+    # every row of toy.ROWS; the refinement rows only where the student bundle refines (model.py's student sampler)
+    want = ["real"] + [r[0] for r in toy.ROWS if r[0] not in ("sfv_2", "sfv_3")]
+    assert [r["row"] for r in rows if r["row"] not in ("sfv_2", "sfv_3")] == want
+    assert {"sfv_no_temporal", "sfv_no_spatial", "sfv_r1_fd"} <= {r["row"] for r in rows}
     for r in rows[1:]:
-        for k in ("fd", "fd_app", "fd_motion", "psnr0", "motion", "warp", "drift", "s_clip"):
+        for k in ("fd", "fd_app", "fd_motion", "psnr0", "motion", "warp", "drift", "s_clip", "solid_last",
+                  "speed_x_real", "disp1", "off_colour_last", "background"):
             assert math.isfinite(r[k]), (r["name"], k)
-    for r in rows:                                                   # bootstrap spread of the FD
+    for r in rows:                                                   # bootstrap spread of the FD and of the measures
         lo, hi = r["fd_ci"]
         assert lo <= hi and r["fd_se"] > 0 and math.isfinite(r["fd_se"]), (r["row"], lo, r["fd"], hi)
+        assert r["solid_last_se"] >= 0 and math.isfinite(r["background_se"]), r["row"]
+    assert rows[0]["speed_x_real"] == pytest.approx(1, abs=0.5)       # two real sets move alike
     table = (tmp_path / "toy" / "table.md").read_text()
     for name in names:
-        assert f"| {name} |" in table
-    assert "python toy.py --smoke" in table and " ± " in table
-    results = json.loads((tmp_path / "toy" / "results.json").read_text())
+        assert table.count(f"| {name} |") == 2                         # the FD table and the measures' table
+    assert "python toy.py --smoke" in table and " ± " in table and "| solid at last frame ↑ |" in table
     assert [c["step"] for c in results["curve"]] == list(toy.SMOKE["curve"])          # the teacher's learning curve
     assert all(math.isfinite(c["fd_1"]) and math.isfinite(c["fd_25"]) for c in results["curve"])
+    assert set(results["logs"]) == {k for k in toy.MODELS if k != "teacher"}          # the SF-V runs' D/G logs
     c = CONFIGS["toy"]
-    png = data.read_image(str(tmp_path / "toy" / "compare.png"))      # rows: real + 5 models; columns: frames
-    assert png.shape == (3, 6 * (toy.PIC_SCALE * c.height + 2) - 2, c.num_frames * (toy.PIC_SCALE * c.width + 2) - 2)
+    png = data.read_image(str(tmp_path / "toy" / "compare.png"))      # rows: real + the models; columns: frames
+    assert png.shape[0] == 3 and min(png.shape[1:]) > c.height
     with av.open(str(tmp_path / "toy" / "compare.gif")) as g:
         assert sum(1 for _ in g.decode(video=0)) == c.num_frames
-    for stage in ("teacher", "sfv_both", "sfv_spatial", "sfv_temporal"):
+    for stage in ("teacher", "sfv_both", "sfv_spatial", "sfv_temporal", "sfv_r1_fd"):
         assert (tmp_path / "toy" / stage / "model.safetensors").exists()
     # --resume keeps the finished stages (no training) and reproduces the table
     capsys.readouterr()
-    again = toy.main(["--smoke", "--resume", "--out", str(tmp_path / "toy")])
+    assert toy.main(["--smoke", "--resume", "--out", str(tmp_path / "toy")]) == 0
     out = capsys.readouterr().out
-    assert out.count("reusing ") == len(toy.SMOKE["curve"]) + 3 and "python train.py" not in out
+    assert out.count("reusing ") - out.count("reusing row ") == len(toy.SMOKE["curve"]) + len(toy.MODELS) - 1
+    assert out.count("reusing row ") == len(rows) - 1 and "python train.py" not in out
+    again = json.loads((tmp_path / "toy" / "results.json").read_text())["rows"]
     assert [r["fd"] for r in again] == pytest.approx([r["fd"] for r in rows], rel=1e-9)
     assert not (tmp_path / "toy" / "assets").exists()                # --smoke never touches the assets
+    assert shipped == {f: os.path.getmtime(os.path.join(toy.ASSETS, f)) for f in os.listdir(toy.ASSETS)}
+
+
+def test_toy_cli_defaults_and_one_line_errors(tmp_path, capsys, monkeypatch):
+    """python toy.py writes to out/toy and leaves assets/ alone unless --assets; careless flags are one line
+    (exit 2) before any training; Ctrl-C is one line (exit 130); a damaged curve.json on --resume is named."""
+    import toy
+    a = toy.parse_args([])
+    assert (a.out, a.assets, a.mode) == (os.path.join("out", "toy"), False, None)
+    assert toy.parse_args(["--lesson"]).out == os.path.join("out", "toy_lesson")
+    assert toy.parse_args(["--evaluate-assets"]).out == os.path.join("out", "toy_evaluate")
+    with pytest.raises(SystemExit):
+        toy.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for words in ("never touched", "~10 min", "out/toy_lesson", "out/toy_evaluate", "default 6"):
+        assert words in help_text, words
+
+    def no_training(argv):
+        raise AssertionError("trained before checking the flags")
+    monkeypatch.setattr(toy.train, "main", no_training)
+
+    def err(argv):
+        capsys.readouterr()
+        code = toy.main(argv)
+        e = capsys.readouterr().err
+        assert len(e.strip().splitlines()) == 1, e
+        return code, e.strip()
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert err(["--out", str(f)]) == (2, f"error: --out {f} is a file; pass a folder (it is created if missing)")
+    out = str(tmp_path / "o")
+    assert err(["--pic-clips", "0", "--out", out]) == (2, "error: bad --pic-clips 0: must be 1 to 128 (the held-out "
+                                                          "clips)")
+    assert err(["--smoke", "--pic-clips", "9", "--out", out]) == (2, "error: bad --pic-clips 9: must be 1 to 8 (the "
+                                                                     "held-out clips)")
+    assert err(["--lesson", "--assets", "--out", out]) == (2, "error: --assets works with the full run or "
+                                                              "--evaluate-assets; drop it with --lesson")
+    curve = tmp_path / "o" / "teacher" / "curve.json"
+    curve.parent.mkdir(parents=True)
+    curve.write_text('[{"step": 2, "train_seconds": 1.0, "fd_1"')       # cut by a kill
+    code, e = err(["--smoke", "--resume", "--out", out])
+    assert code == 2 and e.startswith(f"error: --resume: {curve} is damaged (JSONDecodeError: ") and e.endswith(
+        "); delete it to measure the learning curve again (the teacher's checkpoints are kept)")
+    curve.write_text('[{"train_seconds": 1.0}]')                        # valid JSON, not a curve
+    assert err(["--smoke", "--resume", "--out", out])[1].startswith(f"error: --resume: {curve} is damaged (KeyError: ")
+
+    def interrupt(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(toy.train, "main", interrupt)
+    assert err(["--smoke", "--out", str(tmp_path / "i")]) == (
+        130, f"interrupted; finished stages and checkpoints are in {tmp_path / 'i'}/ (python toy.py --resume "
+             f"continues a full run)")
+
+
+def test_toy_evaluate_assets_recomputes_the_table_from_the_bundled_models(tmp_path, capsys, monkeypatch):
+    """--evaluate-assets: the table from the bundled models, no training, assets/ untouched; --resume keeps the rows
+    of unchanged bundles (and says so) with the same numbers."""
+    import toy
+    monkeypatch.setattr(toy, "FULL", dict(toy.FULL, n_eval=6, n_latency=1))
+    monkeypatch.setattr(toy.train, "main", lambda argv: pytest.fail("trained"))
+    shipped = {f: os.path.getmtime(os.path.join(toy.ASSETS, f)) for f in os.listdir(toy.ASSETS)}
+    out = tmp_path / "ev"
+    assert toy.main(["--evaluate-assets", "--out", str(out), "--pic-clips", "2"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    keys = [r["row"] for r in rows]
+    assert keys[:4] == ["real", "teacher_25", "teacher_1", "sfv_1"]
+    assert all(math.isfinite(r["fd"]) and math.isfinite(r["solid_last"]) for r in rows)
+    assert "python toy.py --evaluate-assets" in (out / "table.md").read_text()
+    capsys.readouterr()
+    assert toy.main(["--evaluate-assets", "--resume", "--out", str(out), "--pic-clips", "2"]) == 0
+    assert capsys.readouterr().out.count("reusing row ") == len(rows) - 1
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["fd"] for r in again] == pytest.approx([r["fd"] for r in rows], rel=1e-9)
+    assert shipped == {f: os.path.getmtime(os.path.join(toy.ASSETS, f)) for f in os.listdir(toy.ASSETS)}

@@ -2,10 +2,15 @@
 The whole SF-V story at toy scale on a laptop CPU: train an SVD-style teacher on synthetic videos, distil it into a
 one-step generator with the real SF-V trainer, then measure the paper's Table 1 / Table 2 rows.
 
-    python toy.py                  # full run (~50 min on a 2-core CPU): out/toy/{table.md,compare.png,compare.gif}, assets/
-    python toy.py --resume         # continue an interrupted full run: finished stages are kept, the rest resumes
-    python toy.py --ladder         # the sanity ladder (static videos, then 8 moving clips overfitted): out/toy_ladder/
-    python toy.py --smoke          # a few steps of every stage (CI, < 2 min), into out/toy_smoke, assets untouched
+    python toy.py --lesson           # ~10 min on 2 CPU cores: distil the bundled teacher into a student (SF-V), compare
+                                     #   it with the bundled rows: out/toy_lesson/{table.md,compare.png,compare.gif,curves.png}
+    python toy.py --evaluate-assets  # ~5 min: the whole table from the bundled models, no training: out/toy_evaluate/
+    python toy.py                    # the full run from scratch (~60 min on 2 cores): out/toy/ (assets/ untouched)
+    python toy.py --resume           # continue an interrupted full run: finished stages are kept, the rest resumes
+    python toy.py --assets           # the full run (or --evaluate-assets), then also refresh the shipped files in assets/
+    python toy.py --ladder           # the sanity ladder (static videos, then 8 moving clips overfitted): out/toy_ladder/
+    python toy.py --speed            # seconds per teacher / SF-V step at 1 and 2 threads, share of the CPU's peak FLOPs
+    python toy.py --smoke            # a few steps of every stage (CI, < 2 min): out/toy_smoke/
 
 The task (data.SyntheticVideos, style "simple"): 8 frames of 16x16, one disc or square moving at a random speed in a
 uniformly random direction over a flat background. The first frame does not say where the shape goes, so the
@@ -16,22 +21,28 @@ whitened colour components of each pixel (LinearPatchLatent with 1x1 patches).
 Stages (each is `python train.py ...` called in-process, the same code path as full scale):
   1. teacher: --mode diffusion --init toy: EDM diffusion training (Karras et al. 2022) with SVD's conditioning, in
      chunks; after each chunk the teacher is sampled on held-out clips (1 step and 25 steps + CFG): the learning curve
-  2. SF-V:    --mode sfv --init <teacher bundle>, discriminator with both head types, and the two Table 2 ablations
-     (--disc-heads spatial: no temporal heads; --disc-heads temporal: no spatial heads)
+  2. SF-V:    --mode sfv --init <teacher bundle>, discriminator with both head types (R1 exact), the two Table 2
+     ablations (--disc-heads spatial: no temporal heads; --disc-heads temporal: no spatial heads) and the other R1
+     variants of train.py (--r1 fd, --r1 approx: one student each)
   3. evaluation on held-out clips (another dataset seed), every row conditioned on the same first frames with the same
-     noise, sampled with SVD.condition and SVD.sample (model.py); metrics from evaluate.py with bootstrap standard errors.
-     The reference row compares a second, independent set of real clips (the noise floor).
-Outputs: <out>/table.md, results.json, compare.png and compare.gif (rows: real, teacher 25 steps, teacher 1 step,
-SF-V 1 step, SF-V without temporal heads, SF-V without spatial heads); for the full run also assets/: toy_teacher and
-toy_sfv .safetensors (fp16 bundles; toy_sfv is sample.py's fallback model), toy_results.json, example*.png (held-out
-first frames, upscaled to 64x64), toy_compare.png and toy_compare.gif.
+     noise, sampled with SVD.condition and SVD.sample (model.py; a student bundle refines at its trained levels for
+     steps > 1); metrics from evaluate.py with bootstrap standard errors: the Frechet distances and the toy's
+     interpretable measures (shape solidity, centroid speed, displacement, off-colour, background noise, frame-0
+     PSNR). The reference row compares a second, independent set of real clips (the noise floor).
+Outputs: <out>/table.md, results.json, compare.png (clip 0 of every row, labelled; needs matplotlib, else unlabelled),
+curves.png (the teacher's learning curve and the SF-V runs' D/G logs; needs matplotlib) and compare.gif (every row,
+top to bottom in the table's order, one clip per column). With --assets also assets/: the fp16 bundles (toy_sfv is
+sample.py's fallback model), toy_results.json, example*.png (held-out first frames, upscaled to 64x64),
+toy_compare.png, toy_compare.gif and toy_curves.png.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -43,11 +54,12 @@ import load_svd
 import train
 import cli
 import data
-from cli import pick_device
+from cli import UserError, pick_device
 from model import CONFIGS
 from data import to_uint8, write_gif, write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ASSETS = os.path.join(HERE, "assets")
 
 # -----------------------------------------------------------------------------
 # recipe: every number of the run (flags of train.py)
@@ -56,24 +68,38 @@ DATA = ["--data", "synthetic"]                 # + --synthetic-style simple (sta
 TEACHER_FLAGS = ["--optimizer", "adamw", "--lr-g", "2e-3", "--beta1", "0.9", "--beta2", "0.99", "--warmup", "50",
                  "--lr-final", "0.1", "--ema", "0.99", "--train-p-mean", "-1.2", "--train-p-std", "1.2",
                  "--high-sigma-frac", "0.3"]
+SFV_FLAGS = ["--lr-g", "1e-4", "--lr-d", "1e-3", "--head-channels", "64", "--grad-clip", "1.0"]
 FULL = dict(
     teacher_steps=5000, teacher_batch=8, curve=(500, 1000, 2000, 3500, 5000), n_curve=32,
-    sfv_steps=300, sfv_batch=8, n_eval=128, n_latency=4,
-    sfv_flags=["--lr-g", "1e-4", "--lr-d", "1e-3", "--head-channels", "64"],
+    sfv_steps=300, sfv_batch=8, n_eval=128, n_latency=4, sfv_flags=SFV_FLAGS,
     ladder_steps=2500, ladder_clips=8, ladder_overfit_steps=1500,
 )
 SMOKE = dict(FULL, teacher_steps=4, teacher_batch=4, curve=(2, 4), n_curve=4, sfv_steps=2, sfv_batch=2, n_eval=8,
              n_latency=1, ladder_steps=2, ladder_overfit_steps=2)
+LESSON = dict(FULL, sfv_steps=300, n_eval=64, n_latency=2)   # the bundled student's recipe, fewer evaluation clips
 HELD_OUT_SEED = 10_000                       # held-out clips: SyntheticVideos(seed=HELD_OUT_SEED + seed), never trained on
 REFERENCE_SEED = 20_000                      # a second, independent real set for the reference row
 PIC_SCALE = 4                                # pictures and example images: 16x16 frames shown at 64x64 (nearest)
 
+# the R1 variants train.py offers besides the default (exact): one SF-V student each
+R1_VARIANTS = [v for v in next(f[2] for f in train.FLAGS if f[0] == "r1") if v not in ("exact", "off")]
+MODELS = {  # model key -> (stage folder under --out, file in assets/, train.py flags of its SF-V stage)
+    "teacher": ("teacher", "toy_teacher.safetensors", None),
+    "sfv_both": ("sfv_both", "toy_sfv.safetensors", ["--disc-heads", "both"]),
+    "sfv_spatial": ("sfv_spatial", "toy_sfv_no_temporal.safetensors", ["--disc-heads", "spatial"]),
+    "sfv_temporal": ("sfv_temporal", "toy_sfv_no_spatial.safetensors", ["--disc-heads", "temporal"]),
+    **{f"sfv_r1_{v}": (f"sfv_r1_{v}", f"toy_sfv_r1_{v}.safetensors", ["--disc-heads", "both", "--r1", v])
+       for v in R1_VARIANTS},
+}
 ROWS = [  # (row key in toy_results.json, table name, model, steps, CFG)
     ("teacher_25", "teacher, 25 steps + CFG", "teacher", 25, True),
     ("teacher_1", "teacher, 1 step", "teacher", 1, False),
     ("sfv_1", "SF-V, 1 step", "sfv_both", 1, False),
+    ("sfv_2", "SF-V, 2 steps (refined)", "sfv_both", 2, False),      # only if the bundle is a student (refinement)
+    ("sfv_3", "SF-V, 3 steps (refined)", "sfv_both", 3, False),
     ("sfv_no_temporal", "SF-V w/o temporal heads, 1 step", "sfv_spatial", 1, False),
     ("sfv_no_spatial", "SF-V w/o spatial heads, 1 step", "sfv_temporal", 1, False),
+    *[(f"sfv_r1_{v}", f"SF-V with R1 {v}, 1 step", f"sfv_r1_{v}", 1, False) for v in R1_VARIANTS],
 ]
 N_BOOT = 200                                 # bootstrap resamples of the held-out clips for the FD intervals
 
@@ -106,6 +132,13 @@ def latency(svd, images, steps, cfg):
     return float(np.median(ts))
 
 
+def refines(svd, steps):
+    """Whether SVD.sample(steps=steps) on this bundle is SF-V refinement (model.py): a student bundle (config sampler
+    "student") with at least `steps` trained levels."""
+    c = svd.cfg
+    return getattr(c, "sampler", "euler") == "student" and len(getattr(c, "student_levels", ())) >= steps
+
+
 def clips(n, seed, style="simple"):
     """n toy clips (n, T, 3, H, W) in [-1, 1] of dataset seed `seed` at the toy config's size."""
     c = CONFIGS["toy"]
@@ -126,12 +159,15 @@ def bootstrap_fd(rf, ff, generator, dims=slice(None), n_boot=N_BOOT):
 
 
 def metrics_with_intervals(fake, real, images, rf, seed):
-    """evaluate.evaluate_videos plus bootstrap intervals of fd, fd_app and fd_motion (same resamples for every row)."""
+    """evaluate.evaluate_videos plus bootstrap intervals of fd, fd_app and fd_motion (same resamples for every row),
+    plus evaluate.toy_measures (the interpretable ones, with bootstrap standard errors as <name>_se)."""
     m = evaluate.evaluate_videos(fake, real, images, rf)
     ff = evaluate.video_features(fake)
     for key, dims in (("fd", slice(None)), ("fd_app", slice(0, evaluate.APPEARANCE_DIMS)),
                       ("fd_motion", slice(evaluate.APPEARANCE_DIMS, None))):
         m[key + "_se"], m[key + "_ci"] = bootstrap_fd(rf, ff, torch.Generator().manual_seed(seed), dims)
+    for k, (v, se) in evaluate.toy_measures(fake, images, real, N_BOOT, seed).items():
+        m[k], m[k + "_se"] = v, se
     return m
 
 
@@ -169,16 +205,33 @@ def base_flags(a, style="simple"):
                    "--no-grad-ckpt", "--sample-every", "0", "--log-every", "25"]
 
 
+def read_json(path):
+    """A JSON file this script wrote earlier; UserError if it is damaged (cut by a kill, edited)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"--resume: {path} is damaged ({type(e).__name__}: {str(e)[:60]}); delete it and run again") from None
+
+
+def read_curve(path):
+    """teacher/curve.json of an earlier run -> {step: point}; UserError if it is damaged (cut by a kill, edited)."""
+    try:
+        with open(path) as f:
+            points = json.load(f)
+        return {int(c["step"]): dict(c) for c in points}
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"--resume: {path} is damaged ({type(e).__name__}: {str(e)[:60]}); delete it to measure the "
+                        f"learning curve again (the teacher's checkpoints are kept)") from None
+
+
 def train_teacher(a, r, curve_images, curve_real):
     """The teacher in chunks ending at r["curve"] (one cosine schedule over teacher_steps, --resume between chunks);
     after each chunk its EMA bundle is sampled on the curve clips and the point is saved to teacher/curve.json
     (--resume keeps the points already there). -> (path, seconds, learning-curve rows)."""
     out = os.path.join(a.out, "teacher")
     path, curve_path = os.path.join(out, "model.safetensors"), os.path.join(out, "curve.json")
-    done = {}
-    if a.resume and os.path.exists(curve_path):
-        with open(curve_path) as f:
-            done = {c["step"]: c for c in json.load(f)}
+    done = read_curve(curve_path) if a.resume and os.path.exists(curve_path) else {}
     secs, curve = 0.0, []
     rf = evaluate.video_features(curve_real)
     seeds = [HELD_OUT_SEED + i for i in range(len(curve_images))]
@@ -205,66 +258,110 @@ def train_teacher(a, r, curve_images, curve_real):
     return path, secs, curve
 
 
-def train_sfv(a, r, teacher):
-    """SF-V with both / spatial-only / temporal-only discriminator heads. -> (paths, seconds)."""
+def train_sfv(a, r, teacher, keys):
+    """The SF-V students `keys` of MODELS (both head types; the ablations; the R1 variants), each from `teacher`.
+    -> (paths, seconds)."""
     paths, secs = {}, {}
-    for heads in ("both", "spatial", "temporal"):
-        out = os.path.join(a.out, f"sfv_{heads}")
-        paths[f"sfv_{heads}"], secs[f"sfv_{heads}"] = train_stage(out, base_flags(a) + [
-            "--mode", "sfv", "--init", teacher, "--disc-heads", heads, "--out", out,
-            "--max-steps", str(r["sfv_steps"]), "--save-every", str(r["sfv_steps"]),
-            "--batch-size", str(r["sfv_batch"])] + r["sfv_flags"], a.resume)
+    for key in keys:
+        out = os.path.join(a.out, MODELS[key][0])
+        paths[key], secs[key] = train_stage(out, base_flags(a) + [
+            "--mode", "sfv", "--init", teacher, "--out", out, "--max-steps", str(r["sfv_steps"]),
+            "--save-every", str(r["sfv_steps"]), "--batch-size", str(r["sfv_batch"])] + MODELS[key][2] + r["sfv_flags"],
+            a.resume)
     return paths, secs
+
+
+def read_logs(folder, keys, every=1):
+    """The SF-V runs' log.jsonl (every `every`-th line; damaged lines skipped) -> {model key: [records]}."""
+    logs = {}
+    for key in keys:
+        path = os.path.join(folder, MODELS[key][0], "log.jsonl")
+        if MODELS[key][2] is None or not os.path.exists(path):          # the teacher: its curve is plotted instead
+            continue
+        recs = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    recs.append(json.loads(line))
+                except ValueError:
+                    pass
+        logs[key] = [{k: v for k, v in rec.items() if k in ("step", "loss_g", "loss_d", "r1_share", "d_real",
+                                                            "d_fake", "grad_norm_g", "grad_norm_d")}
+                     for rec in recs[every - 1::every] or recs]
+    return logs
 
 # -----------------------------------------------------------------------------
 # stage 3: evaluation
 
 
-def evaluate_all(a, r, paths, real, ref):
-    """-> (rows of metric dicts, sample videos for the pictures {row: (k, T, 3, H, W)})."""
+def evaluate_all(a, r, paths, real, ref, rows=ROWS):
+    """-> (rows of metric dicts, sample videos for the pictures {row: (k, T, 3, H, W)}). Rows whose model is not in
+    `paths`, or refinement rows of a bundle that is not a student, are left out (with a note)."""
     images, seeds = real[:, 0], [HELD_OUT_SEED + i for i in range(len(real))]
     rf = evaluate.video_features(real)
-    rows = [{"row": "real", "name": "real clips (independent set)", "evals": "", "s_clip": float("nan"),
-             **metrics_with_intervals(ref, real, None, rf, a.seed)}]
-    pics = {"real": real[:a.pic_clips]}
+    m = metrics_with_intervals(ref, real, None, rf, a.seed)
+    for k, (v, se) in evaluate.toy_measures(ref, None, real, N_BOOT, a.seed).items():   # the reference set's own
+        m[k], m[k + "_se"] = v, se
+    out = [{"row": "real", "name": "real clips (independent set)", "evals": "", "s_clip": float("nan"), **m}]
+    pics = {"real clips": real[:a.pic_clips]}
     models = {}
     device = pick_device(a.device)
-    for row, name, key, steps, cfg in ROWS:
+    cache_path = os.path.join(a.out, "rows_cache.json")          # --resume: rows of unchanged bundles are kept
+    cache = read_json(cache_path) if a.resume and os.path.exists(cache_path) else {}
+    for row, name, key, steps, cfg in rows:
+        if key not in paths:
+            continue
         if key not in models:
             models[key] = load_svd.load(paths[key], device=device).eval()
         svd = models[key]
+        if key != "teacher" and steps > 1 and not refines(svd, steps):
+            print(f"note: row '{name}' left out: {paths[key]} is not a student bundle with {steps} trained levels")
+            continue
+        st = os.stat(paths[key])
+        stamp = [paths[key], st.st_size, st.st_mtime_ns, len(real), a.seed]
+        if cache.get(row, {}).get("stamp") == stamp:
+            print(f"reusing row '{name}' ({cache_path}: {paths[key]} unchanged)")
+            a.reused = getattr(a, "reused", 0) + 1
+            out.append(cache[row]["metrics"])
+            pics[name] = generate(svd, images[:a.pic_clips], seeds[:a.pic_clips], steps, cfg)
+            continue
         t = time.perf_counter()
         fake = generate(svd, images, seeds, steps, cfg)
         t_batch = (time.perf_counter() - t) / len(images)
         m = metrics_with_intervals(fake, real, images, rf, a.seed)
         evals = steps * (2 if cfg and steps > 1 else 1)
-        rows.append({"row": row, "name": name, "evals": evals,
-                     "s_clip": latency(svd, images[:r["n_latency"]], steps, cfg), "s_clip_batched": t_batch, **m})
-        pics[row] = fake[:a.pic_clips]
+        out.append({"row": row, "name": name, "evals": evals,
+                    "s_clip": latency(svd, images[:r["n_latency"]], steps, cfg), "s_clip_batched": t_batch, **m})
+        pics[name] = fake[:a.pic_clips]
+        cache[row] = {"stamp": stamp, "metrics": out[-1]}
+        cli.write_json(cache_path, cache)
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if not k.endswith(("_ci", "_se"))),
               flush=True)
-    return rows, pics
+    return out, pics
 
 # -----------------------------------------------------------------------------
-# outputs: table, pictures (PNG and GIF written with av), assets
+# outputs: tables, pictures (PNG and GIF written with av; labelled PNGs with matplotlib if installed), assets
 
 
-COLUMNS = [  # (header, key, format)
+COLUMNS = [  # (header, key, format): the Frechet distances and the summary metrics
     ("FD toy ↓", "fd", "{:.1f}"), ("FD appearance ↓", "fd_app", "{:.1f}"), ("FD motion ↓", "fd_motion", "{:.1f}"),
-    ("frame-0 PSNR dB ↑", "psnr0", "{:.1f}"), ("motion (× real)", "motion", "{:.2f}"),
-    ("warp error", "warp", "{:.4f}"), ("histogram drift", "drift", "{:.3f}"),
+    ("motion (× real)", "motion", "{:.2f}"), ("warp error", "warp", "{:.4f}"), ("histogram drift", "drift", "{:.3f}"),
     ("UNet evals", "evals", "{}"), ("s / clip", "s_clip", "{:.3f}")]
+MEASURES = [  # (header, key, format): evaluate.toy_measures, the shape tracked by its colour
+    ("solid at last frame ↑", "solid_last", "{:.2f}"), ("centroid speed × real", "speed_x_real", "{:.2f}"),
+    ("displacement frame 1 (px)", "disp1", "{:.2f}"), ("off-colour, last frame ↓", "off_colour_last", "{:.3f}"),
+    ("background noise ↓", "background", "{:.3f}"), ("frame-0 PSNR dB ↑", "psnr0", "{:.1f}")]
 
 
-def table_markdown(rows):
-    """Markdown table of the rows; FD columns carry their bootstrap standard error."""
-    lines = ["| | " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+def table_markdown(rows, columns=COLUMNS):
+    """Markdown table of the rows; a cell with a bootstrap standard error (<key>_se) shows it after ±."""
+    lines = ["| | " + " | ".join(h for h, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for r in rows:
         cells = []
-        for _, k, fmt in COLUMNS:
+        for _, k, fmt in columns:
             v = r.get(k, "")
             cell = "—" if v == "" or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
-            if k + "_se" in r:
+            if k + "_se" in r and cell != "—":
                 cell += " ± " + fmt.format(r[k + "_se"])
             cells.append(cell)
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
@@ -292,19 +389,85 @@ def grid(pics, t, gap=2):
     return canvas
 
 
+def pyplot():
+    """matplotlib.pyplot (Agg backend), or None with a note: the labelled pictures are optional (requirements-dev)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("note: matplotlib is not installed (pip install matplotlib): compare.png without row labels, no "
+              "curves.png")
+        return None
+
+
+def save_figure(fig, path):
+    cli.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
 def pictures(pics, png, gif, fps=4):
-    """compare.png: clip 0 of each row, frames left to right; compare.gif: every clip, animated."""
-    strip = grid({k: v[0][:, None] for k, v in pics.items()}, 0)          # clip 0's frames as the columns
-    write_png(to_uint8(strip), png)
+    """compare.png: clip 0 of each row, frames left to right, rows labelled (matplotlib; else unlabelled pixels);
+    compare.gif: every clip (columns) of every row (top to bottom in the table's order), animated, unlabelled."""
+    plt = pyplot()
     T = next(iter(pics.values())).shape[1]
+    if plt is None:
+        write_png(to_uint8(grid({k: v[0][:, None] for k, v in pics.items()}, 0)), png)
+    else:
+        fig, axes = plt.subplots(len(pics), T, figsize=(2.2 + 0.9 * T, 0.95 * len(pics)), squeeze=False)
+        for ri, (name, v) in enumerate(pics.items()):
+            for t in range(T):
+                ax = axes[ri, t]
+                ax.imshow(to_uint8((v[0, t] + 1) / 2), interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                if ri == 0:
+                    ax.set_title(f"frame {t}", fontsize=8)
+            axes[ri, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+        fig.subplots_adjust(left=2.0 / (2.2 + 0.9 * T), right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.08)
+        save_figure(fig, png)
+        plt.close(fig)
     frames = torch.stack([grid(pics, t) for t in range(T)])
     write_gif(F.pad(frames, (0, frames.shape[-1] % 2, 0, frames.shape[-2] % 2), value=1.0), gif, fps)
 
 
+def curves_png(curve, logs, path):
+    """curves.png: the teacher's learning curve (toy FD of 1 step and of 25 steps + CFG vs training step) and, per
+    SF-V run, what D and G do over training (hinge L_D, L_G, D's mean score on real and fake, R1's share of L_D)."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    panels = [("loss_d", "L_D (hinge)"), ("loss_g", "L_G"), ("d_real", "D score: real (solid) / fake (dashed)"),
+              ("r1_share", "gamma R1 / L_D")]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4 * (1 + len(panels)), 3.4))
+    ax = axes[0]
+    if curve:
+        steps = [c["step"] for c in curve]
+        ax.plot(steps, [c["fd_1"] for c in curve], "o-", label="1 step")
+        ax.plot(steps, [c["fd_25"] for c in curve], "s-", label="25 steps + CFG")
+        ax.set_yscale("log"), ax.legend(fontsize=8)
+    ax.set_title("teacher: toy FD (held-out)", fontsize=9), ax.set_xlabel("teacher step")
+    names = {key: name for _, name, key, steps, _ in ROWS if steps == 1}
+    for ax, (k, title) in zip(axes[1:], panels):
+        for i, (key, recs) in enumerate(logs.items()):
+            xs = [rec["step"] for rec in recs if k in rec]
+            line, = ax.plot(xs, [rec[k] for rec in recs if k in rec], label=names.get(key, key).replace(", 1 step", ""))
+            if k == "d_real":
+                ax.plot(xs, [rec["d_fake"] for rec in recs if k in rec], "--", color=line.get_color())
+        ax.set_title("SF-V: " + title, fontsize=9), ax.set_xlabel("SF-V step")
+    if logs:
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 def save_fp16(src, dst):
-    """Copy a bundle with its floating-point tensors in fp16 (load_svd.load casts back to fp32)."""
+    """Copy a bundle with its floating-point tensors in fp16 (load_svd.load casts back to fp32), keeping its
+    metadata (the training step, the mode)."""
     svd = load_svd.load(src)
-    load_svd.save(svd.half(), dst, {"train_step": svd.load_info["metadata"].get("train_step", "")})
+    meta = {k: v for k, v in load_svd.bundle_metadata(src).items() if k not in ("format", "config")}
+    load_svd.save(svd.half(), dst, meta)
 
 # -----------------------------------------------------------------------------
 # the sanity ladder
@@ -340,72 +503,246 @@ def ladder(a, r):
     return out
 
 # -----------------------------------------------------------------------------
+# speed: seconds per training step, FLOPs per step, share of the CPU's peak
+
+
+def cpu_ghz():
+    """The CPU's clock in GHz as the kernel reports it (/proc/cpuinfo 'cpu MHz'; nominal under a hypervisor)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")]
+        return max(mhz) / 1000 if mhz else float("nan")
+    except OSError:
+        return float("nan")
+
+
+def speed(a):
+    """Seconds per teacher step and per SF-V step (toy recipe, batch 8) at 1 and 2 threads, from train.py's own
+    it/s log over steps 6-10 (the first five warm up); FLOPs of one step counted by torch.utils.flop_counter (matmuls
+    and convolutions, forward and backward: the arithmetic that matters), as the difference of a 2-step and a 1-step
+    run (so set-up work cancels); peak = cores x GHz x fp32 FLOPs per cycle per core (--flops-per-cycle: 32 for two
+    256-bit FMA pipes, e.g. AMD Zen 2-4 and Intel client cores: 2 pipes x 8 lanes x 2 for multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    teacher = os.path.join(ASSETS, "toy_teacher.safetensors")
+    kinds = {"teacher": ["--mode", "diffusion", "--init", "toy", "--batch-size", "8"] + TEACHER_FLAGS,
+             "sfv": ["--mode", "sfv", "--init", teacher, "--batch-size", "8"] + SFV_FLAGS}
+    threads, res = torch.get_num_threads(), {}
+    peak = os.cpu_count() * cpu_ghz() * a.flops_per_cycle * 1e9
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(kind, steps, log_every, flops=False):
+            d = os.path.join(tmp, f"{kind}_{steps}_{time.time_ns()}")
+            argv = base_flags(a) + kinds[kind] + ["--out", d, "--max-steps", str(steps), "--log-every", str(log_every),
+                                                  "--save-every", "100000"]
+            counter = FlopCounterMode(display=False)
+            with counter if flops else contextlib.nullcontext():
+                train.main(argv)
+            with open(os.path.join(d, "log.jsonl")) as f:
+                last = json.loads(f.read().splitlines()[-1])
+            return counter.get_total_flops() if flops else 1 / last["it_s"]
+        for kind in kinds:
+            flops = run(kind, 2, 1, True) - run(kind, 1, 1, True)
+            res[kind] = {"flops_per_step": flops}
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                s = run(kind, 10, 5)
+                res[kind][f"s_per_step_{n}t"] = s
+                res[kind][f"peak_share_{n}t"] = flops / s / (n * peak / os.cpu_count())
+            torch.set_num_threads(threads)
+    lines = [f"CPU: {os.cpu_count()} cores x {cpu_ghz():.2f} GHz x {a.flops_per_cycle} FLOPs/cycle = "
+             f"{peak / 1e9:.0f} GFLOP/s fp32 peak (cores x GHz x FLOPs/cycle; the share at 1 thread is of one core's)",
+             "| step (batch 8) | GFLOP / step | s / step, 1 thread | s / step, 2 threads | share of peak 1 / 2 threads |",
+             "|---|---|---|---|---|"]
+    for kind, v in res.items():
+        lines.append(f"| {kind} | {v['flops_per_step'] / 1e9:.1f} | {v['s_per_step_1t']:.3f} | "
+                     f"{v['s_per_step_2t']:.3f} | {100 * v['peak_share_1t']:.1f}% / {100 * v['peak_share_2t']:.1f}% |")
+    md = "\n".join(lines)
+    cli.write_text(os.path.join(a.out, "speed.md"), md + "\n")
+    cli.write_json(os.path.join(a.out, "speed.json"), {"peak_flops": peak, "cpu_ghz": cpu_ghz(), **res}, indent=1)
+    print(md)
+    return res
+
+# -----------------------------------------------------------------------------
 # main
 
 
+MODES = ("smoke", "ladder", "lesson", "evaluate_assets", "speed")
+DEFAULT_OUT = {None: "toy", "smoke": "toy_smoke", "ladder": "toy_ladder", "lesson": "toy_lesson",
+               "evaluate_assets": "toy_evaluate", "speed": "toy_speed"}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="output folder (default out/toy, out/toy_smoke with --smoke, out/toy_ladder with "
-                                 "--ladder)")
-    p.add_argument("--smoke", action="store_true", help="a few steps of every stage (CI)")
-    p.add_argument("--ladder", action="store_true", help="run the sanity ladder instead of the reproduction")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Modes (one at most; none: the full run from scratch, ~60 min on 2 CPU cores, "
+                                       "into out/toy/; assets/ is written only with --assets)")
+    p.add_argument("--out", help="output folder (default out/toy, or out/toy_<mode> for a mode)")
+    p.add_argument("--lesson", action="store_true", help="~10 min: distil the bundled teacher into a student with the "
+                                                         "SF-V recipe; compare it with the bundled rows (out/toy_lesson)")
+    p.add_argument("--evaluate-assets", action="store_true", help="~5 min, no training: the whole table and the "
+                                                                  "pictures from the bundled models (out/toy_evaluate)")
+    p.add_argument("--smoke", action="store_true", help="< 2 min: a few steps of every stage (CI; out/toy_smoke)")
+    p.add_argument("--ladder", action="store_true", help="~25 min: the sanity ladder instead (out/toy_ladder)")
+    p.add_argument("--speed", action="store_true", help="~2 min: s per teacher / SF-V step at 1 and 2 threads and the "
+                                                        "share of the CPU's peak FLOP rate (out/toy_speed)")
+    p.add_argument("--assets", action="store_true", help="the full run or --evaluate-assets only: also write the "
+                                                         "bundles, toy_results.json and the pictures into assets/ "
+                                                         "(the shipped files; off: assets/ is never touched)")
     p.add_argument("--resume", action="store_true", help="keep finished stages and resume unfinished ones from their "
-                                                         "train_state.pt (after an interruption)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every training run and of the held-out sampling")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--assets", default=None, help="write the bundles, results and pictures here (default: assets/ for "
-                                                  "the full run, nothing for --smoke or --ladder)")
-    p.add_argument("--pic-clips", type=int, default=6, help="clips in compare.gif (compare.png shows the first)")
+                                                         "train_state.pt (after an interruption); keep the evaluated "
+                                                         "rows of unchanged bundles")
+    p.add_argument("--seed", type=int, default=0, help="seed of every training run and of the held-out sampling (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--pic-clips", type=int, default=6, help="clips in compare.gif (compare.png shows the first; default 6)")
+    p.add_argument("--flops-per-cycle", type=int, default=32, help="--speed: fp32 FLOPs per cycle per core of this "
+                                                                   "CPU (default 32: two 256-bit FMA pipes)")
     a = p.parse_args(argv)
-    a.out = a.out or os.path.join("out", "toy_smoke" if a.smoke else "toy_ladder" if a.ladder else "toy")
-    if a.assets is None and not a.smoke and not a.ladder:
-        a.assets = os.path.join(HERE, "assets")
+    modes = [m for m in MODES if getattr(a, m)]
+    if len(modes) > 1:
+        p.error("pick one mode: " + " or ".join("--" + m.replace("_", "-") for m in modes))
+    a.mode = modes[0] if modes else None
+    a.out = a.out or os.path.join("out", DEFAULT_OUT[a.mode])
     return a
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    r = SMOKE if a.smoke else FULL
+def check_args(a, r):
+    """Every flag checked before any work (training takes minutes to an hour)."""
+    if a.assets and a.mode not in (None, "evaluate_assets"):
+        raise UserError(f"--assets works with the full run or --evaluate-assets; drop it with --{a.mode.replace('_', '-')}")
+    if not 1 <= a.pic_clips <= r["n_eval"]:
+        raise UserError(f"bad --pic-clips {a.pic_clips}: must be 1 to {r['n_eval']} (the held-out clips)")
+    if a.flops_per_cycle < 1:
+        raise UserError(f"bad --flops-per-cycle {a.flops_per_cycle}: must be at least 1")
+    cli.check_folder("--out", a.out)
+    pick_device(a.device)
+    need = {"lesson": ["teacher"], "speed": ["teacher"], "evaluate_assets": ["teacher", "sfv_both"]}.get(a.mode, [])
+    for key in need:                           # the other bundles are optional: their rows are left out with a note
+        if not os.path.exists(os.path.join(ASSETS, MODELS[key][1])):
+            raise UserError(f"{os.path.join(ASSETS, MODELS[key][1])} is missing; restore it (git checkout assets/) or "
+                            f"make it with `python toy.py --assets`")
+
+
+def bundled_paths():
+    """{model key: assets/ file} of the bundles that are there (the teacher and toy_sfv always are)."""
+    return {k: os.path.join(ASSETS, f) for k, (_, f, _) in MODELS.items() if os.path.exists(os.path.join(ASSETS, f))}
+
+
+def bundled_results():
+    """assets/toy_results.json -> dict ({} if absent or unreadable: the bundled rows are then not shown)."""
+    try:
+        with open(os.path.join(ASSETS, "toy_results.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def report(a, r, rows, pics, curve, logs, timing, cmd, extra=""):
+    """Write <out>/table.md, compare.png, compare.gif, curves.png; -> the markdown."""
+    pictures(pics, os.path.join(a.out, "compare.png"), os.path.join(a.out, "compare.gif"))
+    curves_png(curve, logs, os.path.join(a.out, "curves.png"))
+    c = CONFIGS["toy"]
+    md = (f"{table_markdown(rows)}\n\nThe toy's measures (the shape tracked by its colour; mean ± bootstrap standard "
+          f"error over the clips):\n\n{table_markdown(rows, MEASURES)}\n\nFD columns: point estimate ± bootstrap "
+          f"standard error over the clips. Made by `{cmd}` ({r['n_eval']} held-out clips of {c.num_frames} frames at "
+          f"{c.height}x{c.width}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'GPU' if pick_device(a.device).type == 'cuda' else 'CPU'}). Wall time: {timing}.\n{extra}")
+    if curve:
+        md += f"\nTeacher learning curve ({r['n_curve']} held-out clips):\n\n{curve_markdown(curve)}\n"
+    cli.write_text(os.path.join(a.out, "table.md"), md)
+    print("\n" + md)
+    return md
+
+
+def run(a):
+    r = SMOKE if a.smoke else LESSON if a.lesson else FULL
+    check_args(a, r)
     os.makedirs(a.out, exist_ok=True)
     if a.ladder:
         return ladder(a, r)
+    if a.speed:
+        return speed(a)
     t0 = time.perf_counter()
     real = clips(r["n_eval"], HELD_OUT_SEED + a.seed)
     ref = clips(r["n_eval"], REFERENCE_SEED + a.seed)
-    teacher, t_teacher, curve = train_teacher(a, r, real[:r["n_curve"], 0], real[:r["n_curve"]])
-    paths, secs = train_sfv(a, r, teacher)
-    paths["teacher"], secs = teacher, {"teacher": t_teacher, **secs}
+    bundled = bundled_results()
+    if a.mode is None or a.smoke:                                   # train everything
+        teacher, t_teacher, curve = train_teacher(a, r, real[:r["n_curve"], 0], real[:r["n_curve"]])
+        paths, secs = train_sfv(a, r, teacher, [k for k in MODELS if k != "teacher"])
+        paths["teacher"], secs = teacher, {"teacher": t_teacher, **secs}
+        logs, rows_ = read_logs(a.out, paths), ROWS
+    elif a.lesson:                                                  # one student from the bundled teacher
+        paths, secs = train_sfv(a, r, os.path.join(ASSETS, MODELS["teacher"][1]), ["sfv_both"])
+        paths["teacher"] = os.path.join(ASSETS, MODELS["teacher"][1])
+        paths["sfv_bundled"] = os.path.join(ASSETS, MODELS["sfv_both"][1])
+        curve, logs = bundled.get("curve", []), read_logs(a.out, ["sfv_both"])
+        rows_ = [("teacher_25", "teacher (bundled), 25 steps + CFG", "teacher", 25, True),
+                 ("teacher_1", "teacher (bundled), 1 step", "teacher", 1, False),
+                 ("sfv_bundled", "SF-V (bundled), 1 step", "sfv_bundled", 1, False),
+                 ("sfv_1", "your SF-V student, 1 step", "sfv_both", 1, False)]
+    else:                                                           # evaluate_assets: the bundled models
+        paths, secs = bundled_paths(), {}
+        curve, logs = bundled.get("curve", []), bundled.get("logs", {})
+        logs = read_logs(os.path.join("out", "toy"), paths) or logs        # the full run's logs, if this machine has them
+        rows_ = ROWS
     t1 = time.perf_counter()
-    rows, pics = evaluate_all(a, r, paths, real, ref)
+    rows, pics = evaluate_all(a, r, paths, real, ref, rows_)
     t2 = time.perf_counter()
-    pictures(pics, os.path.join(a.out, "compare.png"), os.path.join(a.out, "compare.gif"))
-    cmd = "python toy.py" + (" --smoke" if a.smoke else "")
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()) + f", evaluation {t2 - t1:.0f} s, total {t2 - t0:.0f} s"
-    c = CONFIGS["toy"]
-    md = (f"{table_markdown(rows)}\n\nFD columns: point estimate ± bootstrap standard error over the clips. Made by "
-          f"`{cmd}` ({r['n_eval']} held-out clips of {c.num_frames} frames at {c.height}x{c.width}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'GPU' if pick_device(a.device).type == 'cuda' else 'CPU'}). Wall time: {timing}.\n\n"
-          f"Teacher learning curve ({r['n_curve']} held-out clips):\n\n{curve_markdown(curve)}\n")
-    cli.write_text(os.path.join(a.out, "table.md"), md)
-    results = {"rows": rows, "curve": curve, "train_seconds": secs, "eval_seconds": t2 - t1, "total_seconds": t2 - t0,
+    cmd = "python toy.py" + {None: "", "smoke": " --smoke", "lesson": " --lesson",
+                             "evaluate_assets": " --evaluate-assets"}[a.mode]
+    timing = ", ".join([f"{k} {v:.0f} s" for k, v in secs.items()] + [f"evaluation {t2 - t1:.0f} s",
+                                                                       f"total {t2 - t0:.0f} s"])
+    extra = (f"\n{a.reused} rows were measured by an earlier run (--resume: their bundles are unchanged); the wall "
+             f"time counts only this run's.\n" if getattr(a, "reused", 0) else "")
+    if a.lesson and bundled.get("rows"):
+        extra += (f"\nThe bundled rows (assets/toy_results.json, {bundled['recipe']['n_eval']} clips, made by "
+                 f"`{bundled.get('command', 'python toy.py')}`):\n\n{table_markdown(bundled['rows'])}\n\n"
+                 f"{table_markdown(bundled['rows'], MEASURES)}\n")
+    report(a, r, rows, pics, curve, logs, timing, cmd, extra)
+    results = {"rows": rows, "curve": curve, "logs": logs, "train_seconds": secs, "eval_seconds": t2 - t1,
+               "total_seconds": t2 - t0, "command": cmd,
                "recipe": {**r, "data": base_flags(a), "teacher_flags": TEACHER_FLAGS}}
+    if a.mode == "evaluate_assets":
+        results["train_seconds"] = bundled.get("train_seconds", {})
     cli.write_json(os.path.join(a.out, "results.json"), results, indent=1)
-    print("\n" + md)
     if a.assets:
-        os.makedirs(a.assets, exist_ok=True)
-        save_fp16(paths["teacher"], os.path.join(a.assets, "toy_teacher.safetensors"))
-        save_fp16(paths["sfv_both"], os.path.join(a.assets, "toy_sfv.safetensors"))
-        cli.write_json(os.path.join(a.assets, "toy_results.json"), results, indent=1)
-        for i, name in enumerate(("example.png", "example2.png", "example3.png")):
-            big = F.interpolate((real[i, :1] + 1) / 2, scale_factor=PIC_SCALE, mode="nearest")[0]
-            write_png(to_uint8(big), os.path.join(a.assets, name))
-        shutil.copyfile(os.path.join(a.out, "compare.png"), os.path.join(a.assets, "toy_compare.png"))
-        shutil.copyfile(os.path.join(a.out, "compare.gif"), os.path.join(a.assets, "toy_compare.gif"))
-        print(f"wrote {a.assets}/: toy_teacher.safetensors, toy_sfv.safetensors, toy_results.json, example*.png, "
-              f"toy_compare.png, toy_compare.gif")
+        write_assets(a, paths, results, real)
     return rows
 
 
+def write_assets(a, paths, results, real):
+    """--assets: the fp16 bundles (the full run), toy_results.json, example*.png and the pictures into assets/."""
+    os.makedirs(ASSETS, exist_ok=True)
+    written = []
+    if a.mode is None:
+        for key, path in paths.items():
+            save_fp16(path, os.path.join(ASSETS, MODELS[key][1]))
+            written.append(MODELS[key][1])
+    cli.write_json(os.path.join(ASSETS, "toy_results.json"), results, indent=1)
+    for i, name in enumerate(("example.png", "example2.png", "example3.png")):
+        big = F.interpolate((real[i, :1] + 1) / 2, scale_factor=PIC_SCALE, mode="nearest")[0]
+        write_png(to_uint8(big), os.path.join(ASSETS, name))
+    written += ["toy_results.json", "example*.png"]
+    for name in ("compare.png", "compare.gif", "curves.png"):
+        if os.path.exists(os.path.join(a.out, name)):
+            shutil.copyfile(os.path.join(a.out, name), os.path.join(ASSETS, "toy_" + name))
+            written.append("toy_" + name)
+    print(f"wrote {ASSETS}/: " + ", ".join(written))
+
+
+def main(argv=None):
+    """CLI entry: a bad flag or file is one line `error: <what>; <fix>` (exit 2), Ctrl-C one line (exit 130).
+    -> exit status."""
+    a = parse_args(argv)
+    try:
+        run(a)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; finished stages and checkpoints are in {a.out}/ (python toy.py --resume continues a "
+              f"full run)" if a.mode in (None, "smoke") else f"interrupted; {a.out}/ may hold partial results",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
