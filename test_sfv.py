@@ -2575,7 +2575,7 @@ def test_paper_defaults_sizes_and_clipping():
     assert "the paper does not mention clipping" in helps["grad_clip"] and "the same distribution" in helps["p_std"]
 
 
-def test_size_rules_follow_the_model(tmp_path, capsys):
+def test_train_size_rules_follow_the_model(tmp_path, capsys):
     # multiples of model.size_multiple: 64 for SVD-shaped configs, 4 for the toy (latent = pixels, two halvings)
     assert train_error([*COMMON, "--out", str(tmp_path / "a"), "--height", "100", "--width", "100"]) == (
         "error: bad --height 100: must be a multiple of 64 (the latent is 1/8 of the image size and the UNet halves it "
