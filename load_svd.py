@@ -412,8 +412,9 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise LoadError(f"bundle {path} has a damaged config in its metadata ({type(e).__name__}); save or "
                                 f"download it again") from None
-            if "sampler" not in raw and (metadata.get("mode") == "sfv" or ("mode" not in metadata and config.steps == 1)):
-                config = replace(config, sampler="student", student_levels=old_student_levels(config))
+            if not config.student_levels and (metadata.get("mode") == "sfv" or
+                                              ("mode" not in metadata and "sampler" not in raw and config.steps == 1)):
+                config = replace(config, sampler="student", student_levels=old_student_levels(config))   # older bundles
             bad = config_problem(config)
             if bad:
                 raise LoadError(f"bundle {path} has a bad value in its config ({bad}); save or download it again")
@@ -464,8 +465,9 @@ def _bundle_mismatch(path, missing, extra, ours, shapes):
 
 
 def old_student_levels(cfg, levels=4):
-    """The trained noise levels of a bundle saved before bundles recorded them: train.py's default grid, the
-    `levels`-level Karras grid without its smallest level (its --gen-levels 4)."""
+    """The trained noise levels of an SF-V bundle saved before bundles recorded them (no sampler field, or the
+    field's default "euler" in a bundle whose metadata says mode sfv): train.py's default grid, the `levels`-level
+    Karras grid without its smallest level (its --gen-levels 4)."""
     return tuple(karras_sigmas(levels, cfg.sigma_min, cfg.sigma_max, cfg.rho)[:-2].tolist())
 
 

@@ -839,6 +839,28 @@ def sample_one_step(unet, cond, eps, sigma_max=700.0):
     return denoise(unet, x_T, sigma_max, cond["cond_latent"], cond["image_embeds"], cond["added_time_ids"]).float()
 
 
+@torch.no_grad()
+def refine_step(unet, cond, x0, eps, sigma):
+    """One refinement step of a one-step generator (consistency models' multistep sampling, Song et al. 2023, Alg. 1):
+    re-noise the prediction x0_hat to a trained level sigma with FRESH noise eps, x0_hat + sigma eps (the
+    generator's training input, SF-V sec. 3.3), and predict again. eps (B, T, z, h, w) -> x0_hat float32."""
+    p = next(unet.parameters())
+    x = (x0 + sigma * eps.to(x0.device)).to(p.dtype)
+    return denoise(unet, x, sigma, cond["cond_latent"], cond["image_embeds"], cond["added_time_ids"]).float()
+
+
+def sample_student(unet, cond, num_frames, generators, levels, counter=None):
+    """An SF-V student in len(levels) evaluations: sample_one_step at levels[0] (sigma_max), then refine_step at each
+    next trained level, all noise per sample from its generator. levels: descending. -> (B, T, z, h, w) float32."""
+    shape = (num_frames, *cond["cond_latent"].shape[1:])
+    x0 = sample_one_step(unet, cond, seeded_randn(shape, generators), levels[0])
+    for sigma in levels[1:]:
+        x0 = refine_step(unet, cond, x0, seeded_randn(shape, generators), sigma)
+    if counter is not None:
+        counter.extend([len(generators)] * len(levels))
+    return x0
+
+
 def added_time_ids(fps_id, motion_bucket_id, cond_aug, batch=1, device=None):
     """SVD's vector conditioning (fps_id, motion_bucket_id, cond_aug) -> (batch, 3) float32."""
     ids = torch.tensor([[float(fps_id), float(motion_bucket_id), float(cond_aug)]], dtype=torch.float32, device=device)
@@ -993,12 +1015,19 @@ class SVD(nn.Module):
                                                  cond_aug, len(image), device)}
 
     def sample(self, cond, generators, num_frames=None, steps=None, min_cfg=None, max_cfg=None, counter=None):
-        """Latent videos (B, T, z, h, w) for SVD.condition's dict with this UNet (see sample_latents); missing
-        arguments come from cfg. Decode with self.vae.decode."""
+        """Latent videos (B, T, z, h, w) for SVD.condition's dict with this UNet, by cfg.sampler: "euler"
+        (sample_latents on cfg's Karras grid, guidance min_cfg -> max_cfg) or "student" (sample_student at the
+        `steps` largest trained levels, no guidance). Missing arguments come from cfg. Decode with self.vae.decode."""
         c = self.cfg
-        return sample_latents(self.unet, cond, c.num_frames if num_frames is None else num_frames, generators,
-                      c.steps if steps is None else steps, c.min_cfg if min_cfg is None else min_cfg,
-                      c.max_cfg if max_cfg is None else max_cfg, counter=counter)
+        T, steps = c.num_frames if num_frames is None else num_frames, c.steps if steps is None else steps
+        if c.sampler == "student":
+            if not 1 <= steps <= len(c.student_levels):
+                raise ValueError(f"steps {steps}: the student was trained at {len(c.student_levels)} noise levels "
+                                 f"({', '.join(f'{s:.4g}' for s in c.student_levels)}); sample with 1 to "
+                                 f"{len(c.student_levels)} steps")
+            return sample_student(self.unet, cond, T, generators, c.student_levels[:steps], counter)
+        return sample_latents(self.unet, cond, T, generators, steps, c.min_cfg if min_cfg is None else min_cfg,
+                              c.max_cfg if max_cfg is None else max_cfg, c.sigma_min, c.sigma_max, c.rho, counter)
 
     def fit_linear_latent(self, frames):
         """Toy latent: fit the vae and the cond_encoder (the same encoder, as in SVD) on frames (N, 3, H, W)."""

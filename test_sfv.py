@@ -694,8 +694,8 @@ def test_error_not_a_checkpoint(tmp_path, single_sd):
 
 def test_bundle_sampler_fields_round_trip_and_old_bundles(tmp_path):
     """The sampler kind, the noise grid and a student's trained levels travel in the bundle's config; a bundle saved
-    before they existed loads as a student (train.py's default levels) when it was an SF-V run: its metadata says
-    mode sfv, or (toy.py's copies, without a mode) it samples in one step."""
+    before they were set loads as a student (train.py's default levels) when it was an SF-V run: its metadata says
+    mode sfv, or (toy.py's copies, without a mode or the fields) it samples in one step."""
     cfg = replace(TINY, sampler="student", student_levels=(80.0, 8.0, 0.5), sigma_max=80.0, sigma_min=0.01, rho=5.0,
                   steps=2, min_cfg=1.0, max_cfg=1.0)
     path = load_svd.save(SVD(cfg), str(tmp_path / "s.safetensors"))
@@ -703,13 +703,14 @@ def test_bundle_sampler_fields_round_trip_and_old_bundles(tmp_path):
     sd = {k: v.contiguous() for k, v in SVD(TINY).state_dict().items()}
     old = {k: v for k, v in TINY.to_dict().items() if k not in ("sampler", "sigma_min", "sigma_max", "rho", "student_levels")}
     levels = (700.0, pytest.approx(70.5408, rel=1e-5), pytest.approx(2.26912, rel=1e-5))
-    for mode, steps, want in (("sfv", 1, "student"), ("diffusion", 1, "euler"),
-                              (None, 1, "student"), (None, 4, "euler")):
-        meta = {"format": load_svd.BUNDLE_FORMAT, "config": json.dumps({**old, "steps": steps}),
+    euler = {"sampler": "euler", "student_levels": []}           # the fields' defaults, before train.py set them
+    for mode, fields, want in (("sfv", {}, "student"), ("sfv", euler, "student"), ("diffusion", {}, "euler"),
+                               (None, {}, "student"), (None, {"steps": 4}, "euler"), (None, euler, "euler")):
+        meta = {"format": load_svd.BUNDLE_FORMAT, "config": json.dumps({**old, "steps": 1, **fields}),
                 **({"mode": mode} if mode else {})}
         save_file(sd, str(tmp_path / "old.safetensors"), metadata=meta)
         c = load_svd.load(str(tmp_path / "old.safetensors")).cfg
-        assert (c.sampler, c.student_levels) == ((want, levels) if want == "student" else (want, ())), (mode, steps)
+        assert (c.sampler, c.student_levels) == ((want, levels) if want == "student" else (want, ())), (mode, fields)
         assert (c.sigma_min, c.sigma_max, c.rho) == (0.002, 700.0, 7.0)
     for bad, why in ((dict(sampler="ddim"), "sampler 'ddim' is neither 'euler' nor 'student'"),
                      (dict(sampler="student", student_levels=(1.0, 5.0)), "student_levels [1.0, 5.0]: need positive "
@@ -926,6 +927,76 @@ def test_condition_and_sample_per_sample_seeds_batch_independent():
         ref = svd.denoise(noise[None] * (1 + 700.0 ** 2) ** 0.5, torch.tensor([700.0]), cl, svd.encode_image(imgs[:1]),
                           model.added_time_ids(TINY.fps_id, TINY.motion_bucket_id, TINY.cond_aug))
     torch.testing.assert_close(run(0, 1, 1)[1], ref, atol=1e-5, rtol=1e-5)
+
+
+def _student(levels=None, **kw):
+    """A tiny SF-V student config: refinement at `levels` (default: train.py's 4-level grid without its smallest)."""
+    levels = tuple(model.karras_sigmas(4)[:-2].tolist()) if levels is None else levels
+    return replace(TINY, sampler="student", student_levels=levels, steps=1, min_cfg=1.0, max_cfg=1.0, **kw)
+
+
+def test_student_refinement_levels_and_fresh_noise():
+    """SF-V student sampling: step 1 evaluates at sigma_max; each next step re-noises the prediction x0_hat to the next
+    trained level with FRESH noise from the sample's own generator (not the noise implied by x_T and x0_hat, which the
+    Euler solver reuses) and predicts again; N steps use the N largest trained levels, no guidance."""
+    levels = tuple(model.karras_sigmas(4)[:-2].tolist())
+    seen = []
+
+    class FakeUNet(torch.nn.Module):                                    # F = 0.5 * its input: D(x, s) known in closed form
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, c_noise, image_embeds, added_time_ids):
+            seen.append((x[:, :, :4].clone(), c_noise[0].exp().pow(4).item()))  # c_noise = log(sigma) / 4
+            return 0.5 * x[:, :, :4]
+    with torch.device("meta"):
+        svd = SVD(_student(levels))
+    svd.unet = FakeUNet()
+    cond = {"cond_latent": torch.zeros(1, 4, 8, 8), "image_embeds": torch.zeros(1, 32),
+            "added_time_ids": model.added_time_ids(6, 127, 0.02)}
+    for steps in (1, 2, 3):
+        seen.clear()
+        counter = []
+        out = svd.sample(cond, [torch.Generator().manual_seed(5)], num_frames=2, steps=steps, max_cfg=3.0, counter=counter)
+        assert [s for _, s in seen] == pytest.approx(levels[:steps], rel=1e-4) and sum(counter) == steps
+    g = torch.Generator().manual_seed(5)
+    eps = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(3)]      # x_T's noise, then one fresh draw per step
+    x0 = []
+    for (inp, s) in seen:
+        c_skip, c_out, c_in, _ = edm_precondition(torch.tensor(s))
+        x0.append(c_skip * inp / c_in + c_out * 0.5 * inp)                 # D(x, s) of the fake UNet
+    torch.testing.assert_close(seen[0][0][0], eps[0], rtol=1e-4, atol=1e-4)   # c_in x_T = eps
+    for k in (1, 2):
+        x = seen[k][0][0] / edm_precondition(torch.tensor(seen[k][1]))[2]
+        fresh = (x - x0[k - 1][0]) / levels[k]
+        torch.testing.assert_close(fresh, eps[k], rtol=1e-3, atol=1e-3)        # the generator's next draw
+        implied = (seen[k - 1][0][0] / edm_precondition(torch.tensor(levels[k - 1]))[2] - x0[k - 1][0]) / levels[k - 1]
+        assert abs(torch.nn.functional.cosine_similarity(fresh.flatten(), implied.flatten(), dim=0)) < 0.2     # not the implied noise
+    torch.testing.assert_close(out[0], x0[2][0])
+    pair = svd.sample(cond | {k: v.repeat(2, *[1] * (v.ndim - 1)) for k, v in cond.items()},
+                      [torch.Generator().manual_seed(7), torch.Generator().manual_seed(5)], num_frames=2, steps=3)
+    torch.testing.assert_close(pair[1], out[0], rtol=1e-6, atol=1e-6)    # sample 5's noise, whatever the batch
+    with pytest.raises(ValueError, match=re.escape("steps 4: the student was trained at 3 noise levels (700, 70.54, "
+                                                   "2.269); sample with 1 to 3 steps")):
+        svd.sample(cond, [torch.Generator()], num_frames=2, steps=4)
+
+
+def test_student_sampling_deterministic_and_batch_independent():
+    torch.manual_seed(0)
+    svd = SVD(_student()).eval()
+    imgs = torch.rand(3, 3, 64, 64) * 2 - 1
+
+    def run(i, j, seeds=(11, 12, 13)):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:j]]
+        return svd.sample(svd.condition(imgs[i:j], gens), gens, num_frames=2, steps=3)
+    batch = run(0, 3)
+    assert torch.equal(batch, run(0, 3))                                   # the same seeds: the same latents
+    between = (batch[0] - batch[1]).abs().mean()
+    for i in range(3):                # one sample = its batched copy, up to kernel round-off (amplified by refinement)
+        assert (run(i, i + 1)[0] - batch[i]).abs().mean() < 3e-2 * between
+    assert (run(0, 1, seeds=(99,))[0] - batch[0]).abs().mean() > 0.3 * between
+
 
 
 def test_edm_input_and_added_time_ids():
@@ -1437,6 +1508,22 @@ def test_one_step_with_guidance_defaults_says_guidance_is_ignored(tmp_path, ckpt
     sfv = make_tiny_checkpoint(str(tmp_path / "sfv"), cfg=replace(TINY, steps=1, min_cfg=1.0, max_cfg=1.0))
     rc, so, err = run_main([img, "--ckpt", sfv, "--frames", "2", "--out", str(tmp_path / "w.mp4")], capsys)
     assert rc == 0 and "note: one step" not in so and "(1 UNet evals)" in so
+
+
+def test_student_bundle_steps_refused_and_guidance_ignored(tmp_path, img, capsys):
+    ck = load_svd.save(SVD(_student()), str(tmp_path / "student.safetensors"))
+    base = [img, "--ckpt", ck, "--frames", "2", "--out", str(tmp_path / "v.mp4")]
+    rc, so, e = run_main(base + ["--steps", "4"], capsys)
+    assert rc == 2 and so == "" and e.strip() == (f"error: bad --steps 4: the SF-V student {ck} takes at most 3 steps "
+                                                  f"(one per trained noise level: 700, 70.54, 2.269); pass --steps 1 "
+                                                  f"to 3")
+    rc, so, e = run_main(base + ["--steps", "2", "--max-cfg", "3"], capsys)
+    assert rc == 0, e
+    assert so.splitlines()[0] == ("note: an SF-V student samples without guidance (SF-V trains no unconditional "
+                                  "branch); --min-cfg/--max-cfg (1/3) are ignored")
+    assert "(2 UNet evals)" in so and "2 steps)" in so
+    rc, so, e = run_main(base + ["--steps", "3"], capsys)
+    assert rc == 0 and "note:" not in so and "(3 UNet evals)" in so, e
 
 
 def test_cli_error_exit_code_no_traceback(tmp_path):
