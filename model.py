@@ -977,6 +977,11 @@ class SVD(nn.Module):
             self.cond_encoder = VAEEncoder(cfg.vae, quant_conv=True)
         self.clip = CLIPImageEncoder(cfg.clip)
 
+    def latent_shape(self, T, H, W):
+        """Latent video shape (T, z, H/f, W/f) of a T x H x W pixel video (f = 8, or the toy patch size)."""
+        f = latent_factor(self.cfg.vae)
+        return (T, self.cfg.vae.z_channels, H // f, W // f)
+
     @torch.no_grad()
     def encode_image(self, img):
         """img (B, 3, H, W) in [-1, 1] (clean), on any device -> CLIP image embedding (B, D) on the encoder's device."""

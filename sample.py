@@ -22,6 +22,7 @@ import av
 import torch
 
 import cli
+import cpu_kernels
 import load_svd
 from cli import UserError, pick_device
 from data import check_frames_dir, check_stale_frames, read_image, resize_center_crop, video_writes
@@ -270,6 +271,8 @@ def run(args):
               f"--ckpt to choose another)")
     dtype = pick_dtype(args.dtype, device)
     svd = load_svd.load(path, config=CONFIGS[args.config] if args.config else None, dtype=dtype, device=device)
+    if device.type == "cpu":
+        cpu_kernels.apply(svd)                                       # opt-in CPU speed-ups, same outputs
     if args.config and svd.load_info["layout"] == "bundle":
         print(f"note: --config {args.config} is ignored: {path} is an SF-V bundle and carries its own config")
     d = sampling_defaults(svd)

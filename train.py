@@ -48,6 +48,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 import cli
+import cpu_kernels
 import load_svd
 from cli import UserError, atomic_write, write_json, write_text
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_approx_penalty, r1_penalty, score
@@ -622,6 +623,8 @@ def _run(args, rank, world, device, progress):
             print(note)
     dtype_frozen = torch.bfloat16 if args.bf16 and device.type == "cuda" else torch.float32
     source, skipped_scan = prepare_data(args, svd, source, size, device, dtype_frozen, rank, world)
+    if device.type == "cpu":
+        cpu_kernels.apply(svd)                                        # opt-in CPU speed-ups, same outputs
     tr = Trainer(args, svd, device, rank, world)
     resume(tr, st, args, master)
     del st
