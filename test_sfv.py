@@ -969,10 +969,10 @@ def _student(levels=None, **kw):
     return replace(TINY, sampler="student", student_levels=levels, steps=1, min_cfg=1.0, max_cfg=1.0, **kw)
 
 
-def test_student_refinement_levels_and_fresh_noise():
-    """SF-V student sampling: step 1 evaluates at sigma_max; each next step re-noises the prediction x0_hat to the next
-    trained level with FRESH noise from the sample's own generator (not the noise implied by x_T and x0_hat, which the
-    Euler solver reuses) and predicts again; N steps use the N largest trained levels, no guidance."""
+def test_student_refinement_exact_noise_batch_and_step_bound():
+    """The refinement in closed form (a fake UNet F = x / 2): the noise added at each next level is exactly the
+    sample's generator's next draw (not the implied noise of the previous step), sample 5 gets it in any batch, the
+    counter counts one evaluation per step, guidance is not applied, and more steps than trained levels is an error."""
     levels = tuple(model.karras_sigmas(4)[:-2].tolist())
     seen = []
 
@@ -1014,23 +1014,6 @@ def test_student_refinement_levels_and_fresh_noise():
     with pytest.raises(ValueError, match=re.escape("steps 4: the student was trained at 3 noise levels (700, 70.54, "
                                                    "2.269); sample with 1 to 3 steps")):
         svd.sample(cond, [torch.Generator()], num_frames=2, steps=4)
-
-
-def test_student_sampling_deterministic_and_batch_independent():
-    torch.manual_seed(0)
-    svd = SVD(_student()).eval()
-    imgs = torch.rand(3, 3, 64, 64) * 2 - 1
-
-    def run(i, j, seeds=(11, 12, 13)):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:j]]
-        return svd.sample(svd.condition(imgs[i:j], gens), gens, num_frames=2, steps=3)
-    batch = run(0, 3)
-    assert torch.equal(batch, run(0, 3))                                   # the same seeds: the same latents
-    between = (batch[0] - batch[1]).abs().mean()
-    for i in range(3):                # one sample = its batched copy, up to kernel round-off (amplified by refinement)
-        assert (run(i, i + 1)[0] - batch[i]).abs().mean() < 3e-2 * between
-    assert (run(0, 1, seeds=(99,))[0] - batch[0]).abs().mean() > 0.3 * between
-
 
 
 def test_edm_input_and_added_time_ids():
