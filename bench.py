@@ -30,6 +30,10 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import cli
+from cli import UserError
+from model import CONFIGS, size_multiple
+
 # -----------------------------------------------------------------------------
 # UNet forward: one child process measures one implementation
 
@@ -346,7 +350,7 @@ def sample_main(args):
           f"{'decode s':>8} {'total s':>8} {'vs 1-step':>9}")
     for name in args.configs.split(","):
         if name not in configs:
-            sys.exit(f"unknown --configs entry {name!r}; choose from {', '.join(configs)}")
+            raise UserError(f"unknown --configs entry {name!r}; choose from {', '.join(configs)}")
         cfg = configs[name]
         rows = bench_sample(cfg, args.steps, torch.device(args.device), dtype, args.repeats)
         t1 = rows[0][1]["total"]
@@ -373,7 +377,7 @@ def train_memory(config="svd", shape="14x448x768", device="cuda", train_flags=()
     import cli
     import train
     from model import CONFIGS, SVD, UNet
-    T, H, W = (int(v) for v in shape.split("x"))
+    T, H, W = parse_shape("--memory-shape", shape, CONFIGS[config])
     args = train.parse_args([*train_flags, "--mode", "sfv"])
     dev = cli.pick_device(device)
     cfg = CONFIGS[config]
@@ -402,26 +406,33 @@ def train_memory(config="svd", shape="14x448x768", device="cuda", train_flags=()
     return {"peak_gib": peak, **m}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     p.add_argument("--cases", default=None, help="UNet rows, comma-separated preset:TxHxW[:dtype] "
-                   "(default cpu: tiny:14x32x32,svd:14x16x16,svd:14x32x32)")
+                   "(none: tiny:14x32x32,svd:14x16x16,svd:14x32x32 on cpu; svd:14x72x128:bfloat16,"
+                   "svd:14x16x16:bfloat16 on cuda)")
     p.add_argument("--iters", type=int, default=3, help="timed forwards per child process (median taken)")
     p.add_argument("--rounds", type=int, default=3,
                    help="timing child processes per implementation, alternating; ratio = median of per-round ratios")
     p.add_argument("--no-profile", action="store_true", help="skip the profile lines under the real-width rows")
     p.add_argument("--sample", action="store_true", help="end-to-end sampling benchmark instead (ours only)")
-    p.add_argument("--configs", default="tiny,medium", help="--sample: configs to run (tiny, medium)")
+    p.add_argument("--configs", default="tiny,medium", help="--sample: configs to run, comma-separated, of: "
+                   + ", ".join(sample_configs()) + " (medium: the SVD structure at 1/5 width, 14x128x128)")
     p.add_argument("--steps", type=int, default=25, help="--sample: steps of the multi-step run")
     p.add_argument("--sample-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="--sample: dtype")
     p.add_argument("--repeats", type=int, default=2, help="--sample: per-stage minimum over this many runs")
     p.add_argument("--train-memory", action="store_true", help="peak GPU memory of one SF-V training step instead "
                    "(train.Trainer, random UNet, random cached latents); use with --device cuda")
-    p.add_argument("--memory-config", default="svd", help="--train-memory: model.CONFIGS preset (tiny runs on CPU)")
+    p.add_argument("--memory-config", default="svd", help="--train-memory: model.CONFIGS preset, one of "
+                   + ", ".join(CONFIGS) + " (tiny runs on CPU)")
     p.add_argument("--memory-shape", default="14x448x768", help="--train-memory: TxHxW in pixels (SF-V: 14x448x768)")
     p.add_argument("--train-flags", default="", help="--train-memory: train.py flags, e.g. '--batch-size 2 "
-                   "--no-grad-ckpt --optimizer adamw' (default: train.py's memory defaults)")
+                   "--no-grad-ckpt --optimizer adamw' (none: train.py's memory defaults)")
     p.add_argument("--simulate", action="store_true", help="FLOPs, GPU time bounds and peak memory at full SVD size, "
                    "simulated on fake tensors (no GPU), and their validation against real CPU runs")
     p.add_argument("--fit", action="store_true", help="will it fit: train.py's memory plan for one SF-V step per card "
@@ -433,7 +444,57 @@ def main():
     p.add_argument("--child-shape", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-dtype", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-profile", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every flag checked before any work: UserError (one line) otherwise."""
+    for flag, v in (("--iters", args.iters), ("--rounds", args.rounds), ("--steps", args.steps),
+                    ("--repeats", args.repeats)):
+        if v < 1:
+            raise UserError(f"bad {flag} {v}: must be at least 1")
+    if args.train_memory:
+        if args.memory_config not in CONFIGS:
+            raise UserError(f"unknown --memory-config {args.memory_config!r}; choose from {', '.join(CONFIGS)}")
+        parse_shape("--memory-shape", args.memory_shape, CONFIGS[args.memory_config])
+        cli.pick_device(args.device)
+    if args.sample:
+        for name in args.configs.split(","):
+            if name not in sample_configs():
+                raise UserError(f"unknown --configs entry {name!r}; choose from {', '.join(sample_configs())}")
+        cli.pick_device(args.device)
+
+
+def parse_shape(flag, text, cfg):
+    """'TxHxW' (pixels) -> (T, H, W); UserError unless three positive integers with H, W multiples of the model's
+    size multiple."""
+    m = size_multiple(cfg)
+    try:
+        T, H, W = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"bad {flag} {text}: must be TxHxW in pixels, e.g. 14x448x768") from None
+    if min(T, H, W) < 1 or H % m or W % m:
+        raise UserError(f"bad {flag} {text}: frames >= 1 and height, width positive multiples of {m} (the model's "
+                        f"size multiple); e.g. 14x448x768")
+    return T, H, W
+
+
+def main(argv=None):
+    """CLI entry: a bad flag is one line `error: <what>; <fix>` (exit 2); Ctrl-C one line (exit 130)."""
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; bench.py writes no files, nothing was lost", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run(args):
     if args.child:
         T, H, W = map(int, args.child_shape.split("x"))
         return child(args.child, args.child_preset, T, H, W, args.device, args.child_dtype, args.iters,
@@ -840,4 +901,4 @@ def simulate_main(args):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3686,3 +3686,43 @@ def test_toy_evaluate_assets_recomputes_the_table_from_the_bundled_models(tmp_pa
     again = json.loads((out / "results.json").read_text())["rows"]
     assert [r["fd"] for r in again] == pytest.approx([r["fd"] for r in rows], rel=1e-9)
     assert shipped == {f: os.path.getmtime(os.path.join(toy.ASSETS, f)) for f in os.listdir(toy.ASSETS)}
+
+
+def test_bench_cli_one_line_errors_and_help(capsys, monkeypatch):
+    """bench.py: careless flags are one line `error: ...` (exit 2) before any work; Ctrl-C one line (exit 130);
+    --help shows every default and lists only configs that exist."""
+    import bench
+    from model import CONFIGS
+
+    def err(argv):
+        capsys.readouterr()
+        code = bench.main(argv)
+        e = capsys.readouterr().err.strip()
+        assert len(e.splitlines()) == 1, e
+        return code, e
+    assert err(["--sample", "--steps", "0"]) == (2, "error: bad --steps 0: must be at least 1")
+    assert err(["--rounds", "0"]) == (2, "error: bad --rounds 0: must be at least 1")
+    assert err(["--sample", "--configs", "tiny,huge"]) == (
+        2, "error: unknown --configs entry 'huge'; choose from " + ", ".join(bench.sample_configs()))
+    if not torch.cuda.is_available():
+        assert err(["--train-memory", "--device", "cuda"]) == (
+            2, "error: --device cuda: CUDA is not available on this machine; use --device cpu (or auto)")
+    assert err(["--train-memory", "--memory-shape", "4x64"]) == (
+        2, "error: bad --memory-shape 4x64: must be TxHxW in pixels, e.g. 14x448x768")
+    assert err(["--train-memory", "--memory-shape", "4x100x64"]) == (
+        2, "error: bad --memory-shape 4x100x64: frames >= 1 and height, width positive multiples of 64 (the model's "
+           "size multiple); e.g. 14x448x768")
+    assert err(["--train-memory", "--memory-config", "bogus"]) == (
+        2, "error: unknown --memory-config 'bogus'; choose from " + ", ".join(CONFIGS))
+
+    def interrupt(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "unet_main", interrupt)
+    assert err([]) == (130, "interrupted; bench.py writes no files, nothing was lost")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 3)" in out and "(default: tiny,medium)" in out and "(default: cpu)" in out
+    for name in bench.sample_configs():
+        assert name in out
+    assert set(bench.sample_configs()) - {"medium"} <= set(CONFIGS)          # medium: defined in bench.py itself
