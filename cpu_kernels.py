@@ -7,20 +7,20 @@ change; outputs and gradients equal the plain modules' up to float round-off. mo
 
     svd = cpu_kernels.apply(load_svd.load(path))      # or SVD(cfg), or a UNet; before torch.compile
 
-What each kernel does, and what it did on the 2-core AMD EPYC (Zen 4) VM it was measured on (SVD's UNet at the `svd`
-config, 14 x 16 x 16 latent, fp32, 1 thread; each kernel alone against the plain module, alternating in one process;
-median and range of the per-round ratios of the time spent inside the modules it replaces):
-  Conv2d       unfold + one GEMM when the weights are >= 16x the input: 0.83 (0.60-0.88) inside the network's forward,
-               0.87 (0.79-0.91) replaying its 66 calls at their shapes;
-  Conv3d       a (k, 1, 1) conv over frames as a 2D (k, 1) conv: 0.90 (0.79-1.14) in the forward, 0.81 (0.73-0.86)
-               replayed;
-  Linear       fp32 over >= 192 rows as a 1x1 conv: 0.87 (0.61-0.89) in the forward, 0.91 (0.86-1.22) replayed;
-  FeedForward  chunks of >= 512 tokens: kept for memory, not time: the live-tensor peak of a UNet forward falls to
-               0.58x (459 -> 267 MB at 14 x 32 x 32; 4.1 -> 2.4 GB at 14 x 72 x 128), its time is 1.08 (0.97-1.26).
-All four together: 0.73 (0.58-0.88) of the plain UNet forward's time. The gain varies by machine: Intel and Apple
-CPUs are unmeasured, and on another AMD EPYC VM of the same kind the Linear-as-1x1-conv trick ran 95 GF/s against
-F.linear's 72, where an earlier isolated measurement on this one gave 233 against 90. CLIP's fused q/k/v
-projection is an F.linear call inside model.ResidualAttentionBlock, out of this module's reach: it stays plain.
+What each kernel does, and what it did on the 2-core AMD EPYC (Zen 4) VM it was measured on, shared with other jobs
+(SVD's UNet at the `svd` config, 14 x 16 x 16 latent, fp32, 1 thread; the kernel alone against the plain modules,
+alternating forward by forward in one process; CPU time inside the modules it replaces, median and range of the
+per-round ratios over 6 rounds):
+  Conv2d       unfold + one GEMM when the weights are >= 16x the input: 0.84 (0.77-0.96)
+  Conv3d       a (k, 1, 1) conv over frames as a 2D (k, 1) conv: 0.79 (0.75-0.83)
+  Linear       fp32, >= 192 rows and >= 2^26 multiply-adds, as a 1x1 conv: 0.77 (0.73-0.80)
+  FeedForward  chunks of >= 512 tokens: 0.93 (0.84-1.06), and the live-tensor peak of a UNet forward falls to 0.58x
+               (459 -> 267 MB at 14 x 32 x 32; 4.1 -> 2.4 GB at 14 x 72 x 128)
+All four: 0.86 (0.83-0.93) of the plain UNet forward's CPU time (8 rounds). The toy models sample in the same time
+with or without them (0.95-1.02). The gain varies by machine: Intel and Apple CPUs are unmeasured, and on another
+AMD EPYC VM of the same kind the Linear-as-1x1-conv trick ran 95 GF/s against F.linear's 72, where an earlier
+isolated measurement on this one gave 233 against 90. CLIP's fused q/k/v projection is an F.linear call inside
+model.ResidualAttentionBlock, out of this module's reach: it stays plain.
 """
 import torch
 import torch.nn as nn
@@ -65,14 +65,17 @@ class Conv3d(nn.Conv3d):
 
 
 class Linear(nn.Linear):
-    """In fp32 with >= 192 rows, a 1x1 convolution over a channels-last view of the rows (no copy), which reaches
-    oneDNN's AVX-512 conv kernels instead of the MKL sgemm behind F.linear (AVX2 code on this AMD CPU); below ~200 rows
-    the per-call weight re-layout makes the conv lose. dilation=2 is a no-op for a 1x1 kernel; it stops PyTorch from
-    sending a batch-1 1x1 conv at 1 thread to its im2col + sgemm fallback."""
+    """In fp32 with >= 192 rows and >= 2^26 multiply-adds (rows x in x out), a 1x1 convolution over a channels-last
+    view of the rows (no copy), which reaches oneDNN's AVX-512 conv kernels instead of the MKL sgemm behind F.linear
+    (AVX2 code on this AMD CPU). Below that the conv's per-call weight re-layout and overhead make it lose: with fewer
+    rows at SVD's widths, and in narrow layers such as the toy's and the tiny preset's (alone: 1.3-6x F.linear's time
+    at 64-128 wide, 256-3584 rows). dilation=2 is a no-op for a 1x1 kernel; it stops PyTorch from sending a batch-1 1x1
+    conv at 1 thread to its im2col + sgemm fallback."""
 
     def forward(self, x):
         K = x.shape[-1]
-        if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() < 192 * K \
+        M = x.numel() // K
+        if x.device.type != "cpu" or x.dtype != torch.float32 or M < 192 or M * self.weight.numel() < 2 ** 26 \
                 or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             return super().forward(x)
         rows = x.reshape(-1, K).contiguous()                                            # (M, K)

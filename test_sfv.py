@@ -341,9 +341,13 @@ def test_cpu_kernels_match_plain_modules():
     names = calls(conv3, x)
     assert "conv2d" in names and "conv3d" not in names, names
     _grads_close(conv3, lambda x: F.conv3d(x, conv3.weight, conv3.bias, 1, (1, 0, 0)), x, [conv3.weight, conv3.bias])
-    for bias in (True, False):   # Linear: a 1x1 conv from 192 rows on, F.linear below
-        lin = cpu_kernels.apply(torch.nn.Linear(64, 48, bias=bias))
-        for shape, conv in (((3, 100, 64), True), ((2, 50, 64), False)):
+    cases = [  # Linear: a 1x1 conv from 192 rows and 2^26 multiply-adds on, F.linear below either
+        ((320, 256), (3, 300, 320), True),        # 900 rows, 74M multiply-adds
+        ((1280, 640), (1, 191, 1280), False),     # 191 rows (157M multiply-adds)
+        ((64, 48), (4, 1000, 64), False)]         # 12M multiply-adds (4000 rows)
+    for (cin, cout), shape, conv in cases:
+        for bias in (True, False):
+            lin = cpu_kernels.apply(torch.nn.Linear(cin, cout, bias=bias))
             x = torch.randn(shape, generator=g, requires_grad=True)
             names = calls(lin, x)
             assert ("conv2d" in names) == conv and ("linear" in names) != conv, (shape, names)
@@ -393,7 +397,7 @@ def test_cpu_kernels_apply_to_a_model():
     assert sum(a is not None for a, _ in grads) > 100 and all((a is None) == (b is None) for a, b in grads)
     for a, b in grads:
         if a is not None:                       # None: to_q/to_k of the cross-attentions to one token are unused
-            _close(a, b, atol=1e-4, rtol=1e-4)
+            _close(a, b)
 
 
 def test_vae_encode_parity(refs, loaded):
