@@ -1,10 +1,14 @@
 """
 What the command-line scripts share (sample.py, train.py, toy.py, evaluate.py, bench.py): the one-line error for
 expected failures (UserError), for running out of memory (oom_text) and for Ctrl-C (interrupted), atomic file writes
-(and the temp files a killed writer leaves), folder checks, and the choice of device.
+(and the temp files a killed writer leaves), folder checks, the choice of device, and a flag table's parser and
+bounds (train.py's FLAGS).
 """
+import argparse
 import errno
 import json
+import math
+import operator
 import os
 import re
 import sys
@@ -175,3 +179,39 @@ def pick_device(name="auto"):
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name}: unsupported device type {dev.type}; use auto, cpu, cuda, cuda:N or mps")
     return dev
+
+# -----------------------------------------------------------------------------
+# a flag table: rows (name, default, bounds, help), each --name-with-dashes. bounds: a text flag's choices (a tuple),
+# or a number's limits, each "op integer (note)" with op >=, >, <=, < (the error message quotes the note)
+
+BOUND = re.compile(r"([<>]=?) (\d+)(?: \(([^)]*)\))?")            # "op value (note)"
+OPS = {">=": (operator.ge, "at least"), ">": (operator.gt, "greater than"), "<=": (operator.le, "at most"),
+       "<": (operator.lt, "below")}
+
+
+def flag_parser(flags, description):
+    """An argparse parser of the table `flags`: booleans as --x / --no-x, choices from a tuple of bounds, the
+    default shown in --help."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, default, bounds, help_ in flags:
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            p.add_argument(flag, default=default, type=type(default), help=help_,
+                           choices=bounds if isinstance(bounds, tuple) else None)
+    return p
+
+
+def check_bounds(flags, args):
+    """UserError "bad --flag v: must be ..." for a non-finite float flag, then for a value outside its row's bounds."""
+    for name, *_ in flags:
+        v = getattr(args, name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"bad --{name.replace('_', '-')} {v}: must be a finite number")
+    for name, _, bounds, _ in flags:
+        for op, limit, note in BOUND.findall(bounds) if isinstance(bounds, str) else ():
+            v = getattr(args, name)
+            if not OPS[op][0](v, int(limit)):
+                raise UserError(f"bad --{name.replace('_', '-')} {v}: must be {OPS[op][1]} {limit}"
+                                + (f" ({note})" if note else ""))

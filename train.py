@@ -27,18 +27,12 @@ the data order is a per-epoch permutation of (seed, epoch): resume is exact, and
 result as one with batch N*b (gradients all-reduced once per optimiser step; not nn.parallel.DDP, since G and D
 alternate and R1 differentiates a forward-mode derivative).
 """
-import argparse
 import copy
 import json
 import math
-import operator
 import os
-import pickle
-import re
 import shutil
-import socket
 import sys
-import tempfile
 import time
 from dataclasses import replace
 
@@ -50,15 +44,15 @@ from tqdm import tqdm
 import cli
 import cpu_kernels
 import load_svd
-from cli import UserError, atomic_write, write_json, write_text
+from cli import UserError, atomic_write, write_json
 from discriminator import Discriminator, hinge_d_loss, hinge_g_loss, r1_approx_penalty, r1_penalty, score
 from data import (VIDEO_EXTS, ItemDataset, LatentCache, StepBatches, SyntheticVideos, VideoFolder, build_cache,
-                  check_cache, collate, encode_videos, file_stamp, move_frozen, probe_videos, sample_seed,
-                  unusable_videos, video_paths, write_video)
+                  check_cache, collate, encode_videos, move_frozen, sample_seed, write_video)
 from distributed import all_reduce_mean, barrier, broadcast_from_rank0, dist_setup
 from memory_plan import MemoryOptions, check_plan, copy_module, format_plan, memory_plan, peak_memory_gb
 from model import (CONFIGS, SVD, SVDConfig, added_time_ids, denoise, karras_sigmas, latent_factor, sample_latents,
                    size_multiple)
+from run_folder import load_resume, prepare_out, probe_data, read_state, record_unreadable, remove_created, unlock
 
 # -----------------------------------------------------------------------------
 # noise levels (SF-V sec. 3.3)
@@ -529,25 +523,6 @@ def next_batch(it):
         raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
-def record_unreadable(args, source, found, rank, world):
-    """Videos that failed to decode during training ([(path, reason)], this rank's), gathered over ranks, marked as
-    errors in the probe index and in <out>/video_index.json (rank 0), so later runs skip them at the scan. -> []"""
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, found)
-        found = [v for part in parts for v in part]
-    index = getattr(source, "index", None)                              # VideoFolder's; a cache has none
-    new = {p: r for p, r in found if index is not None and "error" not in index.get(p, {})}
-    if new:
-        for p, r in new.items():
-            index[p] = {"error": r, **({"stamp": file_stamp(p)} if os.path.exists(p) else {})}
-        if rank == 0:
-            write_json(os.path.join(args.out, "video_index.json"), index)
-            tqdm.write(f"note: recorded {len(new)} video(s) that failed to decode in {args.out}/video_index.json, "
-                       f"e.g. {next(iter(new))}; later runs skip them")
-    return []
-
-
 def sample_conditioning(args, svd, source, device):
     """The fixed conditioning of the sample videos: the first num_samples items, fixed seeds."""
     items = [source.get(i % len(source), sample_seed(args.seed, i, 6)) for i in range(args.num_samples)]
@@ -626,7 +601,7 @@ def _run(args, rank, world, device, progress):
     if device.type == "cpu":
         cpu_kernels.apply(svd)                                        # opt-in CPU speed-ups, same outputs
     tr = Trainer(args, svd, device, rank, world)
-    resume(tr, st, args, master)
+    load_resume(tr, st, args, master)
     del st
     progress["step"] = tr.step_num
     tr.broadcast_from_rank0()                                         # every rank starts from rank 0's weights
@@ -638,181 +613,6 @@ def _run(args, rank, world, device, progress):
     if world > 1:
         dist.destroy_process_group()
     return tr
-
-
-OUT_FILES = ("model.safetensors", "train_state.pt", "log.jsonl", "video_index.json", "train.lock")  # and samples/
-
-
-def prepare_out(args, master):
-    """Check that --out (and --cache, unless it is complete) can be written and holds no folder where a file goes
-    (or the reverse), create them, lock --out (rank 0; lock_out), remove stale temp files of interrupted writes
-    (cli.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). -> (the folders created now, removed again if
-    the start fails; the lock file or None)"""
-    created = cli.check_folder("--out", args.out)
-    created = (cli.check_folder("--cache", args.cache) if args.cache else []) + created   # cache first: in out?
-    for name in OUT_FILES + ("samples",):                                 # what train.py writes into --out
-        path, want = os.path.join(args.out, name), "folder" if name == "samples" else "file"
-        if os.path.exists(path) and os.path.isdir(path) != (want == "folder"):
-            raise UserError(f"--out {args.out} holds a {'file' if want == 'folder' else 'folder'} named {name} where "
-                            f"train.py writes a {want}; remove it or pass another --out")
-    to_write = [("--out", args.out)] + ([("--cache", args.cache)] if args.cache and not os.path.exists(
-        os.path.join(args.cache, "index.json")) else [])
-    for flag, folder in to_write:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):                    # writable, not just present
-                pass
-        except OSError as e:
-            remove_created(created)
-            raise UserError(f"cannot write to {flag} {folder} ({e.strerror or e}); pass a writable folder") from None
-    try:
-        lock = lock_out(args.out) if master else None
-    except UserError:
-        remove_created(created)
-        raise
-    if master:
-        for d in (args.out, os.path.join(args.out, "samples"), args.cache):
-            for path in cli.remove_stale_temps(d) if d else []:
-                print(f"removed {path} (left by an interrupted write)")
-    return created, lock
-
-
-def remove_created(created):
-    for d in created:                                                      # deepest first; only if still empty
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
-
-
-def lock_out(out):
-    """<out>/train.lock holds "<pid> <host>" of the run that uses --out. A lock whose process no longer runs (a killed
-    run) is taken over; one of a live run, or of another host (which cannot be checked), is refused. -> its path"""
-    path = os.path.join(out, "train.lock")
-    while True:
-        try:
-            with open(path, "x") as f:                         # exclusive create: of two runs starting, one wins
-                f.write(f"{os.getpid()} {socket.gethostname()}\n")
-            return path
-        except FileExistsError:
-            holder = lock_holder(path)
-            if holder:
-                raise UserError(f"--out {out} is in use by train.py pid {holder[0]} on {holder[1]} ({path}); wait for "
-                                f"it to end or pass another --out (if no such run is left, delete {path})") from None
-            unlock(path)                                                    # a killed run's: taken over
-
-
-def lock_holder(path):
-    """(pid, host) of the run holding the lock file at `path`, or None if it is gone: its process has ended, or is
-    this one (an earlier train.main of toy.py), or the file is unreadable (cut by a kill)."""
-    try:
-        with open(path) as f:
-            pid, host = f.read().split()[:2]
-        pid = int(pid)
-    except (OSError, ValueError):
-        return None
-    if host != socket.gethostname():
-        return pid, host
-    if pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except (PermissionError, OverflowError):
-        pass                                                   # runs under another user (or an absurd pid: held)
-    return pid, host
-
-
-def unlock(path):
-    """Remove a lock file that no live run holds (ours, or a killed run's)."""
-    if path and lock_holder(path) is None:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-MODEL_ARGS = ("mode", "init", "disc_heads", "head_channels", "cmap_dim", "cond_embed_dim", "disc_tap", "bf16",
-              "optimizer", "sm3_variant")          # define the networks or the optimiser state; a resume must keep them
-RUN_ARGS = ("resume", "resume_any_args", "max_steps", "out", "device", "workers", "log_every", "log_term_grads",
-            "save_every", "sample_every", "num_samples", "sample_steps", "sample_decode_chunk", "dist_timeout",
-            "max_memory", "grad_ckpt", "ema_device", "autocast_cache", "fused_step")   # how it runs, not what it learns
-STATE_KEYS = {"step", "unet", "ema", "opt_g", "rng_torch", "skipped_run"}
-
-
-def read_state(args, master):
-    """The --resume state: <out>/train_state.pt (torch.load weights_only=True), or None (fresh start, with a note).
-    UserError if it is damaged, unsafe, not a training state, or from a run with other model-defining arguments.
-    Other changed flags are applied, with a one-line note naming them; another --optimizer (--resume-any-args)
-    starts the optimiser state fresh (st["fresh_optimizer"])."""
-    path = os.path.join(args.out, "train_state.pt")
-    if not os.path.exists(path):
-        if args.resume and master:
-            print(f"note: --resume: no {path} yet; starting fresh")
-        return None
-    if not args.resume:
-        if master:
-            print(f"note: {path} exists but --resume is not given; starting fresh (the state is overwritten at the "
-                  f"first save)")
-        return None
-    fix = "delete it to start fresh, or restore an intact copy"
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise UserError(f"cannot resume from {path}: it is damaged ({str(e).strip().splitlines()[0][:100]}); "
-                            f"{fix}") from None
-        raise UserError(f"refusing to resume from {path}: it holds pickled Python objects, not only tensors (it is "
-                        f"read with torch.load weights_only=True); {fix}") from None
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
-        raise UserError(f"cannot resume from {path}: it is damaged or truncated ({type(e).__name__}: {first}); "
-                        f"{fix}") from None
-    if not isinstance(st, dict) or not STATE_KEYS <= set(st) or not isinstance(st.get("args", ""), str):
-        raise UserError(f"cannot resume from {path}: it is not a train.py training state; {fix}")
-    try:
-        saved = json.loads(st.get("args") or "{}")
-        diff = resume_mismatch(saved, args)
-    except (ValueError, AttributeError):
-        raise UserError(f"cannot resume from {path}: its saved arguments are not readable; {fix}") from None
-    if diff and not args.resume_any_args:
-        raise UserError(f"--resume: {diff}; start a new --out, or pass --resume-any-args")
-    st["fresh_optimizer"] = saved.get("optimizer", args.optimizer) != args.optimizer
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k, *_ in FLAGS
-               if k in saved and k not in RUN_ARGS and saved[k] != getattr(args, k)]
-    if changed and master:
-        print(f"note: --resume with changed settings, applied from step {st['step']} on: {', '.join(changed)}"
-              + ("; the optimiser state starts fresh" if st["fresh_optimizer"] else ""))
-    return st
-
-
-def resume_mismatch(saved, args):
-    """The first model-defining argument whose saved value (dict `saved`) differs from this run's, as a phrase; None
-    if all agree (arguments the saved run did not record are not compared)."""
-    for k in MODEL_ARGS:
-        if k in saved and saved[k] != getattr(args, k):
-            flag = "--" + k.replace("_", "-")
-            return f"the saved run has {flag} {saved[k]}, this run {flag} {getattr(args, k)}"
-    return None
-
-
-def probe_data(args, rank, world):
-    """--data's probe index {path: {n, fps, stamp} | {error, stamp}} (kept in <out>/video_index.json, so resumes skip
-    the scan); None for synthetic data. UserError if the folder is missing, holds no videos, or only unreadable ones."""
-    if args.data == "synthetic":
-        return None
-    index_path = os.path.join(args.out, "video_index.json")
-    try:
-        with open(index_path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        old = {}
-    index = probe_videos(args.data, old if isinstance(old, dict) else {}, rank, world)
-    skipped = [(p, index[p]["error"]) for p in video_paths(args.data) if "error" in index[p]]
-    if len(skipped) == len(video_paths(args.data)):
-        raise unusable_videos(args.data, skipped, 0, args.fps)
-    return index
 
 
 SVD_TRAIN_SIZE = (448, 768)            # SF-V sec. 4: trained at 448x768 (and sampled at SVD's 576x1024)
@@ -920,35 +720,6 @@ def prepare_data(args, svd, source, size, device, dtype_frozen, rank, world):
         move_frozen(svd, device, dtype_frozen)
     return source, skipped_scan
 
-
-def resume(tr, st, args, master):
-    """Load the --resume state into the trainer and drop log lines after its step; without one, a fresh log."""
-    log_path = os.path.join(args.out, "log.jsonl")
-    if st is None:
-        if master and os.path.exists(log_path):
-            os.remove(log_path)
-        return
-    path = os.path.join(args.out, "train_state.pt")
-    try:
-        tr.load_state_dict(st, optimizer_state=not st["fresh_optimizer"])
-    except (KeyError, RuntimeError, ValueError, AssertionError) as e:
-        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
-        raise UserError(f"cannot resume from {path} with these arguments ({type(e).__name__}: {first}); pass the "
-                        f"saved run's arguments, or start a new --out") from None
-    if master and os.path.exists(log_path):                              # drop log lines after the checkpoint
-        with open(log_path) as f:
-            lines = [l for l in f if logged_step(l) <= tr.step_num]
-        write_text(log_path, "".join(lines))
-    if master:
-        print(f"resuming from {path} at step {tr.step_num}")
-
-
-def logged_step(line):
-    """The step of a log.jsonl line; infinity for a blank or damaged line (e.g. cut by a kill)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
 
 # -----------------------------------------------------------------------------
 # the flags: (name, default, bounds, help), each --name-with-dashes; `--help` lists them all. bounds: a text flag's
@@ -1068,22 +839,8 @@ FLAGS = [
     ("num_samples", 2, ">= 1", "sample videos per round (fixed seeds and conditioning images)"),
     ("sample_steps", 25, ">= 1", "diffusion mode: Euler steps for the sample videos (sfv: always 1)"),
 ]
-BOUND = re.compile(r"([<>]=?) (\d+)(?: \(([^)]*)\))?")            # "op value (note)"
-OPS = {">=": (operator.ge, "at least"), ">": (operator.gt, "greater than"), "<=": (operator.le, "at most"),
-       "<": (operator.lt, "below")}
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, default, bounds, help_ in FLAGS:
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
-        else:
-            p.add_argument(flag, default=default, type=type(default), help=help_,
-                           choices=bounds if isinstance(bounds, tuple) else None)
-    args = p.parse_args(argv)
+    args = cli.flag_parser(FLAGS, __doc__.split("\n\n")[0]).parse_args(argv)
     args.out = args.out.replace("<mode>", args.mode)
     return args
 
@@ -1091,16 +848,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Every flag value, before anything expensive: UserError "bad --flag v: must be ...; <fix>". The rows' bounds
     first, then the rules a bound cannot say."""
-    for name, *_ in FLAGS:
-        v = getattr(args, name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise UserError(f"bad --{name.replace('_', '-')} {v}: must be a finite number")
-    for name, _, bounds, _ in FLAGS:
-        for op, limit, note in BOUND.findall(bounds) if isinstance(bounds, str) else ():
-            v = getattr(args, name)
-            if not OPS[op][0](v, int(limit)):
-                raise UserError(f"bad --{name.replace('_', '-')} {v}: must be {OPS[op][1]} {limit}"
-                                + (f" ({note})" if note else ""))
+    cli.check_bounds(FLAGS, args)
     # what a bound cannot say: the form of one flag's value, then the rules between flags
     if not args.out.strip():
         raise UserError("bad --out '': pass the folder for checkpoints, logs and samples, e.g. --out out/sfv")
