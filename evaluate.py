@@ -461,8 +461,8 @@ def load_i3d(path, device="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"I3D file not found: {path}; pass StyleGAN-V's i3d_torchscript.pt with --i3d PATH")
     try:
-        with warnings.catch_warnings():                 # torch >= 2.9 deprecates TorchScript; the I3D file is one
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with warnings.catch_warnings():                 # newer torch deprecates TorchScript; the I3D file is one
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated")
             return torch.jit.load(path, map_location=device).eval()
     except Exception as e:
         raise UserError(f"{path} is not a TorchScript file ({type(e).__name__}); pass StyleGAN-V's "
