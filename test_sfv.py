@@ -2410,8 +2410,8 @@ def test_checkpoint_bundle_ema_and_samples(tmp_path):
     svd = load_svd.load(str(out / "model.safetensors"))                  # what sample.py --ckpt loads
     assert svd.cfg.steps == 1 and svd.cfg.max_cfg == 1.0 and svd.cfg.num_frames == 4
     assert all(torch.equal(v, tr.ema.state_dict()[k]) for k, v in svd.unet.state_dict().items())
-    import sample
-    assert sample.sampling_defaults(svd)["steps"] == 1
+    import sample_flags
+    assert sample_flags.sampling_defaults(svd)["steps"] == 1
     vids = sorted(os.listdir(out / "samples"))
     assert vids == ["step0000001_0.mp4", "step0000001_1.mp4"]
     with av.open(str(out / "samples" / vids[0])) as c:
