@@ -65,7 +65,8 @@ KNOWN_UNUSED = {
     "single": [
         (r"conditioner\.embedders\.0\.open_clip\.model\.(token_embedding|positional_embedding|ln_final|text_projection"
          r"|logit_scale|attn_mask|transformer)\b", "OpenCLIP text-tower leftovers"),
-        (r"conditioner\.embedders\.3\.encoder\.(decoder|post_quant_conv)\.", "the conditioning autoencoder's unused decoder"),
+        (r"conditioner\.embedders\.3\.encoder\.(decoder|post_quant_conv)\.",
+         "the conditioning autoencoder's unused decoder"),
     ],
     "diffusers": [(r"image_encoder/vision_model\.embeddings\.position_ids$", "a transformers buffer")],
 }
@@ -122,7 +123,8 @@ def unet_to_diffusers(key, cfg):
 
 
 def vae_to_diffusers(key, cfg):
-    """Our (= sgm) VAE key (encoder.*, quant_conv.*, decoder.*) -> (diffusers AutoencoderKLTemporalDecoder key, kind)."""
+    """Our (= sgm) VAE key (encoder.*, quant_conv.*, decoder.*) -> (diffusers AutoencoderKLTemporalDecoder key,
+    kind)."""
     part, rest = key.split(".", 1)
     if part == "quant_conv":
         return key, "copy"
@@ -137,7 +139,8 @@ def vae_to_diffusers(key, cfg):
         rest = re.sub(r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", rest)
         return "encoder." + rest.replace(".nin_shortcut.", ".conv_shortcut."), "copy"
     n = len(cfg.ch_mult)
-    rest = re.sub(r"^up\.(\d+)\.block\.(\d+)\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.resnets.{g.group(2)}.", rest)
+    rest = re.sub(r"^up\.(\d+)\.block\.(\d+)\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.resnets.{g.group(2)}.",
+                  rest)
     rest = re.sub(r"^up\.(\d+)\.upsample\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.upsamplers.0.", rest)
     m = re.match(r"(.*resnets\.\d+\.)(.*)$", rest)
     return "decoder." + (m.group(1) + _diffusers_res(m.group(2)) if m else rest), "copy"
@@ -218,7 +221,8 @@ def match(cfg: SVDConfig, layout, source_shapes):
     unexpected = [k for k, why in zip(rest, reasons) if why is None]
     skipped = {why: reasons.count(why) for why in dict.fromkeys(reasons) if why is not None}
     if missing:
-        raise LoadError(f"checkpoint is missing {len(missing)} keys: {short(missing)} (incomplete or not an SVD checkpoint)")
+        raise LoadError(f"checkpoint is missing {len(missing)} keys: {short(missing)} (incomplete or not an SVD "
+                        f"checkpoint)")
     if unexpected:
         raise LoadError(f"checkpoint has {len(unexpected)} unexpected keys: {short(unexpected)} "
                         f"(a different model or config; pass the matching config)")
@@ -294,14 +298,16 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
     The model carries .load_info = {"layout", "path", "skipped", "metadata"}."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise LoadError(f"checkpoint not found: {path}; pass a path to svd.safetensors, a diffusers folder or an SF-V bundle")
+        raise LoadError(f"checkpoint not found: {path}; pass a path to svd.safetensors, a diffusers folder or an SF-V "
+                        f"bundle")
     src, metadata = _Source(), {}
     if os.path.isdir(path):
         layout = "diffusers"
         if not os.path.isdir(os.path.join(path, "unet")):
-            raise LoadError(f"{path} is a folder but not a diffusers SVD folder (no unet/ inside); pass the file or the "
-                            f"folder that holds unet/, vae/ and image_encoder/")
-        for tag, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("image_encoder", "model")):
+            raise LoadError(f"{path} is a folder but not a diffusers SVD folder (no unet/ inside); pass the file or "
+                            f"the folder that holds unet/, vae/ and image_encoder/")
+        for tag, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                          ("image_encoder", "model")):
             src.open(tag, _diffusers_file(path, tag, stem, dtype))
         if config is None:
             frames = _read_json(os.path.join(path, "unet", "config.json")).get("num_frames")
@@ -341,7 +347,8 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
             t = t.clone()
         used.update(srcs)
         if tuple(t.shape) != ours[name]:
-            raise LoadError(f"shape mismatch for '{srcs[0]}': checkpoint has {list(t.shape)}, model expects {list(ours[name])}")
+            raise LoadError(f"shape mismatch for '{srcs[0]}': checkpoint has {list(t.shape)}, model expects "
+                            f"{list(ours[name])}")
         state[name] = t.to(device=device, dtype=dtype)   # one source tensor alive at a time
     svd.load_state_dict(state, strict=True, assign=True)
     svd.eval()
@@ -369,7 +376,8 @@ def save(svd: SVD, path, extra_metadata=None):
 
 
 def bundle_metadata(path):
-    """A safetensors file's metadata (a bundle's format tag, config, training step) without reading tensors; {} if none."""
+    """A safetensors file's metadata (a bundle's format tag, config, training step) without reading tensors; {} if
+    none."""
     try:
         with safe_open(path, framework="pt") as f:
             return f.metadata() or {}
@@ -445,7 +453,8 @@ def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
         head = urllib.request.build_opener(_NoRedirect).open(request("HEAD"), timeout=60).headers
     except (urllib.error.URLError, OSError) as e:
         if not (isinstance(e, urllib.error.HTTPError) and 300 <= e.code < 400):
-            raise _request_error(e, url, "check the connection or download the file yourself into checkpoints/") from None
+            raise _request_error(e, url, "check the connection or download the file yourself into "
+                                         "checkpoints/") from None
         head = e.headers
     total = head.get("X-Linked-Size") or (head.get("Content-Length") if head.get("Location") is None else None)
     total = int(total) if total else None
@@ -471,13 +480,15 @@ def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
         if total is None and resp.headers.get("Content-Length"):
             total = start + int(resp.headers["Content-Length"])
         with resp, open(part, "ab" if start else "wb") as f, \
-                tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=os.path.basename(dest), disable=not progress) as bar:
+                tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=os.path.basename(dest),
+                     disable=not progress) as bar:
             try:
                 for buf in iter(lambda: resp.read(chunk_size), b""):
                     f.write(buf)
                     bar.update(len(buf))
             except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
-                raise LoadError(f"download interrupted ({type(e).__name__}: {e}); run the same command again to resume") from None
+                raise LoadError(f"download interrupted ({type(e).__name__}: {e}); run the same command again to "
+                                f"resume") from None
     size = os.path.getsize(part)
     if total is not None and size != total:
         raise LoadError(f"download incomplete: {size} of {total} bytes in {part}; run the same command again to resume")

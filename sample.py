@@ -43,10 +43,10 @@ def snap_size(height, width, multiple):
 @torch.no_grad()
 def sample_video(svd, image, num_frames=None, steps=None, min_cfg=None, max_cfg=None, fps_id=None,
                  motion_bucket_id=None, cond_aug=None, seed=23, decode_chunk=14, offload=False):
-    """image (3, H, W) in [0, 1], H and W multiples of model.size_multiple -> (video (T, 3, H, W) float32 in [0, 1] on CPU, stats).
-    Missing sampling arguments come from svd.cfg. stats: seconds per stage ("encode", "denoise", "decode") and
-    "unet_evals" (network evaluations; a CFG step counts 2). All noise is drawn on CPU from one generator seeded
-    `seed` (the cond-aug noise, then the initial latent), so a seed gives the same video on every device."""
+    """image (3, H, W) in [0, 1], H and W multiples of model.size_multiple -> (video (T, 3, H, W) float32 in [0, 1] on
+    CPU, stats). Missing sampling arguments come from svd.cfg. stats: seconds per stage ("encode", "denoise",
+    "decode") and "unet_evals" (network evaluations; a CFG step counts 2). All noise is drawn on CPU from one generator
+    seeded `seed` (the cond-aug noise, then the initial latent), so a seed gives the same video on every device."""
     p = next(svd.unet.parameters())
     device, dtype = p.device, p.dtype
     gens = [torch.Generator().manual_seed(seed)]
@@ -80,12 +80,14 @@ def sample_video(svd, image, num_frames=None, steps=None, min_cfg=None, max_cfg=
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=f"Image-to-video with SVD / SF-V. Writes an H.264 mp4 into {OUT_DIR}/.")
     p.add_argument("image", nargs="?", help="input image (PNG, JPEG, WebP, ...)")
-    p.add_argument("--out", help=f"output .mp4 or .gif (default: {OUT_DIR}/<image name>.mp4, {OUT_DIR}/ made if missing)")
+    p.add_argument("--out", help=f"output .mp4 or .gif (default: {OUT_DIR}/<image name>.mp4, {OUT_DIR}/ made if "
+                                 f"missing)")
     p.add_argument("--gif", action="store_true", help="also write a .gif next to the mp4")
     p.add_argument("--frames-dir", help="also write every frame as PNG into this folder")
     p.add_argument("--ckpt", help=f"official .safetensors, diffusers folder or SF-V bundle "
                                   f"(default: ${load_svd.CKPT_ENV}, checkpoints/, then the toy model)")
-    p.add_argument("--config", choices=sorted(CONFIGS), help="config of non-official weights (default: from the shapes)")
+    p.add_argument("--config", choices=sorted(CONFIGS), help="config of non-official weights (default: from the "
+                                                             "shapes)")
     p.add_argument("--download", choices=sorted(load_svd.OFFICIAL), help="download official weights into "
                                                                           "checkpoints/ (uses $HF_TOKEN; resumes)")
     p.add_argument("--steps", type=int, help="1: one evaluation, no CFG; >1: EDM Euler + CFG, or an SF-V student's "
@@ -101,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--cond-aug", type=float, help="noise on the conditioning image (default: checkpoint's, 0.02)")
     p.add_argument("--fps", type=float, help="output frame rate (default: fps-id + 1)")
     p.add_argument("--seed", type=int, default=23, help="seed of all noise, 0 .. 2^64-1 (default: 23)")
-    p.add_argument("--decode-chunk", type=int, default=14, help="frames per VAE decode, lower saves memory (default: 14)")
+    p.add_argument("--decode-chunk", type=int, default=14, help="frames per VAE decode, lower saves memory (default: "
+                                                                "14)")
     p.add_argument("--device", default="auto", help="auto (default: cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 (fp16 without bf16 support) on GPU, fp32 on CPU")
