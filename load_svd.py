@@ -12,26 +12,25 @@ Layouts:
 Strict: every parameter is filled exactly once; every checkpoint key is consumed or on a named list of known-unused
 keys; shape mismatches name the key and both shapes. Memory-frugal: the model is built on the meta device and each
 tensor is read lazily, converted to the target dtype/device and placed, so the fp32 file is never held twice.
-Every failure is a LoadError, a cli.UserError: one line, what is wrong and how to fix it.
+Every failure is a LoadError, a cli.UserError: one line, what is wrong and how to fix it (checkpoint_checks.py holds
+it and the checks that guard reading a file: its kind, weights_only torch.load, a bundle's config and tensors).
 """
 import hashlib
 import http.client
 import json
 import os
-import pickle
-import pickletools
 import re
 import urllib.error
 import urllib.request
-import warnings
-import zipfile
 from dataclasses import replace
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cli import UserError, atomic_write
+from checkpoint_checks import (LoadError, check_bundle_config, check_bundle_tensors, checkpoint_kind, reject_non_svd,
+                               short, torch_state_dict)
+from cli import atomic_write
 from model import SVD, SVDConfig, CONFIGS, karras_sigmas
 
 BUNDLE_FORMAT = "sfv-bundle"
@@ -66,14 +65,11 @@ KNOWN_UNUSED = {
     "single": [
         (r"conditioner\.embedders\.0\.open_clip\.model\.(token_embedding|positional_embedding|ln_final|text_projection"
          r"|logit_scale|attn_mask|transformer)\b", "OpenCLIP text-tower leftovers"),
-        (r"conditioner\.embedders\.3\.encoder\.(decoder|post_quant_conv)\.", "the conditioning autoencoder's unused decoder"),
+        (r"conditioner\.embedders\.3\.encoder\.(decoder|post_quant_conv)\.",
+         "the conditioning autoencoder's unused decoder"),
     ],
     "diffusers": [(r"image_encoder/vision_model\.embeddings\.position_ids$", "a transformers buffer")],
 }
-
-
-class LoadError(UserError, ValueError):
-    """A checkpoint that cannot be found, downloaded or loaded."""
 
 
 # -----------------------------------------------------------------------------
@@ -127,7 +123,8 @@ def unet_to_diffusers(key, cfg):
 
 
 def vae_to_diffusers(key, cfg):
-    """Our (= sgm) VAE key (encoder.*, quant_conv.*, decoder.*) -> (diffusers AutoencoderKLTemporalDecoder key, kind)."""
+    """Our (= sgm) VAE key (encoder.*, quant_conv.*, decoder.*) -> (diffusers AutoencoderKLTemporalDecoder key,
+    kind)."""
     part, rest = key.split(".", 1)
     if part == "quant_conv":
         return key, "copy"
@@ -142,7 +139,8 @@ def vae_to_diffusers(key, cfg):
         rest = re.sub(r"^down\.(\d+)\.downsample\.", r"down_blocks.\1.downsamplers.0.", rest)
         return "encoder." + rest.replace(".nin_shortcut.", ".conv_shortcut."), "copy"
     n = len(cfg.ch_mult)
-    rest = re.sub(r"^up\.(\d+)\.block\.(\d+)\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.resnets.{g.group(2)}.", rest)
+    rest = re.sub(r"^up\.(\d+)\.block\.(\d+)\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.resnets.{g.group(2)}.",
+                  rest)
     rest = re.sub(r"^up\.(\d+)\.upsample\.", lambda g: f"up_blocks.{n - 1 - int(g.group(1))}.upsamplers.0.", rest)
     m = re.match(r"(.*resnets\.\d+\.)(.*)$", rest)
     return "decoder." + (m.group(1) + _diffusers_res(m.group(2)) if m else rest), "copy"
@@ -200,11 +198,6 @@ def _combine(tensors, kind, shape):
     return tensors[0].reshape(shape) if kind == "view" else tensors[0]       # view: adds/drops the 1x1 conv dims
 
 
-def _short(keys, n=8):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def match(cfg: SVDConfig, layout, source_shapes):
     """Check a checkpoint's {key: shape} against our model for `layout`; returns (plan, skipped) or raises LoadError.
     plan: {our name: ([source keys], kind)}; skipped: {reason: count} of known-unused keys."""
@@ -228,9 +221,10 @@ def match(cfg: SVDConfig, layout, source_shapes):
     unexpected = [k for k, why in zip(rest, reasons) if why is None]
     skipped = {why: reasons.count(why) for why in dict.fromkeys(reasons) if why is not None}
     if missing:
-        raise LoadError(f"checkpoint is missing {len(missing)} keys: {_short(missing)} (incomplete or not an SVD checkpoint)")
+        raise LoadError(f"checkpoint is missing {len(missing)} keys: {short(missing)} (incomplete or not an SVD "
+                        f"checkpoint)")
     if unexpected:
-        raise LoadError(f"checkpoint has {len(unexpected)} unexpected keys: {_short(unexpected)} "
+        raise LoadError(f"checkpoint has {len(unexpected)} unexpected keys: {short(unexpected)} "
                         f"(a different model or config; pass the matching config)")
     return plan, skipped
 
@@ -248,11 +242,7 @@ class _Source:
     def open(self, tag, path):
         """Add the tensors of `path` -> its safetensors metadata ({} if none)."""
         pre = tag + "/" if tag else ""
-        kind = _file_kind(path)
-        if kind is None and not path.endswith(".safetensors"):
-            raise LoadError(f"{path} is not a checkpoint ({_what_file(path)}, neither safetensors nor a PyTorch "
-                            f"file); pass svd.safetensors, a diffusers folder or an SF-V bundle")
-        if path.endswith(".safetensors") or kind == "safetensors":
+        if checkpoint_kind(path) == "safetensors":
             try:
                 f = safe_open(path, framework="pt", device="cpu")
             except Exception as e:
@@ -260,11 +250,7 @@ class _Source:
                                 f"it may be truncated: download it again") from None
             self.shapes.update({pre + k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         else:
-            sd = _torch_load(path)
-            sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-            if not isinstance(sd, dict):
-                raise LoadError(f"{path} does not contain a state dict; convert it to .safetensors")
-            f = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+            f = torch_state_dict(path)
             self.shapes.update({pre + k: tuple(v.shape) for k, v in f.items()})
         self.files[tag] = f
         return {} if isinstance(f, dict) else f.metadata() or {}
@@ -277,71 +263,6 @@ class _Source:
         except Exception as e:
             raise LoadError(f"could not read '{key}' ({str(e).splitlines()[0]}); the file may be truncated: "
                             f"download it again") from None
-
-
-def _file_kind(path):
-    """What a file holds, from its first bytes: "safetensors" (an 8-byte header length, then the JSON header), "zip"
-    (torch.save), "pickle" (a legacy torch.save or a raw pickle, protocol >= 2) or None."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as e:
-        raise LoadError(f"cannot read {path}: {e.strerror}; check the file permissions") from None
-    if head[:4] == b"PK\x03\x04":
-        return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    return "safetensors" if len(head) == 9 and head[8:9] == b"{" else None
-
-
-def _what_file(path):
-    """'a text file' or 'an unknown binary format', for the message of a file that is not a checkpoint."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    try:
-        head.decode("utf-8")
-        return "a text file" if head else "an empty file"
-    except UnicodeDecodeError as e:
-        return "a text file" if e.start > len(head) - 4 else "an unknown binary format"
-
-
-def _pickle_globals(path):
-    """Globals (module.name) a legacy (non-zip) pickle imports, read with pickletools (nothing runs); [] if unparsable."""
-    found, strings = [], []
-    try:
-        with open(path, "rb") as f:
-            for op, arg, _ in pickletools.genops(f):
-                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                    strings.append(arg)
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(f"{strings[-2]}.{strings[-1]}")
-                elif op.name in ("GLOBAL", "INST"):
-                    found.append(arg.replace(" ", "."))
-    except Exception:
-        pass
-    return found
-
-
-def _torch_load(path):
-    """A .ckpt/.pt/.pth/.bin through torch.load(weights_only=True): only tensors and plain containers, never code.
-    Zip-format files (torch >= 1.6) are memory-mapped; legacy (pre-zip) files are read into memory."""
-    is_zip = zipfile.is_zipfile(path)
-    try:
-        with warnings.catch_warnings():          # torch notes a non-default pickle protocol before refusing it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except Exception as e:
-        msg = str(e)
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in msg:
-            m = re.search(r"GLOBAL (\S+)", msg)
-            names = [m.group(1)] if m else ([] if is_zip else _pickle_globals(path))
-            what = (f"it imports Python objects ({', '.join(dict.fromkeys(names))}) that would run when unpickled"
-                    if names else "it holds pickled Python objects, not only tensors")
-            raise LoadError(f"refusing to load {path}: {what}; only plain tensor checkpoints are loaded "
-                            f"(torch.load weights_only=True): convert a checkpoint you trust to .safetensors") from None
-        first = msg.strip().splitlines()[0][:120] if msg.strip() else ""
-        raise LoadError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first}); it may be "
-                        f"truncated or not a checkpoint: download it again or convert it to .safetensors") from None
 
 
 def _diffusers_file(folder, sub, stem, dtype):
@@ -371,32 +292,22 @@ def _official_config(xt, shapes):
     return cfg
 
 
-def _reject_non_svd(path, shapes):
-    unet = [k for k in shapes if k.startswith("model.diffusion_model.")]
-    if not unet:
-        raise LoadError(f"{path} is not an SVD checkpoint: none of its {len(shapes)} keys (e.g. "
-                        f"'{next(iter(shapes), '')}') is an SVD UNet key (model.diffusion_model.*); "
-                        f"use svd.safetensors / svd_xt.safetensors or a diffusers SVD folder")
-    if not any(".time_stack." in k for k in unet):
-        cin = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
-        raise LoadError(f"{path} is not an SVD checkpoint: it looks like a Stable Diffusion image model (UNet without "
-                        f"temporal layers, conv_in {list(cin) if cin else '?'}); use the SVD image-to-video weights")
-
-
 def load(path, config=None, dtype=torch.float32, device="cpu"):
     """An official single file, a diffusers folder, a legacy .ckpt (weights_only) or our bundle -> SVD (eval mode).
     config: an SVDConfig for non-official shapes (e.g. tiny models); otherwise the official shapes are recognised.
     The model carries .load_info = {"layout", "path", "skipped", "metadata"}."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise LoadError(f"checkpoint not found: {path}; pass a path to svd.safetensors, a diffusers folder or an SF-V bundle")
+        raise LoadError(f"checkpoint not found: {path}; pass a path to svd.safetensors, a diffusers folder or an SF-V "
+                        f"bundle")
     src, metadata = _Source(), {}
     if os.path.isdir(path):
         layout = "diffusers"
         if not os.path.isdir(os.path.join(path, "unet")):
-            raise LoadError(f"{path} is a folder but not a diffusers SVD folder (no unet/ inside); pass the file or the "
-                            f"folder that holds unet/, vae/ and image_encoder/")
-        for tag, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("image_encoder", "model")):
+            raise LoadError(f"{path} is a folder but not a diffusers SVD folder (no unet/ inside); pass the file or "
+                            f"the folder that holds unet/, vae/ and image_encoder/")
+        for tag, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                          ("image_encoder", "model")):
             src.open(tag, _diffusers_file(path, tag, stem, dtype))
         if config is None:
             frames = _read_json(os.path.join(path, "unet", "config.json")).get("num_frames")
@@ -415,11 +326,9 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
             if not config.student_levels and (metadata.get("mode") == "sfv" or
                                               ("mode" not in metadata and "sampler" not in raw and config.steps == 1)):
                 config = replace(config, sampler="student", student_levels=old_student_levels(config))   # older bundles
-            bad = config_problem(config)
-            if bad:
-                raise LoadError(f"bundle {path} has a bad value in its config ({bad}); save or download it again")
+            check_bundle_config(path, config)
         else:
-            _reject_non_svd(path, src.shapes)
+            reject_non_svd(path, src.shapes)
             if config is None:
                 config = _official_config("xt" in os.path.basename(path).lower(), src.shapes)
 
@@ -427,14 +336,7 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
         svd = SVD(config)
     ours = {k: tuple(v.shape) for k, v in svd.state_dict().items()}
     if layout == "bundle":                        # our names and shapes: exactly the model's
-        missing, extra = sorted(set(ours) - set(src.shapes)), sorted(set(src.shapes) - set(ours))
-        if missing or extra:
-            raise LoadError(_bundle_mismatch(path, missing, extra, ours, src.shapes))
-        bad = next((k for k in ours if tuple(src.shapes[k]) != ours[k]), None)
-        if bad is not None:
-            raise LoadError(f"bundle {path}: shape mismatch for '{bad}': checkpoint has {list(src.shapes[bad])}, model "
-                            f"expects {list(ours[bad])} (from the bundle's config); the file was edited or is damaged: "
-                            f"save or download it again")
+        check_bundle_tensors(path, ours, src.shapes)
         plan, skipped = {k: ([k], "copy") for k in ours}, {}
     else:
         plan, skipped = match(config, layout, src.shapes)
@@ -445,7 +347,8 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
             t = t.clone()
         used.update(srcs)
         if tuple(t.shape) != ours[name]:
-            raise LoadError(f"shape mismatch for '{srcs[0]}': checkpoint has {list(t.shape)}, model expects {list(ours[name])}")
+            raise LoadError(f"shape mismatch for '{srcs[0]}': checkpoint has {list(t.shape)}, model expects "
+                            f"{list(ours[name])}")
         state[name] = t.to(device=device, dtype=dtype)   # one source tensor alive at a time
     svd.load_state_dict(state, strict=True, assign=True)
     svd.eval()
@@ -453,41 +356,11 @@ def load(path, config=None, dtype=torch.float32, device="cpu"):
     return svd
 
 
-def _bundle_mismatch(path, missing, extra, ours, shapes):
-    """The message of a bundle whose tensor names are not its config's (a renamed key is named as such)."""
-    fix = "use the file as train.py wrote it, or save or download it again"
-    if len(missing) == len(extra) == 1 and ours[missing[0]] == tuple(shapes[extra[0]]):
-        return (f"bundle {path} has a tensor '{extra[0]}' where its config expects '{missing[0]}' (the same shape "
-                f"{list(ours[missing[0]])}: renamed?); rename it back to '{missing[0]}', or {fix}")
-    what = ([f"lacks {len(missing)} tensors of its config ({_short(missing)})"] if missing else []) + \
-           ([f"has {len(extra)} tensors its config does not define ({_short(extra)})"] if extra else [])
-    return f"bundle {path} does not match its config: it {' and '.join(what)}; {fix}"
-
-
 def old_student_levels(cfg, levels=4):
     """The trained noise levels of an SF-V bundle saved before bundles recorded them (no sampler field, or the
     field's default "euler" in a bundle whose metadata says mode sfv): train.py's default grid, the `levels`-level
     Karras grid without its smallest level (its --gen-levels 4)."""
     return tuple(karras_sigmas(levels, cfg.sigma_min, cfg.sigma_max, cfg.rho)[:-2].tolist())
-
-
-def config_problem(cfg):
-    """What is wrong with a config's sampling defaults and sampler fields (which sample.py uses unchecked), or None."""
-    lv = cfg.student_levels
-    for name, low in (("num_frames", 1), ("steps", 1), ("height", 1), ("width", 1), ("fps_id", 0),
-                      ("motion_bucket_id", 0), ("cond_aug", 0), ("min_cfg", -100), ("max_cfg", -100)):
-        v = getattr(cfg, name)
-        if not (isinstance(v, (int, float)) and low <= v < float("inf")):
-            return f"{name} {v!r}: must be a number >= {low}"
-    if cfg.sampler not in ("euler", "student"):
-        return f"sampler {cfg.sampler!r} is neither 'euler' nor 'student'"
-    if not (0 < cfg.sigma_min < cfg.sigma_max < float("inf") and cfg.rho > 0):
-        return f"sigma_min {cfg.sigma_min:g}, sigma_max {cfg.sigma_max:g}, rho {cfg.rho:g}: need 0 < min < max, rho > 0"
-    if cfg.sampler == "student" and not (lv and all(0 < b < a for a, b in zip((float("inf"),) + lv, lv)) and lv[0] < float("inf")):
-        return f"student_levels {list(lv)}: need positive noise levels, descending"
-    if cfg.sampler == "student" and not 1 <= cfg.steps <= len(lv):
-        return f"steps {cfg.steps}: a student takes 1 to {len(lv)} steps (one per trained level)"
-    return None
 
 
 def save(svd: SVD, path, extra_metadata=None):
@@ -503,7 +376,8 @@ def save(svd: SVD, path, extra_metadata=None):
 
 
 def bundle_metadata(path):
-    """A safetensors file's metadata (a bundle's format tag, config, training step) without reading tensors; {} if none."""
+    """A safetensors file's metadata (a bundle's format tag, config, training step) without reading tensors; {} if
+    none."""
     try:
         with safe_open(path, framework="pt") as f:
             return f.metadata() or {}
@@ -579,7 +453,8 @@ def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
         head = urllib.request.build_opener(_NoRedirect).open(request("HEAD"), timeout=60).headers
     except (urllib.error.URLError, OSError) as e:
         if not (isinstance(e, urllib.error.HTTPError) and 300 <= e.code < 400):
-            raise _request_error(e, url, "check the connection or download the file yourself into checkpoints/") from None
+            raise _request_error(e, url, "check the connection or download the file yourself into "
+                                         "checkpoints/") from None
         head = e.headers
     total = head.get("X-Linked-Size") or (head.get("Content-Length") if head.get("Location") is None else None)
     total = int(total) if total else None
@@ -605,13 +480,15 @@ def download(url, dest, token=None, chunk_size=1 << 20, progress=True):
         if total is None and resp.headers.get("Content-Length"):
             total = start + int(resp.headers["Content-Length"])
         with resp, open(part, "ab" if start else "wb") as f, \
-                tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=os.path.basename(dest), disable=not progress) as bar:
+                tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=os.path.basename(dest),
+                     disable=not progress) as bar:
             try:
                 for buf in iter(lambda: resp.read(chunk_size), b""):
                     f.write(buf)
                     bar.update(len(buf))
             except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
-                raise LoadError(f"download interrupted ({type(e).__name__}: {e}); run the same command again to resume") from None
+                raise LoadError(f"download interrupted ({type(e).__name__}: {e}); run the same command again to "
+                                f"resume") from None
     size = os.path.getsize(part)
     if total is not None and size != total:
         raise LoadError(f"download incomplete: {size} of {total} bytes in {part}; run the same command again to resume")

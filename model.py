@@ -93,19 +93,16 @@ class SVDConfig:
     def from_dict(cls, d):
         sub = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig}
         kw = {}
-        for f in fields(cls):
-            if f.name not in d:
-                continue
-            v = d[f.name]
-            if f.name == "vae" and "space_to_depth" in v:      # the older name, kept by existing bundles
+        for name in [f.name for f in fields(cls) if f.name in d]:
+            v = d[name]
+            if name == "vae" and "space_to_depth" in v:      # the older name, kept by existing bundles
                 v = {("linear_patch_size" if k == "space_to_depth" else k): x for k, x in v.items()}
-            if f.name in sub:
-                names = {g.name for g in fields(sub[f.name])}
-                unknown = set(v) - names
+            if name in sub:
+                unknown = set(v) - {g.name for g in fields(sub[name])}
                 if unknown:
-                    raise ValueError(f"unknown {f.name} config fields: {sorted(unknown)}")
-                v = sub[f.name](**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
-            kw[f.name] = tuple(v) if isinstance(v, list) else v
+                    raise ValueError(f"unknown {name} config fields: {sorted(unknown)}")
+                v = sub[name](**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
+            kw[name] = tuple(v) if isinstance(v, list) else v
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown SVD config fields: {sorted(unknown)}")
@@ -143,12 +140,11 @@ class LayerNorm(nn.LayerNorm):
 
 
 def mix(alpha_param, x_a, x_b):
-    """AlphaBlender ('learned' at inference): sigmoid(mix_factor) * x_a + (1 - sigmoid) * x_b, as one lerp
-    (x_b + a (x_a - x_b)); the result takes x_b's memory layout."""
+    """AlphaBlender ('learned'): sigmoid(mix_factor) x_a + (1 - sigmoid) x_b as one lerp, in x_b's memory layout."""
     return torch.lerp(x_b, x_a, torch.sigmoid(alpha_param.float()).to(x_a.dtype))
 
 # -----------------------------------------------------------------------------
-# UNet: res blocks (sgm openaimodel.ResBlock, video_model.VideoResBlock)
+# UNet blocks: res blocks (sgm openaimodel.py, video_model.py) and attention (sgm attention.py, video_attention.py)
 
 
 class ResBlock(nn.Module):
@@ -210,9 +206,6 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-# -----------------------------------------------------------------------------
-# UNet: attention (sgm attention.py, video_attention.py)
 
 
 class CrossAttention(nn.Module):
@@ -335,12 +328,9 @@ class SpatialVideoTransformer(nn.Module):
 # UNet
 
 
-class TimestepBlock(nn.ModuleList):
-    """One entry of input_blocks/middle_block/output_blocks (sgm TimestepEmbedSequential); UNet._layer runs its layers."""
-
-
 class UNet(nn.Module):
-    """The SVD spatiotemporal UNet (sgm VideoUNet). forward: (B, T, 8, H, W) -> (B, T, 4, H, W)."""
+    """The SVD spatiotemporal UNet (sgm VideoUNet). forward: (B, T, 8, H, W) -> (B, T, 4, H, W). Each entry of
+    input_blocks, middle_block and output_blocks (sgm TimestepEmbedSequential) is a list of layers run by _layer."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -357,7 +347,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, E), nn.SiLU(), nn.Linear(E, E))
         self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(3 * cfg.addition_time_embed_dim, E), nn.SiLU(), nn.Linear(E, E)))
 
-        self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         chans, ch = [mc], mc
         self.level_ends = []                                        # input_blocks index ending each level
         for level, mult in enumerate(cfg.channel_mult):
@@ -366,14 +356,14 @@ class UNet(nn.Module):
                 ch = mult * mc
                 if level in cfg.attention_levels:
                     layers.append(attn(ch))
-                self.input_blocks.append(TimestepBlock(layers))
+                self.input_blocks.append(nn.ModuleList(layers))
                 chans.append(ch)
             self.level_ends.append(len(self.input_blocks) - 1)
             if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepBlock([Downsample(ch)]))
+                self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
                 chans.append(ch)
 
-        self.middle_block = TimestepBlock([res(ch, ch), attn(ch), res(ch, ch)])
+        self.middle_block = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
@@ -384,15 +374,14 @@ class UNet(nn.Module):
                     layers.append(attn(ch))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
-                self.output_blocks.append(TimestepBlock(layers))
+                self.output_blocks.append(nn.ModuleList(layers))
 
         self.out = nn.Sequential(GroupNorm32(g, ch, eps=cfg.res_norm_eps), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     @torch.no_grad()
     def zero_init_(self):
-        """sgm's init for training from scratch (zero_module): the last conv of every residual branch (spatial and
-        temporal), every transformer's proj_out and the output conv start at zero, so every block starts as the
-        identity and the net's first output is 0. Returns self."""
+        """sgm's init for training from scratch (zero_module), returning self: the last conv of every (spatial and
+        temporal) residual branch, each transformer's proj_out and the output conv are 0: blocks start as identities."""
         last = [m.out_layers[-1] if isinstance(m, ResBlock) else m.proj_out for m in self.modules()
                 if isinstance(m, (ResBlock, SpatialVideoTransformer))]
         for layer in last + [self.out[-1]]:
@@ -401,6 +390,7 @@ class UNet(nn.Module):
         return self
 
     def _embed(self, x, c_noise, image_embeds, added_time_ids):
+        """-> h (B*T, Cin, H, W): x with frames folded into the batch; emb (B*T, E); context (B*T, 1, D)."""
         B, T = x.shape[:2]
         cfg = self.cfg
         dt = self.time_embed[0].weight.dtype
@@ -410,7 +400,7 @@ class UNet(nn.Module):
         emb = self.time_embed(t_emb) + self.label_emb(v_emb)                     # (B, E)
         emb = emb.repeat_interleave(T, dim=0)                                    # (B*T, E), shared by frames
         context = image_embeds.reshape(B, 1, -1).to(dt).repeat_interleave(T, dim=0)  # (B*T, 1, D)
-        return emb, context
+        return x.flatten(0, 1).to(emb.dtype), emb, context
 
     def _layer(self, layer, h, emb, context, T):
         """Run one layer; layer by layer (not block by block) so each input is freed as soon as it is consumed."""
@@ -431,9 +421,8 @@ class UNet(nn.Module):
 
     def forward(self, x, c_noise, image_embeds, added_time_ids):
         """x (B, T, Cin, H, W), c_noise (B,), image_embeds (B, D), added_time_ids (B, 3) -> (B, T, Cout, H, W)."""
-        B, T, C, H, W = x.shape
-        emb, context = self._embed(x, c_noise, image_embeds, added_time_ids)
-        h = x.reshape(B * T, C, H, W).to(emb.dtype)
+        B, T = x.shape[:2]
+        h, emb, context = self._embed(x, c_noise, image_embeds, added_time_ids)
         hs = []
         for block in self.input_blocks:
             h = self._block(block, h, emb, context, T)
@@ -448,9 +437,8 @@ class UNet(nn.Module):
     def encode_levels(self, x, c_noise, image_embeds, added_time_ids):
         """The encoder half (conv_in + input_blocks). Returns per level the features at the end of that level
         (before its downsample), each (B, T, C_l, H_l, W_l): the SF-V discriminator backbone (paper sec. 3.2)."""
-        B, T, C, H, W = x.shape
-        emb, context = self._embed(x, c_noise, image_embeds, added_time_ids)
-        h = x.reshape(B * T, C, H, W).to(emb.dtype)
+        B, T = x.shape[:2]
+        h, emb, context = self._embed(x, c_noise, image_embeds, added_time_ids)
         feats = []
         for i, block in enumerate(self.input_blocks[:self.level_ends[-1] + 1]):
             h = self._block(block, h, emb, context, T)
@@ -459,7 +447,7 @@ class UNet(nn.Module):
         return feats
 
 # -----------------------------------------------------------------------------
-# temporal VAE (sgm diffusionmodules/model.py Encoder, autoencoding/temporal_ae.py VideoDecoder)
+# temporal VAE (sgm diffusionmodules/model.py Encoder, autoencoding/temporal_ae.py VideoDecoder); the toy latent
 
 
 class ResnetBlock(nn.Module):
@@ -538,7 +526,6 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 level.block.append(ResnetBlock(cin, cfg.ch * mult, g, eps))
                 cin = cfg.ch * mult
-            level.attn = nn.ModuleList()
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = VAEDownsample(cin)
             self.down.append(level)
@@ -593,7 +580,6 @@ class VideoDecoder(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 level.block.append(VAEVideoResBlock(cin, cfg.ch * mult, g, eps, teps))
                 cin = cfg.ch * mult
-            level.attn = nn.ModuleList()
             if i != 0:
                 level.upsample = Upsample(cin)
             up.insert(0, level)
@@ -648,17 +634,12 @@ class TemporalVAE(VAEEncoder):
                 out.append(self.decoder(zc, zc.shape[0]))
         return torch.cat(out).reshape(B, T, *out[0].shape[1:])
 
-# -----------------------------------------------------------------------------
-# the toy latent: a linear autoencoder on image patches (stands in for the KL VAE in toy.py)
-
 
 class LinearPatchLatent(nn.Module):
-    """z = proj (patch - patch_mean) for every p x p pixel patch; decode is its pseudo-inverse. proj keeps the top
-    z_channels principal components of the patches, each whitened to standard deviation 1 / scale_factor: fit()
-    solves the linear autoencoder in closed form (PCA). As with SVD's VAE, the diffusion latent z * scale_factor then
-    has unit variance while the conditioning latent (z, unscaled) is 1 / scale_factor times larger. Unfitted it is
-    pixel_unshuffle by p. Same interface as TemporalVAE (encode, decode); decoder=False gives the encoder only (the
-    cond_encoder)."""
+    """The toy's stand-in for the KL VAE: z = proj (patch - patch_mean) per p x p pixel patch, decoded by its
+    pseudo-inverse; fit() sets proj by PCA to the patches' top z_channels components, whitened to std 1 / scale_factor
+    (as in SVD, z * scale_factor has unit variance, the conditioning latent z is 1 / scale_factor times larger).
+    Unfitted: pixel_unshuffle by p. TemporalVAE's interface (encode, decode); decoder=False: the encoder only."""
 
     def __init__(self, cfg: VAEConfig, decoder=True):
         super().__init__()
@@ -688,8 +669,7 @@ class LinearPatchLatent(nn.Module):
 
     @torch.no_grad()
     def fit(self, frames):
-        """PCA of the p x p patches of frames (N, 3, H, W) in [-1, 1]: keep the top z_channels components, each
-        scaled to standard deviation 1 / scale_factor."""
+        """The PCA of the class docstring, from the p x p patches of frames (N, 3, H, W) in [-1, 1]."""
         k, n = self.proj.shape
         s = self.cfg.scale_factor
         patches = F.pixel_unshuffle(frames.double(), self.p).movedim(1, -1).reshape(-1, n)     # (N h w, 3 p^2)
@@ -710,24 +690,20 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def gaussian_blur(x, sigma, ksize):
     """Separable Gaussian blur with reflect padding (kornia gaussian_blur2d). x (N, C, H, W); sigma, ksize per axis."""
+    C = x.shape[1]
     for dim, (s, k) in enumerate(zip(sigma, ksize)):
-        t = torch.arange(k, dtype=torch.float32, device=x.device) - k // 2
-        if k % 2 == 0:
-            t = t + 0.5
+        t = torch.arange(k, dtype=torch.float32, device=x.device) - (k - 1) / 2          # tap offsets from the centre
         kern = torch.exp(-t.pow(2) / (2.0 * s ** 2))
         kern = (kern / kern.sum()).to(x.dtype)
-        C = x.shape[1]
-        if dim == 0:   # along H
-            x = F.conv2d(F.pad(x, (0, 0, k // 2, (k - 1) // 2), mode="reflect"), kern.view(1, 1, k, 1).repeat(C, 1, 1, 1), groups=C)
-        else:          # along W
-            x = F.conv2d(F.pad(x, (k // 2, (k - 1) // 2, 0, 0), mode="reflect"), kern.view(1, 1, 1, k).repeat(C, 1, 1, 1), groups=C)
+        lo, hi = k // 2, (k - 1) // 2
+        pad, shape = ((0, 0, lo, hi), (1, 1, k, 1)) if dim == 0 else ((lo, hi, 0, 0), (1, 1, 1, k))   # along H, W
+        x = F.conv2d(F.pad(x, pad, mode="reflect"), kern.view(shape).repeat(C, 1, 1, 1), groups=C)
     return x
 
 
 def clip_preprocess(img, size):
-    """SVD's CLIP preprocessing: img (N, 3, H, W) in [-1, 1] -> normalised (N, 3, size, size).
-    Resize ignoring aspect: Gaussian antialias (sigma = max((scale-1)/2, 0.001), kernel int(max(4 sigma, 3)) made odd),
-    then bicubic with align_corners=True; then (x+1)/2 and the CLIP mean/std."""
+    """SVD's CLIP preprocessing: img (N, 3, H, W) in [-1, 1] -> (N, 3, size, size), resized ignoring aspect (Gaussian
+    antialias, then bicubic with align_corners=True), mapped to [0, 1] and normalised with the CLIP mean/std."""
     H, W = img.shape[-2:]
     sig = [max((H / size - 1.0) / 2.0, 0.001), max((W / size - 1.0) / 2.0, 0.001)]
     ks = [int(max(2.0 * 2 * s, 3)) for s in sig]
@@ -841,8 +817,7 @@ def sample_one_step(unet, cond, eps, sigma_max=700.0):
 
 @torch.no_grad()
 def sample_student(unet, cond, eps, levels, generators):
-    """SF-V student with len(levels) evaluations (multi-step refinement of a one-step model, as in OSV and LCM; N steps
-    use the N largest trained levels: on the toy 700 -> 70.5 kept the FD, 700 -> 2.27 raised it from 35 to 54):
+    """SF-V student with len(levels) evaluations (multi-step refinement of a one-step model, as in OSV and LCM):
     sample_one_step at levels[0] = sigma_max, then at each next trained level s the prediction is re-noised with FRESH
     noise, x = x0_hat + s eps', eps' per sample from its generator, and predicted again. -> x0_hat (B, T, z, h, w)."""
     x0 = sample_one_step(unet, cond, eps, levels[0])
@@ -860,8 +835,7 @@ def added_time_ids(fps_id, motion_bucket_id, cond_aug, batch=1, device=None):
 
 # -----------------------------------------------------------------------------
 # sampling: the Karras grid and Euler steps of EDM (Karras et al. 2022, eq. 5 and Algorithm 1 without the 2nd-order
-# correction), per-frame linear classifier-free guidance (SVD: Blattmann et al. 2023; sgm EulerEDMSampler with
-# s_churn=0 and LinearPredictionGuider). One step from sigma_max is SF-V's generator (Zhang et al. 2024, sec. 3).
+# correction), per-frame linear classifier-free guidance (SVD; sgm EulerEDMSampler, s_churn=0, LinearPredictionGuider)
 
 
 def karras_sigmas(n, sigma_min=0.002, sigma_max=700.0, rho=7.0):
@@ -985,22 +959,20 @@ class SVD(nn.Module):
     @torch.no_grad()
     def encode_image(self, img):
         """img (B, 3, H, W) in [-1, 1] (clean), on any device -> CLIP image embedding (B, D) on the encoder's device."""
-        p = self.clip.conv1.weight
-        return self.clip(img.to(p.device, p.dtype))
+        return self.clip(img.to(*_device_dtype(self.clip)))
 
     @torch.no_grad()
     def encode_cond(self, img):
         """img (B, 3, H, W) in [-1, 1], already noise-augmented -> conditioning latent (B, 4, H/8, W/8), the
         posterior mode, NOT scaled by scale_factor (sgm VideoPredictionEmbedderWithEncoder)."""
-        device, dtype = _device_dtype(self.cond_encoder)
-        return self.cond_encoder.encode(img.to(device, dtype))[0]
+        return self.cond_encoder.encode(img.to(*_device_dtype(self.cond_encoder)))[0]
 
     @torch.no_grad()
     def condition(self, image, generators, fps_id=None, motion_bucket_id=None, cond_aug=None):
-        """SVD's image-to-video conditioning (Blattmann et al. 2023; sgm) of image (B, 3, H, W) in [-1, 1] -> dict:
-        image_embeds (B, D): CLIP embedding of the clean image; cond_latent (B, z, h, w): the cond encoder's mode of
-        image + cond_aug * eps, eps per sample from its generator; added_time_ids (B, 3), on the UNet's device and
-        dtype. Vector conditioning defaults to cfg's."""
+        """SVD's image-to-video conditioning (Blattmann et al. 2023) of image (B, 3, H, W) in [-1, 1] -> dict on the
+        UNet's device and dtype: image_embeds (B, D), CLIP of the clean image; cond_latent (B, z, h, w), the cond
+        encoder's mode of image + cond_aug eps (eps per sample, from its generator); added_time_ids (B, 3). The
+        vector conditioning (fps_id, motion_bucket_id, cond_aug) defaults to cfg's."""
         c = self.cfg
         cond_aug = c.cond_aug if cond_aug is None else cond_aug
         device, dtype = _device_dtype(self.unet)
@@ -1012,10 +984,9 @@ class SVD(nn.Module):
                                                  cond_aug, len(image), device)}
 
     def sample(self, cond, generators, num_frames=None, steps=None, min_cfg=None, max_cfg=None, counter=None):
-        """Latent videos (B, T, z, h, w) for SVD.condition's dict with this UNet (sample_latents), by cfg.sampler:
-        "euler" (Euler on cfg's Karras grid, guidance min_cfg -> max_cfg) or "student" (sample_student at the `steps`
-        largest trained levels, no guidance; more steps than levels: ValueError). Missing arguments come from cfg.
-        Decode with self.vae.decode."""
+        """Latent videos (B, T, z, h, w) from SVD.condition's dict (sample_latents; decode with vae.decode) by
+        cfg.sampler: "euler" (Euler on cfg's Karras grid, guidance min_cfg -> max_cfg) or "student" (sample_student at
+        the `steps` largest trained levels, no guidance; more steps than levels: ValueError). Defaults from cfg."""
         c = self.cfg
         steps = c.steps if steps is None else steps
         if c.sampler == "student" and not 1 <= steps <= len(c.student_levels):
@@ -1031,9 +1002,6 @@ class SVD(nn.Module):
         for m in (self.vae, self.cond_encoder):
             m.fit(frames)
 
-    def denoise(self, x, sigma, cond_latent, image_embeds, added_time_ids):
-        return denoise(self.unet, x, sigma, cond_latent, image_embeds, added_time_ids)
-
 # -----------------------------------------------------------------------------
 # config table
 
@@ -1048,15 +1016,11 @@ CONFIGS = {
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2)),
         clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
         num_frames=4, steps=4, height=64, width=64),
-    # the toy reproduction (toy.py): a small UNet on 8-frame 16x16 synthetic videos in pixel space (LinearPatchLatent
-    # with 1x1 patches: the 3 whitened colour components at scale_factor 0.2, so, as in SVD, the conditioning latent
-    # is ~5x the unit-variance diffusion latent); 8 norm groups (4-8 channels each), since with 32 every 32-channel
-    # GroupNorm is an InstanceNorm that erases each channel's per-frame level (a frame's mean colour); guidance up to
-    # 1.5 (2.5 over-saturates the toy's colours)
+    # the toy reproduction (toy.py): a small UNet on 8-frame 16x16 synthetic videos in pixel space (LinearPatchLatent,
+    # 1x1 patches); 8 norm groups, as 32 would make each 32-channel GroupNorm an InstanceNorm, erasing the frame colour
     "toy": SVDConfig(
         unet=UNetConfig(in_channels=6, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                        attention_levels=(2,), head_dim=16, context_dim=32, addition_time_embed_dim=32,
-                        num_groups=8),
+                        attention_levels=(2,), head_dim=16, context_dim=32, addition_time_embed_dim=32, num_groups=8),
         vae=VAEConfig(z_channels=3, linear_patch_size=1, scale_factor=0.2),
         clip=CLIPConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2, embed_dim=32),
         num_frames=8, steps=25, min_cfg=1.0, max_cfg=1.5, fps_id=6, height=16, width=16),

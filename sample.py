@@ -8,12 +8,11 @@ Image-to-video with SVD (many steps + CFG) or SF-V (one step): `python sample.py
 
 The maths is in model.py: SVD.condition (SVD, Blattmann et al. 2023) and SVD.sample (a teacher: EDM Euler on the
 Karras grid with per-frame linear CFG; an SF-V student: one evaluation at sigma_max, Zhang et al. 2024, sec. 3,
-refined at its trained noise levels for --steps 2, 3). This file is the command line; data.py reads the image and
-writes the video. Runtime deps: torch, numpy, safetensors, tqdm, av.
+refined at its trained noise levels for --steps 2, 3). This file is the command line (sample_flags.py checks its
+flags); data.py reads the image and writes the video. Runtime deps: torch, numpy, safetensors, tqdm, av.
 """
 import argparse
 import errno
-import math
 import os
 import sys
 import time
@@ -26,16 +25,11 @@ import cpu_kernels
 import load_svd
 from cli import UserError, pick_device
 from data import check_frames_dir, check_stale_frames, read_image, resize_center_crop, video_writes
-from model import CONFIGS, added_time_ids, cfg_scales, make_denoiser, size_multiple
+from model import CONFIGS, size_multiple
+from sample_flags import (SAMPLING_KEYS, check_gif_fps, check_numbers, check_out, check_sampler, pick_dtype,
+                          sampling_defaults, sync, warm_up)
 
 OUT_DIR = "out"                                 # the default output folder (in the current folder; git ignores it)
-MAX_FRAMES = 128
-MAX_STEPS = 1000
-MAX_CFG = 100                                   # |guidance| above this is refused (SVD samples with 1-3)
-FPS_RANGE = (0.001, 1000)                       # output frame rate (mp4); a GIF's frame delays are in 1/100 s
-GIF_MAX_FPS = 100
-OUT_EXTS = (".mp4", ".gif")                     # --out: H.264 mp4 or GIF
-SAMPLING_KEYS = ("num_frames", "steps", "min_cfg", "max_cfg", "fps_id", "motion_bucket_id", "cond_aug", "height", "width")
 
 # -----------------------------------------------------------------------------
 # sampling: image -> video
@@ -49,10 +43,10 @@ def snap_size(height, width, multiple):
 @torch.no_grad()
 def sample_video(svd, image, num_frames=None, steps=None, min_cfg=None, max_cfg=None, fps_id=None,
                  motion_bucket_id=None, cond_aug=None, seed=23, decode_chunk=14, offload=False):
-    """image (3, H, W) in [0, 1], H and W multiples of model.size_multiple -> (video (T, 3, H, W) float32 in [0, 1] on CPU, stats).
-    Missing sampling arguments come from svd.cfg. stats: seconds per stage ("encode", "denoise", "decode") and
-    "unet_evals" (network evaluations; a CFG step counts 2). All noise is drawn on CPU from one generator seeded
-    `seed` (the cond-aug noise, then the initial latent), so a seed gives the same video on every device."""
+    """image (3, H, W) in [0, 1], H and W multiples of model.size_multiple -> (video (T, 3, H, W) float32 in [0, 1] on
+    CPU, stats). Missing sampling arguments come from svd.cfg. stats: seconds per stage ("encode", "denoise",
+    "decode") and "unet_evals" (network evaluations; a CFG step counts 2). All noise is drawn on CPU from one generator
+    seeded `seed` (the cond-aug noise, then the initial latent), so a seed gives the same video on every device."""
     p = next(svd.unet.parameters())
     device, dtype = p.device, p.dtype
     gens = [torch.Generator().manual_seed(seed)]
@@ -64,13 +58,13 @@ def sample_video(svd, image, num_frames=None, steps=None, min_cfg=None, max_cfg=
             m.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    _sync(device)
+    sync(device)
     stats["encode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     counter = []
     x = svd.sample(cond, gens, num_frames, steps, min_cfg, max_cfg, counter=counter)      # (1, T, z, h, w)
-    _sync(device)
+    sync(device)
     stats["denoise"], stats["unet_evals"] = time.perf_counter() - t0, sum(counter)
 
     t0 = time.perf_counter()
@@ -79,39 +73,21 @@ def sample_video(svd, image, num_frames=None, steps=None, min_cfg=None, max_cfg=
     stats["decode"] = time.perf_counter() - t0
     return video, stats
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
 # -----------------------------------------------------------------------------
 # command line
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device.type == "mps" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def sampling_defaults(svd):
-    """The checkpoint's sampling defaults (its config): {key: value} for SAMPLING_KEYS."""
-    return {k: getattr(svd.cfg, k) for k in SAMPLING_KEYS}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=f"Image-to-video with SVD / SF-V. Writes an H.264 mp4 into {OUT_DIR}/.")
     p.add_argument("image", nargs="?", help="input image (PNG, JPEG, WebP, ...)")
-    p.add_argument("--out", help=f"output .mp4 or .gif (default: {OUT_DIR}/<image name>.mp4, {OUT_DIR}/ made if missing)")
+    p.add_argument("--out", help=f"output .mp4 or .gif (default: {OUT_DIR}/<image name>.mp4, {OUT_DIR}/ made if "
+                                 f"missing)")
     p.add_argument("--gif", action="store_true", help="also write a .gif next to the mp4")
     p.add_argument("--frames-dir", help="also write every frame as PNG into this folder")
     p.add_argument("--ckpt", help=f"official .safetensors, diffusers folder or SF-V bundle "
                                   f"(default: ${load_svd.CKPT_ENV}, checkpoints/, then the toy model)")
-    p.add_argument("--config", choices=sorted(CONFIGS), help="config of non-official weights (default: from the shapes)")
+    p.add_argument("--config", choices=sorted(CONFIGS), help="config of non-official weights (default: from the "
+                                                             "shapes)")
     p.add_argument("--download", choices=sorted(load_svd.OFFICIAL), help="download official weights into "
                                                                           "checkpoints/ (uses $HF_TOKEN; resumes)")
     p.add_argument("--steps", type=int, help="1: one evaluation, no CFG; >1: EDM Euler + CFG, or an SF-V student's "
@@ -127,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--cond-aug", type=float, help="noise on the conditioning image (default: checkpoint's, 0.02)")
     p.add_argument("--fps", type=float, help="output frame rate (default: fps-id + 1)")
     p.add_argument("--seed", type=int, default=23, help="seed of all noise, 0 .. 2^64-1 (default: 23)")
-    p.add_argument("--decode-chunk", type=int, default=14, help="frames per VAE decode, lower saves memory (default: 14)")
+    p.add_argument("--decode-chunk", type=int, default=14, help="frames per VAE decode, lower saves memory (default: "
+                                                                "14)")
     p.add_argument("--device", default="auto", help="auto (default: cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 (fp16 without bf16 support) on GPU, fp32 on CPU")
@@ -140,96 +117,6 @@ def parse_args(argv=None):
     if args.image is None and args.download is None:
         p.error("the image is required (or --download NAME)")
     return args
-
-
-def _check_numbers(args):
-    """Every numeric flag, before anything expensive. A rule is (flags, fails(value), why); the first broken one is
-    the error."""
-    rules = [
-        ("frames steps decode_chunk", lambda v: v < 1, "must be at least 1"),
-        ("frames", lambda v: v > MAX_FRAMES, f"at most {MAX_FRAMES} (SVD is trained on 14/25)"),
-        ("steps", lambda v: v > MAX_STEPS, f"at most {MAX_STEPS} (Euler sampling uses 25-50)"),
-        ("height width", lambda v: v < 1, "must be positive (a multiple of the model's size step: 64 for SVD, 4 "
-                                          "for the toy)"),
-        ("fps_id motion_bucket_id", lambda v: v < 0, "must be at least 0"),
-        ("fps_id", lambda v: args.fps is None and v + 1 > FPS_RANGE[1],
-         lambda v: f"the video would play at fps-id + 1 = {v + 1} fps, over {FPS_RANGE[1]:g}; pass --fps too"),
-        ("fps min_cfg max_cfg cond_aug", lambda v: not math.isfinite(v), "must be a finite number"),
-        ("min_cfg max_cfg", lambda v: abs(v) > MAX_CFG, f"guidance from -{MAX_CFG} to {MAX_CFG} (SVD samples with 1-3)"),
-        ("fps", lambda v: v <= 0, "must be positive"),
-        ("fps", lambda v: not FPS_RANGE[0] <= v <= FPS_RANGE[1], f"must be from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}"),
-        ("cond_aug", lambda v: v < 0, "must be at least 0 (it is a noise level)"),
-        ("seed", lambda v: not 0 <= v < 2 ** 64, "must be an integer from 0 to 2^64-1"),
-    ]
-    for names, fails, why in rules:
-        for name in names.split():
-            v = getattr(args, name)
-            if v is not None and fails(v):
-                shown = f"{v:g}" if isinstance(v, float) else v         # ints in full (--seed up to 2^64-1)
-                raise UserError(f"bad --{name.replace('_', '-')} {shown}: {why(v) if callable(why) else why}")
-
-
-def _check_out(path, image, gif):
-    """Fail before any work if the output (and the .gif of --gif) cannot be written or would overwrite the image."""
-    folder, ext = os.path.dirname(os.path.abspath(path)), os.path.splitext(path)[1].lower()
-    if os.path.isdir(path):
-        raise UserError(f"output path {path} is a folder; pass a file name such as --out {os.path.join(path, 'video.mp4')}")
-    if ext not in OUT_EXTS:
-        raise UserError(f"cannot write {path}: unsupported output type '{ext or '(no extension)'}'; name it "
-                        f"{' or '.join(OUT_EXTS)}")
-    if not os.path.isdir(folder):
-        raise UserError(f"cannot write {path}: folder {folder} does not exist; create it or pass another --out")
-    probe = os.path.join(folder, f".sfv-write-test-{os.getpid()}")
-    try:
-        open(probe, "wb").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}; pass --out to a writable folder") from None
-    for o in [path] + ([os.path.splitext(path)[0] + ".gif"] if gif else []):
-        if os.path.isdir(o):
-            raise UserError(f"cannot write {o}: a folder of that name is in the way; remove it or pass another --out")
-        if os.path.exists(o) and os.path.samefile(o, image):
-            raise UserError(f"the output {o} is the input image {image} (it would be overwritten); pass "
-                            f"another --out, e.g. --out {os.path.splitext(image)[0]}_sfv.mp4")
-
-
-def _check_gif_fps(fps, out, gif):
-    if fps > GIF_MAX_FPS and (out.lower().endswith(".gif") or gif):
-        raise UserError(f"a GIF plays at most {GIF_MAX_FPS} fps (its frame delays are in 1/100 s), not {fps:g}; pass "
-                        f"--fps {GIF_MAX_FPS} or lower, or write only an .mp4")
-
-
-def _check_sampler(svd, d, path):
-    """An SF-V student takes one step per trained level, without guidance; a teacher's one step has no guidance."""
-    c = svd.cfg
-    if c.sampler == "student":
-        n = len(c.student_levels)
-        if d["steps"] > n:
-            raise UserError(f"bad --steps {d['steps']}: the SF-V student {path} takes at most {n} steps (one per "
-                            f"trained noise level: {', '.join(f'{s:.4g}' for s in c.student_levels)}); pass --steps "
-                            f"1 to {n}")
-        if (d["min_cfg"], d["max_cfg"]) != (1.0, 1.0):
-            print(f"note: an SF-V student samples without guidance (SF-V trains no unconditional branch); "
-                  f"--min-cfg/--max-cfg ({d['min_cfg']:g}/{d['max_cfg']:g}) are ignored")
-    elif d["steps"] == 1 and (d["min_cfg"], d["max_cfg"]) != (1.0, 1.0):
-        print(f"note: one step samples without guidance; --min-cfg/--max-cfg ({d['min_cfg']:g}/{d['max_cfg']:g}) "
-              f"are ignored (pass --steps 25 for guided SVD sampling)")
-
-
-@torch.no_grad()
-def warm_up(svd, d, H, W):
-    """One UNet evaluation on zeros at the sampling shapes (batch 2 with CFG): torch.compile compiles here, so its
-    time is not counted as denoising. -> seconds."""
-    device, dtype = next(svd.unet.parameters()).device, next(svd.unet.parameters()).dtype
-    T, z, h, w = svd.latent_shape(d["num_frames"], H, W)
-    guided = svd.cfg.sampler == "euler" and d["steps"] > 1 and (d["min_cfg"], d["max_cfg"]) != (1.0, 1.0)
-    fn = make_denoiser(svd.unet, torch.zeros(1, z, h, w, device=device, dtype=dtype),
-                       torch.zeros(1, svd.cfg.clip.embed_dim, device=device, dtype=dtype),
-                       added_time_ids(0, 0, 0, 1, device), cfg_scales(1.0, 2.0, T).to(device) if guided else None)
-    t0 = time.perf_counter()
-    fn(torch.zeros(1, T, z, h, w, device=device), svd.cfg.sigma_max)
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def run(args):
@@ -247,7 +134,7 @@ def run(args):
     for name in ("out", "ckpt", "frames_dir"):   # '' (e.g. an unset shell variable) would silently mean the default
         if getattr(args, name) == "":
             raise UserError(f"bad --{name.replace('_', '-')} '': an empty path; pass a path or leave the flag out")
-    _check_numbers(args)
+    check_numbers(args)
     device = pick_device(args.device)
     image = read_image(args.image)
     out = args.out or os.path.join(OUT_DIR, os.path.splitext(os.path.basename(args.image))[0] + ".mp4")
@@ -256,11 +143,11 @@ def run(args):
             os.makedirs(OUT_DIR, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the output folder {OUT_DIR} ({e.strerror}); pass --out") from None
-    _check_out(out, args.image, args.gif)
+    check_out(out, args.image, args.gif)
     if args.frames_dir:
         check_frames_dir(args.frames_dir, args.image)
     if args.fps is not None:
-        _check_gif_fps(args.fps, out, args.gif)
+        check_gif_fps(args.fps, out, args.gif)
 
     path, source = load_svd.find_checkpoint(args.ckpt)
     if source == "toy":
@@ -279,9 +166,9 @@ def run(args):
     for k in SAMPLING_KEYS:                        # the flags given override the checkpoint's defaults
         v = getattr(args, "frames" if k == "num_frames" else k)
         d[k] = d[k] if v is None else v
-    _check_sampler(svd, d, path)
+    check_sampler(svd, d, path)
     fps = args.fps if args.fps is not None else d["fps_id"] + 1
-    _check_gif_fps(fps, out, args.gif)
+    check_gif_fps(fps, out, args.gif)
     m = size_multiple(svd.cfg)
     H, W = snap_size(d["height"], d["width"], m)
     if (H, W) != (d["height"], d["width"]):

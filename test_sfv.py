@@ -471,7 +471,7 @@ def test_denoiser_parity(refs, loaded, sigma):
         F_ = refs["unet"](inp, torch.full((B,), 0.25 * torch.log(torch.tensor(sigma)).item()), encoder_hidden_states=emb[:, None],
                           added_time_ids=ids).sample
         ref = c_skip * x + c_out * F_
-        ours = svd.denoise(x, s, cond, emb, ids)
+        ours = model.denoise(svd.unet, x, s, cond, emb, ids)
     _close(ours, ref)
 
 
@@ -962,8 +962,9 @@ def test_condition_and_sample_per_sample_seeds_batch_independent():
     aug, noise = torch.randn(3, 64, 64, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     with torch.no_grad():
         cl = svd.encode_cond(imgs[:1] + TINY.cond_aug * aug[None])
-        ref = svd.denoise(noise[None] * (1 + 700.0 ** 2) ** 0.5, torch.tensor([700.0]), cl, svd.encode_image(imgs[:1]),
-                          model.added_time_ids(TINY.fps_id, TINY.motion_bucket_id, TINY.cond_aug))
+        ref = model.denoise(svd.unet, noise[None] * (1 + 700.0 ** 2) ** 0.5, torch.tensor([700.0]), cl,
+                            svd.encode_image(imgs[:1]),
+                            model.added_time_ids(TINY.fps_id, TINY.motion_bucket_id, TINY.cond_aug))
     torch.testing.assert_close(run(0, 1, 1)[1], ref, atol=1e-5, rtol=1e-5)
 
 
@@ -1147,8 +1148,8 @@ def test_one_step_and_multi_step(ckpts):
     x = img[None] * 2 - 1
     ids = torch.tensor([[TINY.fps_id, TINY.motion_bucket_id, TINY.cond_aug]])
     with torch.no_grad():
-        x0 = svd.denoise(noise * torch.tensor(1 + 700.0 ** 2).sqrt(), torch.tensor([700.0]),
-                         svd.encode_cond(x + TINY.cond_aug * aug), svd.encode_image(x), ids)
+        x0 = model.denoise(svd.unet, noise * torch.tensor(1 + 700.0 ** 2).sqrt(), torch.tensor([700.0]),
+                           svd.encode_cond(x + TINY.cond_aug * aug), svd.encode_image(x), ids)
         ref = ((svd.vae.decode(x0, chunk=14)[0] + 1) / 2).clamp(0, 1)
     assert torch.allclose(v1, ref, atol=1e-6)
 
@@ -2414,8 +2415,8 @@ def test_checkpoint_bundle_ema_and_samples(tmp_path):
     svd = load_svd.load(str(out / "model.safetensors"))                  # what sample.py --ckpt loads
     assert svd.cfg.steps == 1 and svd.cfg.max_cfg == 1.0 and svd.cfg.num_frames == 4
     assert all(torch.equal(v, tr.ema.state_dict()[k]) for k, v in svd.unet.state_dict().items())
-    import sample
-    assert sample.sampling_defaults(svd)["steps"] == 1
+    import sample_flags
+    assert sample_flags.sampling_defaults(svd)["steps"] == 1
     vids = sorted(os.listdir(out / "samples"))
     assert vids == ["step0000001_0.mp4", "step0000001_1.mp4"]
     with av.open(str(out / "samples" / vids[0])) as c:
