@@ -3641,7 +3641,7 @@ def test_toy_cli_defaults_and_one_line_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         toy.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    for words in ("never touched", "~10 min", "out/toy_lesson", "out/toy_evaluate", "default 6"):
+    for words in ("never touched", "~7 min", "out/toy_lesson", "out/toy_evaluate", "default 6"):
         assert words in help_text, words
 
     def no_training(argv):

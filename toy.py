@@ -2,10 +2,10 @@
 The whole SF-V story at toy scale on a laptop CPU: train an SVD-style teacher on synthetic videos, distil it into a
 one-step generator with the real SF-V trainer, then measure the paper's Table 1 / Table 2 rows.
 
-    python toy.py --lesson           # ~10 min on 2 CPU cores: distil the bundled teacher into a student (SF-V), compare
+    python toy.py --lesson           # ~7 min on 2 CPU cores: distil the bundled teacher into a student (SF-V), compare
                                      #   it with the bundled rows: out/toy_lesson/{table.md,compare.png,compare.gif,curves.png}
     python toy.py --evaluate-assets  # ~5 min: the whole table from the bundled models, no training: out/toy_evaluate/
-    python toy.py                    # the full run from scratch (~60 min on 2 cores): out/toy/ (assets/ untouched)
+    python toy.py                    # the full run from scratch (~70 min on 2 cores): out/toy/ (assets/ untouched)
     python toy.py --resume           # continue an interrupted full run: finished stages are kept, the rest resumes
     python toy.py --assets           # the full run (or --evaluate-assets), then also refresh the shipped files in assets/
     python toy.py --ladder           # the sanity ladder (static videos, then 8 moving clips overfitted): out/toy_ladder/
@@ -572,10 +572,10 @@ DEFAULT_OUT = {None: "toy", "smoke": "toy_smoke", "ladder": "toy_ladder", "lesso
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Modes (one at most; none: the full run from scratch, ~60 min on 2 CPU cores, "
+                                epilog="Modes (one at most; none: the full run from scratch, ~70 min on 2 CPU cores, "
                                        "into out/toy/; assets/ is written only with --assets)")
     p.add_argument("--out", help="output folder (default out/toy, or out/toy_<mode> for a mode)")
-    p.add_argument("--lesson", action="store_true", help="~10 min: distil the bundled teacher into a student with the "
+    p.add_argument("--lesson", action="store_true", help="~7 min: distil the bundled teacher into a student with the "
                                                          "SF-V recipe; compare it with the bundled rows (out/toy_lesson)")
     p.add_argument("--evaluate-assets", action="store_true", help="~5 min, no training: the whole table and the "
                                                                   "pictures from the bundled models (out/toy_evaluate)")
@@ -699,8 +699,9 @@ def run(a):
     results = {"rows": rows, "curve": curve, "logs": logs, "train_seconds": secs, "eval_seconds": t2 - t1,
                "total_seconds": t2 - t0, "command": cmd,
                "recipe": {**r, "data": base_flags(a), "teacher_flags": TEACHER_FLAGS}}
-    if a.mode == "evaluate_assets":
+    if a.mode == "evaluate_assets":                                   # what only the training runs knew
         results["train_seconds"] = bundled.get("train_seconds", {})
+        results.update({k: bundled[k] for k in ("teacher_continued",) if k in bundled})
     cli.write_json(os.path.join(a.out, "results.json"), results, indent=1)
     if a.assets:
         write_assets(a, paths, results, real)
