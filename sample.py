@@ -3,7 +3,7 @@ Image-to-video with SVD (many steps + CFG) or SF-V (one step): `python sample.py
 
     python sample.py img.png                          # weights from --ckpt / $SFV_CKPT / checkpoints/ / the toy model
     python sample.py img.png --ckpt checkpoints/svd_xt.safetensors --steps 30 --frames 25
-    python sample.py img.png --ckpt sfv.safetensors --steps 1 --gif --frames-dir frames/
+    python sample.py img.png --ckpt sfv.safetensors --steps 1 --gif --frames-dir out/frames/
     python sample.py --download svd_xt               # explicit; nothing is ever downloaded implicitly
 
 The maths is in model.py: SVD.condition (SVD, Blattmann et al. 2023) and SVD.sample (a teacher: EDM Euler on the
@@ -206,7 +206,8 @@ def run(args):
         cli.remove_folders(missing)
         raise UserError(f"cannot encode {out} at {W}x{H}, {fps:g} fps ({type(e).__name__}); use the default "
                         f"--height/--width and --fps") from None
-    extras = [p for p, _ in writes[1:] if p.endswith(".gif")] + ([args.frames_dir + os.sep] if args.frames_dir else [])
+    extras = [p for p, _ in writes[1:] if p.endswith(".gif")]
+    extras += [os.path.join(args.frames_dir, "")] if args.frames_dir else []          # one trailing separator
     print(f"wrote {out} ({video.shape[0]} frames, {W}x{H}, {fps:g} fps, {d['steps']} step{'s' * (d['steps'] > 1)})"
           + "".join(f" + {e}" for e in extras))
     print(f"image encode {st['encode']:.2f} s, denoise {st['denoise']:.2f} s ({st['unet_evals']} UNet evals), "

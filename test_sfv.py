@@ -1171,9 +1171,10 @@ def test_defaults_from_bundle_config_gif_frames_dir(tmp_path, img, capsys):
     ck = make_tiny_checkpoint(str(tmp_path / "ck"), "bundle", extra_metadata={"steps": "5"},   # metadata: not a default
                               cfg=replace(TINY, steps=1, num_frames=3, fps_id=9))
     out = str(tmp_path / "o.mp4")
-    rc, so, err = run_main([img, "--ckpt", ck, "--out", out, "--gif", "--frames-dir", str(tmp_path / "fr"),
+    rc, so, err = run_main([img, "--ckpt", ck, "--out", out, "--gif", "--frames-dir", str(tmp_path / "fr") + "/",
                             "--height", "70", "--width", "100"], capsys)
     assert rc == 0, err
+    assert f"wrote {out} (3 frames, 128x64, 10 fps, 1 step) + {out[:-4]}.gif + {tmp_path / 'fr'}/\n" in so   # one "/"
     assert "note: 70x100 is not a multiple of 64; using 64x128" in so
     assert "(1 UNet evals)" in so                                   # steps=1 from the config
     frames, fps, _, _ = decode(out)
