@@ -1703,6 +1703,19 @@ def read_log(out):
         return [json.loads(l) for l in f if l.strip()]
 
 
+def unwritable_path(tmp_path, name):
+    """A path `name` inside a folder this process cannot write: a read-only tmp folder, or /sys for root (which
+    ignores permissions); the test is skipped if there is none."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):                           # root ignores permissions: a read-only file system instead
+        if not (sys.platform.startswith("linux") and os.path.isdir("/sys") and not os.path.exists(f"/sys/{name}")):
+            pytest.skip("no unwritable folder to test with")
+        ro = "/sys"
+    return os.path.join(ro, name)
+
+
 def train_error(argv):
     """train.main(argv) in-process must end with exit status 2 and no traceback -> its stderr (one line expected)."""
     import contextlib
@@ -2386,14 +2399,7 @@ def test_user_error_in_a_loader_worker_stays_one_line():
 
 
 def test_unwritable_cache_refused_before_the_model_is_built(tmp_path, monkeypatch):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    if os.access(ro, os.W_OK):                           # root ignores permissions: a read-only file system instead
-        if not (sys.platform.startswith("linux") and os.path.isdir("/sys") and not os.path.exists("/sys/sfv-cache")):
-            pytest.skip("no unwritable folder to test with")
-        ro = "/sys"
-    cache = os.path.join(ro, "sfv-cache")
+    cache = unwritable_path(tmp_path, "sfv-cache")
     monkeypatch.setattr(train, "build_model_and_data", lambda *a: pytest.fail("the model was built"))
     msg = train_error([*COMMON, "--out", str(tmp_path / "run"), "--cache", cache])
     assert re.fullmatch(rf"error: cannot write to --cache {re.escape(cache)} \((Permission denied|Operation not "
@@ -2932,14 +2938,7 @@ def test_train_bad_out_folder(tmp_path):
         assert train_error([*COMMON, "--out", str(out)]) == (f"error: --out {out} holds a {kind} named {name} where "
                                                              f"train.py writes a {want}; remove it or pass another --out")
         assert os.listdir(out) == [name]
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    if os.access(ro, os.W_OK):                           # root ignores permissions: a read-only file system instead
-        if not (sys.platform.startswith("linux") and os.path.isdir("/sys") and not os.path.exists("/sys/sfv-out")):
-            pytest.skip("no unwritable folder to test with")
-        ro = "/sys"
-    out = os.path.join(ro, "sfv-out")
+    out = unwritable_path(tmp_path, "sfv-out")
     msg = train_error([*COMMON, "--out", out])
     assert re.fullmatch(rf"error: cannot write to --out {re.escape(out)} \((Permission denied|Operation not permitted|"
                         rf"Read-only file system)\); pass a writable folder", msg), msg
