@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import socket
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -37,32 +36,19 @@ def prepare_out(args, master):
                             f"train.py writes a {want}; remove it or pass another --out")
     to_write = [("--out", args.out)] + ([("--cache", args.cache)] if args.cache and not os.path.exists(
         os.path.join(args.cache, "index.json")) else [])
-    for flag, folder in to_write:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):                    # writable, not just present
-                pass
-        except OSError as e:
-            remove_created(created)
-            raise UserError(f"cannot write to {flag} {folder} ({e.strerror or e}); pass a writable folder") from None
     try:
+        for flag, folder in to_write:
+            cli.check_folder(flag, folder, writable=True)                # writable, not just present
+            os.makedirs(folder, exist_ok=True)
         lock = lock_out(args.out) if master else None
     except UserError:
-        remove_created(created)
+        cli.remove_folders(created)
         raise
     if master:
         for d in (args.out, os.path.join(args.out, "samples"), args.cache):
             for path in cli.remove_stale_temps(d) if d else []:
                 print(f"removed {path} (left by an interrupted write)")
     return created, lock
-
-
-def remove_created(created):
-    for d in created:                                                      # deepest first; only if still empty
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
 
 
 def lock_out(out):

@@ -52,7 +52,7 @@ from distributed import all_reduce_mean, barrier, broadcast_from_rank0, dist_set
 from memory_plan import MemoryOptions, check_plan, copy_module, format_plan, memory_plan, peak_memory_gb
 from model import (CONFIGS, SVD, SVDConfig, added_time_ids, denoise, karras_sigmas, latent_factor, sample_latents,
                    size_multiple)
-from run_folder import load_resume, prepare_out, probe_data, read_state, record_unreadable, remove_created, unlock
+from run_folder import load_resume, prepare_out, probe_data, read_state, record_unreadable, unlock
 
 # -----------------------------------------------------------------------------
 # noise levels (SF-V sec. 3.3)
@@ -573,7 +573,7 @@ def run(args, progress=None):
         tr = _run(args, rank, world, device, progress)
     except BaseException:
         unlock(lock)
-        remove_created(created)                                        # the folders made now, if still empty
+        cli.remove_folders(created)                                    # the folders made now, if still empty
         raise
     unlock(lock)
     return tr
