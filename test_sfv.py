@@ -3351,7 +3351,8 @@ def _video_dir(root, n, seed, moving=True, T=16):
 def fake_i3d(tmp_path_factory):
     path = tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)     # torch.jit.script: 2.13 warns so,
+        warnings.simplefilter("ignore", FutureWarning)          # 2.14 so
         torch.jit.script(_FakeI3D()).save(str(path))
     return str(path)
 
@@ -3462,7 +3463,8 @@ def test_evaluate_careless_inputs_one_line(tmp_path, fake_i3d, capsys):
     # non-finite features: which set, instead of numpy's LinAlgError
     nan_i3d = str(tmp_path / "nan_i3d.pt")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)     # torch.jit.script: 2.13 warns so,
+        warnings.simplefilter("ignore", FutureWarning)          # 2.14 so
         torch.jit.script(_NaNI3D()).save(nan_i3d)
     (tmp_path / "bright").mkdir()
     for i in range(3):
