@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 import weakref
 
 import torch
@@ -578,6 +579,8 @@ class Sim:
         if self.fake:
             from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
             st.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            st.enter_context(warnings.catch_warnings())   # copy.deepcopy of a fake module (D's frozen backbone)
+            warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")   # reads 0: clones
             karras = saved[1]
 
             def real_karras(*a, **kw):             # the sampler reads the levels as Python floats (.tolist())
