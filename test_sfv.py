@@ -3347,13 +3347,19 @@ def _video_dir(root, n, seed, moving=True, T=16):
     return str(root)
 
 
+def save_torchscript(module, path):
+    """torch.jit.script(module).save(path) without torch.jit.script's own deprecation warning (a
+    DeprecationWarning on torch 2.13, a FutureWarning on 2.14)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(module).save(path)
+
+
 @pytest.fixture(scope="module")
 def fake_i3d(tmp_path_factory):
     path = tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)     # torch.jit.script: 2.13 warns so,
-        warnings.simplefilter("ignore", FutureWarning)          # 2.14 so
-        torch.jit.script(_FakeI3D()).save(str(path))
+    save_torchscript(_FakeI3D(), str(path))
     return str(path)
 
 
@@ -3462,10 +3468,7 @@ def test_evaluate_careless_inputs_one_line(tmp_path, fake_i3d, capsys):
         "wrong I3D input shape); check --size (StyleGAN-V's I3D takes 224) and --frames")
     # non-finite features: which set, instead of numpy's LinAlgError
     nan_i3d = str(tmp_path / "nan_i3d.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)     # torch.jit.script: 2.13 warns so,
-        warnings.simplefilter("ignore", FutureWarning)          # 2.14 so
-        torch.jit.script(_NaNI3D()).save(nan_i3d)
+    save_torchscript(_NaNI3D(), nan_i3d)
     (tmp_path / "bright").mkdir()
     for i in range(3):
         write_mp4(tmp_path / "bright" / f"b{i}.mp4", np.full((16, 48, 64, 3), 200 + 10 * i, np.uint8))
