@@ -3512,7 +3512,6 @@ def test_evaluate_help_describes_every_argument_with_defaults(capsys, monkeypatc
 
 
 def test_toy_linear_latent():
-    import train
     from model import SVD, CONFIGS, VAEConfig, LinearPatchLatent
     x = torch.rand(6, 3, 16, 24) * 2 - 1
     plain = LinearPatchLatent(VAEConfig(z_channels=48, linear_patch_size=4, scale_factor=1.0))   # unfitted: pixel_unshuffle
