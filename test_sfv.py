@@ -3615,6 +3615,9 @@ def test_toy_smoke(tmp_path, capsys, monkeypatch):
     assert [c["step"] for c in results["curve"]] == list(toy.SMOKE["curve"])          # the teacher's learning curve
     assert all(math.isfinite(c["fd_1"]) and math.isfinite(c["fd_25"]) for c in results["curve"])
     assert set(results["logs"]) == {k for k in toy.MODELS if k != "teacher"}          # the SF-V runs' D/G logs
+    for x in ("student", "frozen"):                                  # the student's D, per frame (curves.png)
+        assert {k: len(v) for k, v in results["d_gaps"][x].items()} == {"spatial": 8, "temporal": 8}
+        assert all(math.isfinite(g) for v in results["d_gaps"][x].values() for g in v)
     c = CONFIGS["toy"]
     png = data.read_image(str(tmp_path / "toy" / "compare.png"))      # rows: real + the models; columns: frames
     assert png.shape[0] == 3 and min(png.shape[1:]) > c.height
@@ -3632,6 +3635,32 @@ def test_toy_smoke(tmp_path, capsys, monkeypatch):
     assert [r["fd"] for r in again] == pytest.approx([r["fd"] for r in rows], rel=1e-9)
     assert not (tmp_path / "toy" / "assets").exists()                # --smoke never touches the assets
     assert shipped == {f: os.path.getmtime(os.path.join(toy.ASSETS, f)) for f in os.listdir(toy.ASSETS)}
+
+
+def test_toy_frame_scores_split_the_logits_by_frame(monkeypatch):
+    """toy.frame_scores (the per-frame D picture in curves.png): every head made to output its own frame index (the
+    spatial heads get frames as (B*T) samples, the temporal ones as the last axis) -> exactly 0..T-1 per frame, for
+    each head type, through Discriminator.heads' own flattening."""
+    import toy
+    from discriminator import DiscHead
+    torch.manual_seed(0)
+    unet = SVD(CONFIGS["tiny"]).unet
+    B, T = 2, 4
+    x, cond, emb = torch.randn(B, T, 4, 8, 8), torch.randn(B, 4, 8, 8), torch.randn(B, 32)
+    ids, s = torch.tensor([[6.0, 127.0, 0.02]] * B), torch.tensor([0.3, 2.0])
+
+    def frame_index(self, h, c):
+        if h.ndim == 4:                                              # spatial: (B*T, C, H, W) -> (B*T, H, W)
+            return (torch.arange(h.shape[0]) % T).float().view(-1, 1, 1).expand(-1, *h.shape[2:])
+        return torch.arange(h.shape[2]).float().expand(h.shape[0], -1)   # temporal: (B*H*W, C, T) -> (B*H*W, T)
+    monkeypatch.setattr(DiscHead, "forward", frame_index)
+    want = torch.arange(T).float().expand(B, -1)
+    for heads in ("both", "spatial", "temporal"):
+        D = Discriminator(unet, heads, hidden=32, cmap_dim=16, embed_dim=32)
+        got = toy.frame_scores(D, D(x, s, cond, emb, ids), T)
+        assert set(got) == {"both": {"spatial", "temporal"}}.get(heads, {heads})
+        for v in got.values():
+            assert torch.equal(v, want), (heads, v)
 
 
 def test_toy_cli_defaults_and_one_line_errors(tmp_path, capsys, monkeypatch):

@@ -55,6 +55,7 @@ import train
 import cli
 import data
 from cli import UserError, pick_device
+from discriminator import Discriminator
 from model import CONFIGS
 from data import to_uint8, write_gif, write_png
 
@@ -339,6 +340,59 @@ def evaluate_all(a, r, paths, real, ref, rows=ROWS):
               flush=True)
     return out, pics
 
+def frame_scores(D, logits, T):
+    """D's per-location logits (discriminator.heads order: per level, spatial then temporal) -> {"spatial" |
+    "temporal": (B, T) the mean logit over that kind's heads and each frame's locations}."""
+    kinds = [k for _ in D.backbone.level_ends for k, h in (("spatial", D.spatial), ("temporal", D.temporal)) if h]
+    out = {}
+    for kind, lg in zip(kinds, logits):                      # spatial (B, T*H*W) frame-major; temporal (B, H*W*T)
+        B = lg.shape[0]
+        pf = lg.view(B, T, -1).mean(2) if kind == "spatial" else lg.view(B, -1, T).mean(1)
+        out.setdefault(kind, []).append(pf)
+    return {k: torch.stack(v).mean(0) for k, v in out.items()}
+
+
+@torch.no_grad()
+def d_gaps(run, teacher, real, seed=0, frozen=(1, 2, 3)):
+    """What the trained discriminator of the SF-V run in folder `run` (train_state.pt) sees, frame by frame:
+    D(real) - D(x) per frame and head type, mean over the clips `real` (N, T, 3, H, W), for x = the run's 1-step
+    samples and x = the real clips with the frames `frozen` held at frame 0 (a frozen start); real and x noised with
+    the same sigma' (drawn as in training) and eps'. -> {"student" | "frozen": {"spatial" | "temporal": [T]}}, or
+    None (a note) without a train_state.pt."""
+    path = os.path.join(run, "train_state.pt")
+    if not os.path.exists(path):
+        print(f"note: no {path}: no per-frame D scores")
+        return None
+    st = torch.load(path, map_location="cpu", weights_only=True)
+    args = argparse.Namespace(**json.loads(st["args"]))
+    svd = load_svd.load(teacher).eval()                          # the D backbone is the generator's init, frozen
+    D = Discriminator(svd.unet, args.disc_heads, args.head_channels, args.cmap_dim, args.cond_embed_dim, args.disc_tap)
+    missing, unexpected = D.load_state_dict(st["disc"], strict=False)
+    assert not unexpected and all(k.startswith("backbone.") for k in missing), (missing, unexpected)
+    D.eval()
+    N, T = real.shape[:2]
+    images, seeds = real[:, 0], [HELD_OUT_SEED + i for i in range(N)]
+    g = torch.Generator().manual_seed(seed)
+    cond = svd.condition(images, [torch.Generator().manual_seed(s) for s in seeds])
+    sf = svd.cfg.vae.scale_factor
+
+    def latent(v):
+        zz = svd.vae.encode(v.flatten(0, 1))[0]                                        # (N*T, C, h, w)
+        return zz.view(N, T, *zz.shape[1:]) * sf
+    z = latent(real)                                                                       # (N, T, C, h, w)
+    still = z.clone()
+    still[:, list(frozen)] = z[:, :1]
+    fake = latent(generate(load_svd.load(os.path.join(run, "model.safetensors")).eval(), images, seeds, 1, False))
+    s = train.sample_disc_sigma(N, g, args.p_mean, abs(args.p_std), args.disc_levels, args.sigma_min, args.sigma_max,
+                                args.rho)
+    eps = torch.randn(z.shape, generator=g)
+    c = D.condition(cond["image_embeds"], s, T)
+    score = lambda x: frame_scores(D, D.heads(D.features(x + s.view(-1, 1, 1, 1, 1) * eps, s, cond["cond_latent"],
+                                                         cond["image_embeds"], cond["added_time_ids"]), c), T)
+    ref = score(z)
+    return {name: {k: (ref[k] - v).mean(0).tolist() for k, v in score(x).items()}
+            for name, x in (("student", fake), ("frozen", still))}
+
 # -----------------------------------------------------------------------------
 # outputs: tables, pictures (PNG and GIF written with av; labelled PNGs with matplotlib if installed), assets
 
@@ -430,15 +484,17 @@ def pictures(pics, png, gif, fps=4):
     write_gif(F.pad(frames, (0, frames.shape[-1] % 2, 0, frames.shape[-2] % 2), value=1.0), gif, fps)
 
 
-def curves_png(curve, logs, path):
-    """curves.png: the teacher's learning curve (toy FD of 1 step and of 25 steps + CFG vs training step) and, per
-    SF-V run, what D and G do over training (hinge L_D, L_G, D's mean score on real and fake, R1's share of L_D)."""
+def curves_png(curve, logs, path, gaps=None):
+    """curves.png: the teacher's learning curve (toy FD of 1 step and of 25 steps + CFG vs training step), per SF-V
+    run what D and G do over training (hinge L_D, L_G, D's mean score on real and fake, R1's share of L_D) and, with
+    `gaps` (d_gaps), where the student's trained D sees fakes, frame by frame."""
     plt = pyplot()
     if plt is None:
         return None
     panels = [("loss_d", "L_D (hinge)"), ("loss_g", "L_G"), ("d_real", "D score: real (solid) / fake (dashed)"),
               ("r1_share", "gamma R1 / L_D")]
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4 * (1 + len(panels)), 3.4))
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.8))
+    axes = axes.flatten()                                           # 6 panels: the last is the per-frame D scores
     ax = axes[0]
     if curve:
         steps = [c["step"] for c in curve]
@@ -456,6 +512,16 @@ def curves_png(curve, logs, path):
         ax.set_title("SF-V: " + title, fontsize=9), ax.set_xlabel("SF-V step")
     if logs:
         axes[1].legend(fontsize=7)
+    if gaps:
+        ax = axes[-1]
+        for name, style in (("student", "-"), ("frozen", "--")):
+            for kind, colour in (("spatial", "C0"), ("temporal", "C3")):
+                what = "SF-V 1 step" if name == "student" else "real, frames 1-3 = frame 0"
+                ax.plot(gaps[name][kind], style, color=colour, label=f"{kind} heads: {what}")
+        ax.axhline(0, color="grey", lw=0.5), ax.legend(fontsize=6)
+        ax.set_title("SF-V, its D after training: score(real) - score(x)", fontsize=9), ax.set_xlabel("frame")
+    else:
+        axes[-1].axis("off")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -634,10 +700,10 @@ def bundled_results():
         return {}
 
 
-def report(a, r, rows, pics, curve, logs, timing, cmd, extra=""):
+def report(a, r, rows, pics, curve, logs, gaps, timing, cmd, extra=""):
     """Write <out>/table.md, compare.png, compare.gif, curves.png; -> the markdown."""
     pictures(pics, os.path.join(a.out, "compare.png"), os.path.join(a.out, "compare.gif"))
-    curves_png(curve, logs, os.path.join(a.out, "curves.png"))
+    curves_png(curve, logs, os.path.join(a.out, "curves.png"), gaps)
     c = CONFIGS["toy"]
     md = (f"{table_markdown(rows)}\n\nThe toy's measures (the shape tracked by its colour; mean ± bootstrap standard "
           f"error over the clips):\n\n{table_markdown(rows, MEASURES)}\n\nFD columns: point estimate ± bootstrap "
@@ -684,6 +750,11 @@ def run(a):
         rows_ = ROWS
     t1 = time.perf_counter()
     rows, pics = evaluate_all(a, r, paths, real, ref, rows_)
+    run_dir = os.path.join(os.path.join("out", "toy") if a.mode == "evaluate_assets" else a.out, MODELS["sfv_both"][0])
+    if a.mode == "evaluate_assets" and not os.path.isdir(run_dir):   # no full run on this machine: the bundled ones
+        gaps = bundled.get("d_gaps")
+    else:                                                            # the student's own D, end of its training
+        gaps = d_gaps(run_dir, paths["teacher"], real[:r["n_curve"]], a.seed)
     t2 = time.perf_counter()
     cmd = "python toy.py" + {None: "", "smoke": " --smoke", "lesson": " --lesson",
                              "evaluate_assets": " --evaluate-assets"}[a.mode]
@@ -695,8 +766,8 @@ def run(a):
         extra += (f"\nThe bundled rows (assets/toy_results.json, {bundled['recipe']['n_eval']} clips, made by "
                  f"`{bundled.get('command', 'python toy.py')}`):\n\n{table_markdown(bundled['rows'])}\n\n"
                  f"{table_markdown(bundled['rows'], MEASURES)}\n")
-    report(a, r, rows, pics, curve, logs, timing, cmd, extra)
-    results = {"rows": rows, "curve": curve, "logs": logs, "train_seconds": secs, "eval_seconds": t2 - t1,
+    report(a, r, rows, pics, curve, logs, gaps, timing, cmd, extra)
+    results = {"rows": rows, "curve": curve, "logs": logs, "d_gaps": gaps, "train_seconds": secs, "eval_seconds": t2 - t1,
                "total_seconds": t2 - t0, "command": cmd,
                "recipe": {**r, "data": base_flags(a), "teacher_flags": TEACHER_FLAGS}}
     if a.mode == "evaluate_assets":                                   # what only the training runs knew
