@@ -30,10 +30,10 @@ Stages (each is `python train.py ...` called in-process, the same code path as f
      interpretable measures (shape solidity, centroid speed, displacement, off-colour, background noise, frame-0
      PSNR). The reference row compares a second, independent set of real clips (the noise floor).
 Outputs: <out>/table.md, results.json, compare.png (clip 0 of every row, labelled; needs matplotlib, else unlabelled),
-curves.png (the teacher's learning curve and the SF-V runs' D/G logs; needs matplotlib) and compare.gif (every row,
-top to bottom in the table's order, one clip per column). With --assets also assets/: the fp16 bundles (toy_sfv is
-sample.py's fallback model), toy_results.json, example*.png (held-out first frames, upscaled to 64x64),
-toy_compare.png, toy_compare.gif and toy_curves.png.
+curves.png (the teacher's learning curve, the SF-V runs' D/G logs and, per frame, where the student's trained D
+sees fakes; needs matplotlib) and compare.gif (every row, top to bottom in the table's order, one clip per column).
+With --assets also assets/: the fp16 bundles (toy_sfv is sample.py's fallback model), toy_results.json, example*.png
+(held-out first frames, upscaled to 64x64), toy_compare.png, toy_compare.gif and toy_curves.png.
 """
 import argparse
 import contextlib
@@ -339,6 +339,7 @@ def evaluate_all(a, r, paths, real, ref, rows=ROWS):
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if not k.endswith(("_ci", "_se"))),
               flush=True)
     return out, pics
+
 
 def frame_scores(D, logits, T):
     """D's per-location logits (discriminator.heads order: per level, spatial then temporal) -> {"spatial" |
