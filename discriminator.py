@@ -136,6 +136,11 @@ class Discriminator(nn.Module):
     def head_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
+    def load_head_state_dict(self, state):
+        """Load head_state_dict()'s output (the backbone is the generator's init, never saved)."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("backbone.") for k in missing), (missing, unexpected)
+
     def features(self, x, sigma, cond_latent, image_embeds, added_time_ids):
         """Backbone features per level, each (B, T, C_l, H_l, W_l), in the backbone's (autocast) dtype.
         x (B, T, 4, h, w) noisy latents x0 + sigma' eps'; sigma (B,); cond_latent (B, 4, h, w)."""

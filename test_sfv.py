@@ -3618,6 +3618,10 @@ def test_toy_smoke(tmp_path, capsys, monkeypatch):
     for x in ("student", "frozen"):                                  # the student's D, per frame (curves.png)
         assert {k: len(v) for k, v in results["d_gaps"][x].items()} == {"spatial": 8, "temporal": 8}
         assert all(math.isfinite(g) for v in results["d_gaps"][x].values() for g in v)
+    # nothing frozen: x is the real clip, noised with the same sigma' and eps', so every gap is exactly 0
+    same = toy.d_gaps(str(tmp_path / "toy" / "sfv_both"), str(tmp_path / "toy" / "teacher" / "model.safetensors"),
+                      toy.clips(4, toy.HELD_OUT_SEED), frozen=())["frozen"]
+    assert same == {"spatial": [0.0] * 8, "temporal": [0.0] * 8}
     c = CONFIGS["toy"]
     png = data.read_image(str(tmp_path / "toy" / "compare.png"))      # rows: real + the models; columns: frames
     assert png.shape[0] == 3 and min(png.shape[1:]) > c.height

@@ -368,8 +368,7 @@ def d_gaps(run, teacher, real, seed=0, frozen=(1, 2, 3)):
     args = argparse.Namespace(**json.loads(st["args"]))
     svd = load_svd.load(teacher).eval()                          # the D backbone is the generator's init, frozen
     D = Discriminator(svd.unet, args.disc_heads, args.head_channels, args.cmap_dim, args.cond_embed_dim, args.disc_tap)
-    missing, unexpected = D.load_state_dict(st["disc"], strict=False)
-    assert not unexpected and all(k.startswith("backbone.") for k in missing), (missing, unexpected)
+    D.load_head_state_dict(st["disc"])
     D.eval()
     N, T = real.shape[:2]
     images, seeds = real[:, 0], [HELD_OUT_SEED + i for i in range(N)]
@@ -387,9 +386,8 @@ def d_gaps(run, teacher, real, seed=0, frozen=(1, 2, 3)):
     s = train.sample_disc_sigma(N, g, args.p_mean, abs(args.p_std), args.disc_levels, args.sigma_min, args.sigma_max,
                                 args.rho)
     eps = torch.randn(z.shape, generator=g)
-    c = D.condition(cond["image_embeds"], s, T)
-    score = lambda x: frame_scores(D, D.heads(D.features(x + s.view(-1, 1, 1, 1, 1) * eps, s, cond["cond_latent"],
-                                                         cond["image_embeds"], cond["added_time_ids"]), c), T)
+    score = lambda x: frame_scores(D, D(x + s.view(-1, 1, 1, 1, 1) * eps, s, cond["cond_latent"],
+                                        cond["image_embeds"], cond["added_time_ids"]), T)
     ref = score(z)
     return {name: {k: (ref[k] - v).mean(0).tolist() for k, v in score(x).items()}
             for name, x in (("student", fake), ("frozen", still))}
@@ -768,8 +766,8 @@ def run(a):
                  f"`{bundled.get('command', 'python toy.py')}`):\n\n{table_markdown(bundled['rows'])}\n\n"
                  f"{table_markdown(bundled['rows'], MEASURES)}\n")
     report(a, r, rows, pics, curve, logs, gaps, timing, cmd, extra)
-    results = {"rows": rows, "curve": curve, "logs": logs, "d_gaps": gaps, "train_seconds": secs, "eval_seconds": t2 - t1,
-               "total_seconds": t2 - t0, "command": cmd,
+    results = {"rows": rows, "curve": curve, "logs": logs, "d_gaps": gaps, "train_seconds": secs,
+               "eval_seconds": t2 - t1, "total_seconds": t2 - t0, "command": cmd,
                "recipe": {**r, "data": base_flags(a), "teacher_flags": TEACHER_FLAGS}}
     if a.mode == "evaluate_assets":                                   # what only the training runs knew
         results["train_seconds"] = bundled.get("train_seconds", {})

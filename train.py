@@ -412,8 +412,7 @@ class Trainer(MemoryOptions):
         self.ema.load_state_dict(st["ema"])
         opts = [(self.opt_g, st["opt_g"])]
         if self.D is not None:
-            missing, unexpected = self.D.load_state_dict(st["disc"], strict=False)
-            assert not unexpected and all(k.startswith("backbone.") for k in missing), (missing, unexpected)
+            self.D.load_head_state_dict(st["disc"])
             opts.append((self.opt_d, st["opt_d"]))
         for opt, saved in opts if optimizer_state else ():
             opt.load_state_dict(saved)
