@@ -14,6 +14,7 @@ from tqdm import tqdm
 import cli
 from cli import UserError, write_json, write_text
 from data import file_stamp, probe_videos, unusable_videos, video_paths
+from distributed import barrier
 
 # -----------------------------------------------------------------------------
 # the folder and its lock
@@ -22,11 +23,15 @@ from data import file_stamp, probe_videos, unusable_videos, video_paths
 OUT_FILES = ("model.safetensors", "train_state.pt", "log.jsonl", "video_index.json", "train.lock")  # and samples/
 
 
-def prepare_out(args, master):
+def prepare_out(args, rank, world):
     """Check that --out (and --cache, unless it is complete) can be written and holds no folder where a file goes
-    (or the reverse), create them, lock --out (rank 0; lock_out), remove stale temp files of interrupted writes
-    (cli.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). -> (the folders created now, removed again if
-    the start fails; the lock file or None)"""
+    (or the reverse), create them, lock --out (lock_out), remove stale temp files of interrupted writes
+    (cli.remove_stale_temps: our own `.<name>.tmp-<pid>` files only). Rank 0 alone: the writability probe creates
+    and removes folders, which another rank's checks would see half-done; the others wait for it (if its checks
+    fail, torchrun stops them). -> (the folders created now, removed again if the start fails; the lock file or None)"""
+    if rank > 0:
+        barrier(world)
+        return [], None
     created = cli.check_folder("--out", args.out)
     created = (cli.check_folder("--cache", args.cache) if args.cache else []) + created   # cache first: in out?
     for name in OUT_FILES + ("samples",):                                 # what train.py writes into --out
@@ -40,14 +45,14 @@ def prepare_out(args, master):
         for flag, folder in to_write:
             cli.check_folder(flag, folder, writable=True)                # writable, not just present
             os.makedirs(folder, exist_ok=True)
-        lock = lock_out(args.out) if master else None
+        lock = lock_out(args.out)
     except UserError:
         cli.remove_folders(created)
         raise
-    if master:
-        for d in (args.out, os.path.join(args.out, "samples"), args.cache):
-            for path in cli.remove_stale_temps(d) if d else []:
-                print(f"removed {path} (left by an interrupted write)")
+    for d in (args.out, os.path.join(args.out, "samples"), args.cache):
+        for path in cli.remove_stale_temps(d) if d else []:
+            print(f"removed {path} (left by an interrupted write)")
+    barrier(world)
     return created, lock
 
 

@@ -567,7 +567,7 @@ def run(args, progress=None):
     check_args(args)
     rank, world, device = dist_setup(args.device, args.dist_timeout)
     progress["master"] = rank == 0
-    created, lock = prepare_out(args, rank == 0)
+    created, lock = prepare_out(args, rank, world)
     try:
         tr = _run(args, rank, world, device, progress)
     except BaseException:
