@@ -2635,6 +2635,16 @@ def test_run_folder_lock(tmp_path, capsys):
     assert not lock.exists() and [r["step"] for r in read_log(out)] == [1]
 
 
+def test_only_rank_0_checks_creates_and_locks_out(tmp_path):
+    # rank 0's writability probe creates and removes folders; another rank checking --out at that moment saw "a file"
+    import run_folder
+    args = train.parse_args([*COMMON, "--out", str(tmp_path / "a" / "run")])
+    assert run_folder.prepare_out(args, 1, 1) == ([], None) and os.listdir(tmp_path) == []
+    run = tmp_path / "a" / "run"
+    assert run_folder.prepare_out(args, 0, 1) == ([str(run), str(tmp_path / "a")], str(run / "train.lock"))
+    assert os.listdir(run) == ["train.lock"]
+
+
 @pytest.mark.slow
 def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_old_one(tmp_path, monkeypatch):
     out = tmp_path / "run"
